@@ -1,0 +1,271 @@
+"""The synchronous, thread-safe client of the loracache daemon.
+
+Each thread talks over its own DEALER socket (ZeroMQ sockets must not be shared between
+threads), all under one session; a background thread heartbeats so the session outlives idle
+periods. Requests never hold a lock while waiting, so a thread blocked in ``acquire`` (waiting
+for cache space) never stops another from releasing.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import zmq
+
+from loracache.shared.endpoints import default_socket_path, endpoint
+from loracache.shared.errors import ErrorCode, LoraCacheError
+from loracache.shared.protocol import (Acquire, AcquireResult, Clear, Evict, Heartbeat, Hello,
+                                       HelloResult, ListEntries, Preload, Release, Request, Stats,
+                                       TensorSpec, decode_reply, from_map, encode_request)
+
+from .lease import MAPPINGS, Lease
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+log = logging.getLogger("loracache.client")
+
+DEFAULT_CONNECT_TIMEOUT = 5.0
+DEFAULT_REQUEST_TIMEOUT = 120.0  # above the daemon's default acquire_timeout plus a big load
+TABLE_CACHE_SIZE = 256  # tensor tables kept per client, so hits need not carry them
+
+
+class LoraCacheClient:
+    """A connection to the daemon at ``socket_path`` (default: ``$LORACACHE_SOCKET``, then the
+    system socket, then the per-user one).
+
+    Raises LoraCacheError(DAEMON_UNAVAILABLE) when no daemon answers within ``connect_timeout``.
+    Use it as a context manager, or call :meth:`close`: that releases the leases still held.
+    """
+
+    def __init__(self, socket_path: str | Path | None = None, *,
+                 connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+                 request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+                 heartbeat: bool = True) -> None:
+        self.socket_path = Path(socket_path) if socket_path else default_socket_path()
+        try:
+            self._endpoint = endpoint(self.socket_path)
+        except ValueError as exc:
+            raise LoraCacheError(ErrorCode.BAD_REQUEST, str(exc)) from None
+        self.request_timeout = request_timeout
+        self._pid = os.getpid()
+        self._context = zmq.Context()
+        self._local = threading.local()
+        self._sockets: list[zmq.Socket] = []
+        self._lock = threading.Lock()  # guards _sockets, _leases, _tables and the session
+        self._ids = itertools.count(1)
+        self._leases: set[Lease] = set()
+        self._tables: OrderedDict[tuple[str, str], list[TensorSpec]] = OrderedDict()
+        self._hints: dict[tuple[str, str, str], str] = {}  # (path, device, layout) -> entry id
+        self._closed = threading.Event()
+        try:
+            self._hello(connect_timeout)
+        except BaseException:
+            self._close_sockets()
+            raise
+        self._heartbeat = None
+        if heartbeat:
+            self._heartbeat = threading.Thread(target=self._heartbeat_loop, daemon=True,
+                                               name="loracache-heartbeat")
+            self._heartbeat.start()
+
+    # ---------------------------------------------------------------------------- public API
+
+    def acquire(self, path: str | os.PathLike[str], device: str | torch.device = "cpu",
+                layout: str = "raw") -> Lease:
+        """Lease the LoRA file at ``path`` (absolute, or relative to a daemon LoRA directory)
+        on ``device``, loading it into the daemon's cache on a miss. The lease's ``tensors``
+        are zero-copy views of the shared copy."""
+        path, device = os.fspath(path), device_name(device)
+        known = self._known_entry(path, device, layout)
+        result = AcquireResult.from_wire(
+            self._request(Acquire(path=path, device=device, layout=layout, known_entry=known)))
+        key = (self.instance, result.entry.id)
+        with self._lock:
+            if result.tensors is not None:
+                self._tables[key] = result.tensors
+                self._hints[(path, device, layout)] = result.entry.id
+            self._tables.move_to_end(key)
+            while len(self._tables) > TABLE_CACHE_SIZE:
+                self._tables.popitem(last=False)
+            tables = dict(self._tables)
+        if key not in tables:  # the table was dropped between asking and the reply: ask again
+            self._request(Release(lease=result.lease))
+            with self._lock:
+                self._hints.pop((path, device, layout), None)
+            return self.acquire(path, device, layout)
+        tensors = MAPPINGS.attach(self.instance, result, tables)
+        lease = Lease(result.lease, result.entry, tensors, self._release)
+        with self._lock:
+            self._leases.add(lease)
+        return lease
+
+    def stats(self) -> dict[str, Any]:
+        """The daemon's counters: per device budget, used bytes, entries, leases, hits, ..."""
+        return self._request(Stats())
+
+    def list(self) -> list[dict[str, Any]]:
+        """Every cached entry: path, device, layout, size, leases, pinned, idle seconds."""
+        return self._request(ListEntries())["entries"]
+
+    def preload(self, path: str | os.PathLike[str], device: str | torch.device = "cpu",
+                layout: str = "raw", pin: bool = False) -> dict[str, Any]:
+        """Load an entry without leasing it; ``pin`` keeps it from eviction until evicted."""
+        return self._request(Preload(path=os.fspath(path), device=device_name(device),
+                                     layout=layout, pin=pin))
+
+    def evict(self, path: str | os.PathLike[str], device: str = "") -> dict[str, int]:
+        """Evict the unleased entries of ``path``; returns counts ``evicted`` and ``busy``."""
+        return self._request(Evict(path=os.fspath(path), device=device))
+
+    def clear(self, device: str = "") -> dict[str, int]:
+        """Evict every unleased entry, pinned ones included."""
+        return self._request(Clear(device=device))
+
+    def close(self) -> None:
+        """Release the leases still held, stop heartbeating and close the sockets."""
+        if self._closed.is_set():
+            return
+        if os.getpid() == self._pid:
+            with self._lock:
+                leases = list(self._leases)
+            for lease in leases:
+                try:
+                    lease.release()
+                except LoraCacheError as exc:
+                    log.debug("releasing %s at close failed: %s", lease, exc)
+        self._closed.set()
+        if self._heartbeat is not None and self._heartbeat is not threading.current_thread():
+            self._heartbeat.join()
+        self._close_sockets()
+
+    def __enter__(self) -> "LoraCacheClient":
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: "TracebackType | None") -> None:
+        self.close()
+
+    # ------------------------------------------------------------------------------ internals
+
+    def _hello(self, timeout: float) -> None:
+        if not self.socket_path.exists():
+            raise self._unavailable(f"the socket {self.socket_path} does not exist")
+        reply = self._request(Hello(pid=os.getpid(), client="loracache.client"), timeout=timeout,
+                              session="")
+        hello = from_map(HelloResult, reply)
+        with self._lock:
+            self.instance, self.session = hello.instance, hello.session
+            self.session_ttl, self.devices = hello.session_ttl, hello.devices
+
+    def _known_entry(self, path: str, device: str, layout: str) -> str:
+        with self._lock:
+            entry_id = self._hints.get((path, device, layout), "")
+            return entry_id if (self.instance, entry_id) in self._tables else ""
+
+    def _release(self, lease: Lease) -> None:
+        with self._lock:
+            self._leases.discard(lease)
+        MAPPINGS.detach(self.instance, lease.entry.id)
+        try:
+            self._request(Release(lease=lease.id))
+        except LoraCacheError as exc:
+            if exc.code is not ErrorCode.UNKNOWN_SESSION:
+                raise
+            # The session expired: the daemon already took the lease back.
+
+    def _request(self, request: Request, *, timeout: float | None = None,
+                 session: str | None = None) -> Any:
+        if os.getpid() != self._pid:
+            raise LoraCacheError(ErrorCode.NOT_ALLOWED,
+                                 f"this LoraCacheClient was created in process {self._pid}; "
+                                 "create a new one in each process after fork()")
+        if self._closed.is_set():
+            raise LoraCacheError(ErrorCode.NOT_ALLOWED, "this LoraCacheClient is closed")
+        timeout = self.request_timeout if timeout is None else timeout
+        sock = self._socket()
+        request_id = next(self._ids)
+        sock.send(encode_request(request_id, self.session if session is None else session,
+                                 request))
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not sock.poll(int(remaining * 1000) + 1):
+                self._drop_socket()  # a late reply must not be read as the next one's
+                if isinstance(request, Hello):
+                    raise self._unavailable(f"nobody answered within {timeout:g} s")
+                raise LoraCacheError(ErrorCode.TIMEOUT,
+                                     f"the daemon on {self.socket_path} did not answer {request.op} "
+                                     f"within {timeout:g} s; raise request_timeout if loads are "
+                                     "this slow, or check the daemon's log")
+            reply_id, result = decode_reply(sock.recv())
+            if reply_id != request_id:
+                continue
+            if isinstance(result, LoraCacheError):
+                raise result
+            return result
+
+    def _socket(self) -> zmq.Socket:
+        sock = getattr(self._local, "socket", None)
+        if sock is None:
+            sock = self._context.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(self._endpoint)
+            self._local.socket = sock
+            with self._lock:
+                self._sockets.append(sock)
+        return sock
+
+    def _drop_socket(self) -> None:
+        sock = self._local.__dict__.pop("socket", None)
+        if sock is not None:
+            with self._lock:
+                self._sockets.remove(sock)
+            sock.close(linger=0)
+
+    def _close_sockets(self) -> None:
+        with self._lock:
+            sockets, self._sockets = self._sockets, []
+        for sock in sockets:
+            sock.close(linger=0)
+        self._context.term()
+
+    def _heartbeat_loop(self) -> None:
+        interval = max(0.05, self.session_ttl / 3)
+        while not self._closed.wait(interval):
+            try:
+                self._request(Heartbeat(), timeout=interval)
+            except LoraCacheError as exc:
+                log.warning("heartbeat to %s failed: %s", self.socket_path, exc)
+        self._drop_socket()
+
+    def _unavailable(self, why: str) -> LoraCacheError:
+        return LoraCacheError(
+            ErrorCode.DAEMON_UNAVAILABLE,
+            f"no loracache daemon at {self.socket_path}: {why}. Is it running (`loracache serve`, "
+            "or `systemctl status loracache`), and may this user open the socket (group "
+            "loracache)? Point LORACACHE_SOCKET or socket_path at the right socket.")
+
+
+def device_name(device: str | torch.device) -> str:
+    """The daemon's name for ``device``: ``cpu``, or ``cuda:<GPU-uuid>`` for a CUDA device."""
+    device = torch.device(device) if not str(device).startswith("cuda:GPU-") else device
+    if isinstance(device, str):
+        return device
+    if device.type == "cpu":
+        return "cpu"
+    if device.type == "cuda":
+        from loracache.shared.transport.cuda_ipc import device_uuid
+
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{device_uuid(index)}"
+    raise LoraCacheError(ErrorCode.UNKNOWN_DEVICE, f"loracache serves cpu and cuda devices, "
+                                                   f"not {device}")

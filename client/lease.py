@@ -1,0 +1,118 @@
+"""Leases and the per-process mappings behind them.
+
+A process maps each entry once, however many leases (and clients) it holds on it: the first
+lease maps the buffer and builds the tensor views, later ones reuse them. When the last lease on
+an entry is released the mapping is dropped; views the caller still holds keep the memory
+mapped until they are gone, so nothing is ever freed under a live tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+from loracache.shared.dtypes import TORCH_DTYPES
+from loracache.shared.protocol import AcquireResult, EntryInfo, TensorSpec
+from loracache.shared.transport import discard_handle, open_handle
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+
+@dataclasses.dataclass
+class _Mapping:
+    buffer: torch.Tensor  # flat uint8 over the whole entry
+    tensors: dict[str, torch.Tensor]
+    leases: int = 0
+
+
+class MappingRegistry:
+    """The mappings of this process, keyed by (daemon instance, entry id)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._mappings: dict[tuple[str, str], _Mapping] = {}
+
+    def attach(self, instance: str, result: AcquireResult,
+               tables: dict[tuple[str, str], list[TensorSpec]]) -> dict[str, torch.Tensor]:
+        """Count one more lease on the entry of ``result`` and return its tensor views."""
+        key = (instance, result.entry.id)
+        with self._lock:
+            mapping = self._mappings.get(key)
+            if mapping is None:
+                buffer = open_handle(result.handle)
+                mapping = _Mapping(buffer, build_views(buffer, tables[key]))
+                self._mappings[key] = mapping
+            else:
+                discard_handle(result.handle)
+            mapping.leases += 1
+            return mapping.tensors
+
+    def detach(self, instance: str, entry_id: str) -> None:
+        key = (instance, entry_id)
+        with self._lock:
+            mapping = self._mappings[key]
+            mapping.leases -= 1
+            if mapping.leases == 0:
+                del self._mappings[key]
+
+    def is_mapped(self, instance: str, entry_id: str) -> bool:
+        return (instance, entry_id) in self._mappings
+
+
+MAPPINGS = MappingRegistry()
+
+
+def build_views(buffer: torch.Tensor, specs: list[TensorSpec]) -> dict[str, torch.Tensor]:
+    """Tensor views into ``buffer`` at the offsets of ``specs``; nothing is copied."""
+    views = {}
+    for spec in specs:
+        dtype = TORCH_DTYPES[spec.dtype]
+        nbytes = dtype.itemsize
+        for dim in spec.shape:
+            nbytes *= dim
+        views[spec.name] = buffer[spec.offset:spec.offset + nbytes].view(dtype).view(spec.shape)
+    return views
+
+
+class Lease:
+    """A loan of one cached entry: ``tensors`` stay valid and unchanged until :meth:`release`.
+
+    On CPU the tensors are read-only views of shared memory (writing through them faults);
+    on CUDA they are views of the daemon's device buffer.
+    """
+
+    def __init__(self, lease_id: str, entry: EntryInfo, tensors: dict[str, torch.Tensor],
+                 on_release: Callable[["Lease"], None]) -> None:
+        self.id = lease_id
+        self.entry = entry
+        self.tensors = tensors
+        self._on_release = on_release
+        self._released = False
+        self._lock = threading.Lock()
+
+    @property
+    def released(self) -> bool:
+        return self._released
+
+    def release(self) -> None:
+        """Give the entry back to the daemon. Idempotent."""
+        with self._lock:
+            if self._released:
+                return
+            self._released = True
+        self._on_release(self)
+
+    def __enter__(self) -> "Lease":
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: "TracebackType | None") -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        state = "released" if self._released else f"{len(self.tensors)} tensors"
+        return f"<Lease {self.entry.path} on {self.entry.device}: {state}>"

@@ -1,0 +1,188 @@
+"""The daemon process: the socket, the request loop and the lifecycle around the service.
+
+``serve()`` = startup (devices, shm directory, socket bound and announced), run until a signal
+asks to stop, shutdown (socket and shared-memory files removed). Signal handlers only set an
+event. One task reads and decodes requests, one task per request runs its handler, and one
+writer task sends every reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import signal
+import socket
+from pathlib import Path
+
+import zmq
+import zmq.asyncio
+
+from loracache.shared.endpoints import endpoint
+from loracache.shared.errors import ErrorCode, LoraCacheError
+from loracache.shared.protocol import decode_request, encode_error, encode_reply
+from loracache.shared.transport import Transport
+from loracache.shared.transport.shm import ShmTransport
+
+from .config import ConfigError, DaemonConfig
+from .service import CacheService
+
+log = logging.getLogger("loracache.daemon")
+
+SOCKET_DIR_MODE = 0o750
+SOCKET_MODE = 0o660
+ZMQ_MAX_MESSAGE = 16 << 20  # beyond this ZeroMQ drops the peer; smaller oversize gets BAD_REQUEST
+
+
+def make_transports(config: DaemonConfig, shm_dir: Path) -> list[Transport]:
+    """The transports for the configured devices: ``cpu`` and/or CUDA devices by index or UUID."""
+    wanted = set(config.devices)
+    transports: list[Transport] = []
+    if wanted & {"all", "cpu"}:
+        transports.append(ShmTransport(shm_dir))
+    cuda_wanted = {d for d in wanted if d.startswith("cuda") or d == "all"}
+    if cuda_wanted:
+        from loracache.shared.transport.cuda_ipc import CudaIpcTransport, visible_devices
+
+        for index in visible_devices():
+            transport = CudaIpcTransport(index)
+            if cuda_wanted & {"all", "cuda", f"cuda:{index}", transport.device}:
+                transports.append(transport)
+        if not any(t.device != "cpu" for t in transports) and wanted - {"all", "cpu"}:
+            raise ConfigError(f"devices {sorted(cuda_wanted)} asked for CUDA, but this process "
+                              "sees no CUDA device")
+    return transports
+
+
+def instance_shm_dir(root: Path) -> Path:
+    """A fresh directory for this daemon's files; removes those of daemons that are gone."""
+    base = root / f"loracache-{os.getuid()}"
+    base.mkdir(mode=SOCKET_DIR_MODE, exist_ok=True)
+    for stale in base.iterdir():
+        pid = stale.name.split("-", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            for leftover in stale.glob("*"):
+                leftover.unlink()
+            stale.rmdir()
+            log.info("removed stale shared-memory directory %s", stale)
+    return base / f"{os.getpid()}-{os.urandom(4).hex()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _claim_socket_path(path: Path) -> None:
+    """Create the socket's directory; remove a stale socket, refuse a live one."""
+    path.parent.mkdir(mode=SOCKET_DIR_MODE, parents=True, exist_ok=True)
+    if not path.exists():
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError as exc:
+        if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTSOCK):
+            raise
+        path.unlink(missing_ok=True)  # left by a daemon that died
+    else:
+        raise ConfigError(f"another daemon is already serving on {path}; stop it or choose "
+                          "another --socket")
+    finally:
+        probe.close()
+
+
+class DaemonServer:
+    def __init__(self, config: DaemonConfig) -> None:
+        self.config = config
+        self.should_exit = asyncio.Event()
+        self._replies: asyncio.Queue[list[bytes]] = asyncio.Queue()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.should_exit.set)
+        _claim_socket_path(self.config.socket_path)
+        shm_dir = instance_shm_dir(self.config.shm_root)
+        self.service = CacheService(self.config, make_transports(self.config, shm_dir))
+        context = zmq.asyncio.Context()
+        sock = context.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, ZMQ_MAX_MESSAGE)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 0)  # a reply to a vanished client is dropped
+        old_umask = os.umask(0o117)
+        try:
+            sock.bind(endpoint(self.config.socket_path))
+        finally:
+            os.umask(old_umask)
+        os.chmod(self.config.socket_path, SOCKET_MODE)
+        for cache in self.service.caches.values():
+            log.info("device %s: budget %d bytes, cache size %d", cache.device, cache.budget,
+                     cache.cache_size)
+        log.info("loracache daemon %s serving on %s (pid %d)", self.service.instance,
+                 self.config.socket_path, os.getpid())
+        workers = [asyncio.create_task(self._read(sock)), asyncio.create_task(self._write(sock)),
+                   asyncio.create_task(self._expire())]
+        try:
+            await self.should_exit.wait()
+        finally:
+            log.info("shutting down")
+            for task in [*workers, *self._tasks]:
+                task.cancel()
+            await asyncio.gather(*workers, *self._tasks, return_exceptions=True)
+            sock.close(linger=0)
+            context.term()
+            with contextlib.suppress(FileNotFoundError):
+                self.config.socket_path.unlink()
+            self.service.close()
+            log.info("stopped")
+
+    async def _read(self, sock: zmq.asyncio.Socket) -> None:
+        while True:
+            frames = await sock.recv_multipart()
+            if len(frames) < 2:
+                continue
+            task = asyncio.create_task(self._answer(frames[:-1], frames[-1]))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _answer(self, route: list[bytes], payload: bytes) -> None:
+        request_id = 0
+        try:
+            frame = decode_request(payload)
+            request_id = frame.id
+            reply = encode_reply(request_id, await self.service.handle(frame))
+        except LoraCacheError as exc:
+            request_id = getattr(exc, "request_id", request_id)
+            if exc.code is not ErrorCode.BAD_REQUEST or request_id:
+                log.debug("request %d failed: %s", request_id, exc)
+            reply = encode_error(request_id, exc)
+        except Exception as exc:  # a bug: report it, keep serving
+            log.exception("request %d failed with an internal error", request_id)
+            reply = encode_error(request_id, LoraCacheError(
+                ErrorCode.INTERNAL, f"internal error ({type(exc).__name__}: {exc}); the daemon "
+                                    "carries on, and its log has the details"))
+        self._replies.put_nowait([*route, reply])
+
+    async def _write(self, sock: zmq.asyncio.Socket) -> None:
+        while True:
+            await sock.send_multipart(await self._replies.get())
+
+    async def _expire(self) -> None:
+        interval = min(1.0, self.config.session_ttl / 4)
+        while True:
+            await asyncio.sleep(interval)
+            self.service.expire_sessions()
+
+
+def run(config: DaemonConfig) -> None:
+    """Run the daemon in this process until SIGINT or SIGTERM."""
+    asyncio.run(DaemonServer(config).serve())

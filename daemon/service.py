@@ -1,0 +1,293 @@
+"""The daemon's logic: one handler per request type, over the caches and the session table.
+
+It touches no sockets (the server feeds it decoded requests) and owns all cache state from the
+event loop, so it needs no locks. File reads and device copies run in executor threads: one
+pool for headers, and one per device for loads (a single thread per GPU, for CUDA calls).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import functools
+import itertools
+import logging
+import os
+import secrets
+import time
+from typing import Any, Awaitable, Callable, Hashable
+
+from loracache.shared.errors import ErrorCode, LoraCacheError
+from loracache.shared.protocol import (Acquire, AcquireResult, Clear, Evict, Heartbeat, Hello,
+                                       HelloResult, ListEntries, Preload, Release, Request,
+                                       RequestFrame, Stats)
+from loracache.shared.transport import Transport
+
+from .cache import DeviceCache, Entry
+from .config import DaemonConfig
+from .files import FileIdentity, confine, identify
+from .loader import fill_buffer, plan_load
+from .sessions import Lease, Session, SessionTable
+
+log = logging.getLogger("loracache.daemon")
+
+SESSION_OPS = (Acquire, Release, Heartbeat)  # ops that need a session; the others are for tools
+CPU_LOAD_THREADS = 4
+
+
+class CacheService:
+    def __init__(self, config: DaemonConfig, transports: list[Transport]) -> None:
+        self.config = config
+        self.instance = secrets.token_hex(8)
+        self.started = time.monotonic()
+        self.transports = {t.device: t for t in transports}
+        self.caches = {t.device: DeviceCache(t.device, config.max_bytes.resolve(t.total_memory()),
+                                             config.cache_size) for t in transports}
+        self.sessions = SessionTable(config.session_ttl)
+        self._header_pool = concurrent.futures.ThreadPoolExecutor(4, "loracache-header")
+        self._device_pools = {
+            t.device: concurrent.futures.ThreadPoolExecutor(
+                CPU_LOAD_THREADS if t.device == "cpu" else 1, f"loracache-{t.device[:12]}")
+            for t in transports}
+        self._loading: dict[Hashable, asyncio.Future[None]] = {}
+        self._room_freed = {device: asyncio.Event() for device in self.caches}
+        self._entry_ids = itertools.count(1)
+        self._handlers: dict[type[Request], Callable[[Any, Session | None], Awaitable[Any]]] = {
+            Hello: self._hello, Acquire: self._acquire, Release: self._release,
+            Heartbeat: self._heartbeat, Stats: self._stats, ListEntries: self._list,
+            Preload: self._preload, Evict: self._evict, Clear: self._clear,
+        }
+
+    # ------------------------------------------------------------------------------ dispatch
+
+    async def handle(self, frame: RequestFrame) -> Any:
+        """Run the handler of ``frame``'s request type and return its result."""
+        session = None
+        if isinstance(frame.request, SESSION_OPS):
+            session = self.sessions.get(frame.session)
+        elif frame.session in self.sessions.sessions:
+            session = self.sessions.get(frame.session)  # any message refreshes its session
+        return await self._handlers[type(frame.request)](frame.request, session)
+
+    # ------------------------------------------------------------------------------ handlers
+
+    async def _hello(self, req: Hello, _: Session | None) -> HelloResult:
+        session = self.sessions.open(req.pid)
+        log.debug("session opened for pid %d (%s)", req.pid, req.client or "client")
+        return HelloResult(instance=self.instance, session=session.token,
+                           session_ttl=self.config.session_ttl, devices=list(self.caches))
+
+    async def _acquire(self, req: Acquire, session: Session) -> AcquireResult:
+        cache = self._cache(req.device)
+        entry, loaded = await self._entry(cache, identify(req.path, self.config.lora_dirs),
+                                          req.layout)
+        if loaded:
+            cache.misses += 1
+        else:
+            cache.hits += 1
+        if self.sessions.sessions.get(session.token) is not session:
+            self._trim(cache)  # the session expired while the entry was loading
+            raise LoraCacheError(ErrorCode.UNKNOWN_SESSION,
+                                 "the session expired while the entry was loading; send hello "
+                                 "again and keep heartbeating (the client library does)")
+        handle = entry.buffer.export()
+        lease = self.sessions.add_lease(session, entry, handle)
+        return AcquireResult(lease=lease.id, entry=entry.info(), handle=handle,
+                             tensors=None if req.known_entry == entry.id else entry.tensors)
+
+    async def _release(self, req: Release, session: Session) -> dict[str, Any]:
+        self._released([self.sessions.release(session, req.lease)])
+        return {}
+
+    async def _heartbeat(self, req: Heartbeat, session: Session) -> dict[str, Any]:
+        return {}
+
+    async def _stats(self, req: Stats, _: Session | None) -> dict[str, Any]:
+        return {"instance": self.instance, "pid": os.getpid(),
+                "uptime_s": time.monotonic() - self.started,
+                "sessions": len(self.sessions.sessions), "leases": self.sessions.lease_count,
+                "devices": [cache.stats() for cache in self.caches.values()]}
+
+    async def _list(self, req: ListEntries, _: Session | None) -> dict[str, Any]:
+        return {"entries": [dataclasses.asdict(entry.info()) for cache in self.caches.values()
+                            for entry in cache.entries.values()]}
+
+    async def _preload(self, req: Preload, _: Session | None) -> dict[str, Any]:
+        cache = self._cache(req.device)
+        entry, _loaded = await self._entry(cache, identify(req.path, self.config.lora_dirs),
+                                           req.layout)
+        entry.pinned = entry.pinned or req.pin
+        info = entry.info()
+        self._trim(cache)
+        return dataclasses.asdict(info)
+
+    async def _evict(self, req: Evict, _: Session | None) -> dict[str, int]:
+        path = confine(req.path, self.config.lora_dirs)
+        return self._drop(lambda e: e.path == path, req.device)
+
+    async def _clear(self, req: Clear, _: Session | None) -> dict[str, int]:
+        return self._drop(lambda e: True, req.device)
+
+    # ------------------------------------------------------------------------ cache lifecycle
+
+    async def _entry(self, cache: DeviceCache, identity: FileIdentity,
+                     layout: str) -> tuple[Entry, bool]:
+        """The cached entry for the file, loading it once for all concurrent askers.
+
+        Returns ``(entry, loaded_by_this_call)``. The entry is in the cache when this returns,
+        and stays there until the caller next awaits.
+        """
+        key = (cache.device, identity, layout)
+        while (pending := self._loading.get(key)) is not None or key not in cache.entries:
+            if pending is None:
+                return await self._load_once(cache, key, identity, layout), True
+            await asyncio.shield(pending)  # re-raises the loader's error for every waiter
+        return cache.lookup(key), False
+
+    async def _load_once(self, cache: DeviceCache, key: Hashable, identity: FileIdentity,
+                         layout: str) -> Entry:
+        done = asyncio.get_running_loop().create_future()
+        self._loading[key] = done
+        try:
+            entry = await self._load(cache, key, identity, layout)
+        except Exception as exc:
+            done.set_exception(exc)
+            done.exception()  # waiters re-raise it; with none, it must not be reported as lost
+            raise
+        except BaseException:
+            done.cancel()
+            raise
+        finally:
+            del self._loading[key]
+        done.set_result(None)
+        return entry
+
+    async def _load(self, cache: DeviceCache, key: Hashable, identity: FileIdentity,
+                    layout: str) -> Entry:
+        started = time.monotonic()
+        plan = await self._run(self._header_pool, plan_load, identity, layout)
+        try:
+            if plan.nbytes > cache.budget:
+                raise LoraCacheError(ErrorCode.TOO_LARGE,
+                                     f"{identity.path} needs {plan.nbytes} bytes but the whole "
+                                     f"budget of {cache.device} is {cache.budget}; raise "
+                                     "--max-bytes")
+            await self._reserve(cache, plan.nbytes)
+            entry_id = f"{next(self._entry_ids):x}"
+            try:
+                buffer = await self._run(self._device_pools[cache.device], fill_buffer,
+                                         self.transports[cache.device], plan, entry_id)
+            finally:
+                cache.reserved -= plan.nbytes
+                self._room_changed(cache)
+        finally:
+            plan.file.close()
+        entry = Entry(id=entry_id, key=key, path=identity.path, device=cache.device,
+                      layout=layout, buffer=buffer, tensors=plan.layout.specs)
+        cache.add(entry)
+        cache.loads += 1
+        log.info("loaded %s on %s: %d bytes, %d tensors in %.3f s", identity.path, cache.device,
+                 entry.nbytes, len(entry.tensors), time.monotonic() - started)
+        return entry
+
+    async def _reserve(self, cache: DeviceCache, nbytes: int) -> None:
+        """Make room for ``nbytes`` by evicting, waiting for releases up to the timeout."""
+        deadline = time.monotonic() + self.config.acquire_timeout
+        while (victims := cache.victims_for(nbytes)) is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                stats = cache.stats()
+                raise LoraCacheError(
+                    ErrorCode.CACHE_FULL,
+                    f"no room for {nbytes} bytes on {cache.device} after waiting "
+                    f"{self.config.acquire_timeout:g} s: budget {cache.budget}, used "
+                    f"{cache.used}, leased {stats['leased_bytes']}, pinned "
+                    f"{stats['pinned_bytes']}, loading {cache.reserved}; release leases, "
+                    "unpin entries, or raise --max-bytes / acquire_timeout")
+            try:
+                await asyncio.wait_for(self._room_freed[cache.device].wait(), remaining)
+            except TimeoutError:
+                pass
+        self._remove(cache, victims)
+        cache.reserved += nbytes
+
+    def _released(self, leases: list[Lease]) -> None:
+        caches = {}
+        for lease in leases:
+            cache = self.caches[lease.entry.device]
+            cache.touch(lease.entry)
+            caches[cache.device] = cache
+        for cache in caches.values():
+            self._trim(cache)
+            self._room_changed(cache)
+
+    def _trim(self, cache: DeviceCache) -> None:
+        """Drop idle entries beyond the cache-size cap."""
+        self._remove(cache, cache.over_cap())
+
+    def _drop(self, match: Callable[[Entry], bool], device: str) -> dict[str, int]:
+        caches = [self._cache(device)] if device else list(self.caches.values())
+        evicted = busy = 0
+        for cache in caches:
+            matching = [e for e in cache.entries.values() if match(e)]
+            idle = [e for e in matching if e.leases == 0]
+            self._remove(cache, idle)
+            self._room_changed(cache)
+            evicted, busy = evicted + len(idle), busy + len(matching) - len(idle)
+        return {"evicted": evicted, "busy": busy}
+
+    def _remove(self, cache: DeviceCache, entries: list[Entry]) -> None:
+        """Take ``entries`` out of the cache now; free their memory on the device's thread."""
+        for entry in entries:
+            cache.remove(entry)
+            log.info("evicted %s from %s (%d bytes)", entry.path, cache.device, entry.nbytes)
+        if entries:
+            pool = self._device_pools[cache.device]
+            pool.submit(_free_all, self.transports[cache.device], [e.buffer for e in entries])
+
+    def _room_changed(self, cache: DeviceCache) -> None:
+        event = self._room_freed[cache.device]
+        self._room_freed[cache.device] = asyncio.Event()
+        event.set()
+
+    # ------------------------------------------------------------------------------ sessions
+
+    def expire_sessions(self) -> None:
+        """Release the leases of sessions silent for their TTL."""
+        for session in self.sessions.expired():
+            leases = self.sessions.close(session)
+            if leases and not session.process_alive():
+                for lease in leases:  # the client cannot undo its exports any more
+                    lease.entry.buffer.forget_export(lease.handle)
+            log.info("session of pid %d expired; released %d lease(s)", session.pid, len(leases))
+            self._released(leases)
+
+    # ------------------------------------------------------------------------------- helpers
+
+    def _cache(self, device: str) -> DeviceCache:
+        cache = self.caches.get(device)
+        if cache is None:
+            raise LoraCacheError(ErrorCode.UNKNOWN_DEVICE,
+                                 f"this daemon serves no device {device!r}; it serves "
+                                 f"{', '.join(self.caches)}")
+        return cache
+
+    @staticmethod
+    async def _run(pool: concurrent.futures.Executor, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(fn, *args))
+
+    def close(self) -> None:
+        """Free every entry and every file the transports created (at shutdown)."""
+        for cache in self.caches.values():
+            self._remove(cache, list(cache.entries.values()))
+        for pool in (self._header_pool, *self._device_pools.values()):
+            pool.shutdown(wait=True)
+        for transport in self.transports.values():
+            transport.close()
+
+
+def _free_all(transport: Transport, buffers: list) -> None:
+    for buffer in buffers:
+        buffer.free()
+    transport.collect()

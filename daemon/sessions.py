@@ -1,0 +1,99 @@
+"""Sessions and their leases. A lease pins one entry for one session until released.
+
+A session is refreshed by every message it sends; one silent for its TTL expires and gives
+its leases back. Lease ids are random, so a client cannot name another session's lease.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+import time
+from typing import Any
+
+from loracache.shared.errors import ErrorCode, LoraCacheError
+
+from .cache import Entry
+
+
+@dataclasses.dataclass(eq=False)
+class Lease:
+    """What keeps an entry's memory lent: released by :meth:`SessionTable.release` only."""
+
+    id: str
+    entry: Entry
+    handle: dict[str, Any]  # the export given to the client, kept to undo it if the client dies
+
+
+@dataclasses.dataclass(eq=False)
+class Session:
+    token: str
+    pid: int
+    last_seen: float
+    leases: dict[str, Lease] = dataclasses.field(default_factory=dict)
+
+    def process_alive(self) -> bool:
+        """Whether the client's process still exists (same PID namespace as the daemon)."""
+        if self.pid <= 0:
+            return True  # unknown: assume the worst for memory safety, i.e. still mapped
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+
+class SessionTable:
+    def __init__(self, ttl: float) -> None:
+        self.ttl = ttl
+        self.sessions: dict[str, Session] = {}
+
+    def open(self, pid: int) -> Session:
+        session = Session(token=secrets.token_urlsafe(16), pid=pid, last_seen=time.monotonic())
+        self.sessions[session.token] = session
+        return session
+
+    def get(self, token: str) -> Session:
+        """The live session for ``token``, refreshed; UNKNOWN_SESSION if it expired or never was."""
+        session = self.sessions.get(token)
+        if session is None:
+            raise LoraCacheError(ErrorCode.UNKNOWN_SESSION,
+                                 "unknown or expired session; send hello again (the daemon may "
+                                 "have restarted, or this client was silent past the session TTL)")
+        session.last_seen = time.monotonic()
+        return session
+
+    def add_lease(self, session: Session, entry: Entry, handle: dict[str, Any]) -> Lease:
+        lease = Lease(id=secrets.token_urlsafe(16), entry=entry, handle=handle)
+        session.leases[lease.id] = lease
+        entry.leases += 1
+        return lease
+
+    def release(self, session: Session, lease_id: str) -> Lease:
+        lease = session.leases.pop(lease_id, None)
+        if lease is None:
+            raise LoraCacheError(ErrorCode.UNKNOWN_LEASE,
+                                 f"this session holds no lease {lease_id!r:.40}; it was released "
+                                 "already or belongs to another session")
+        lease.entry.leases -= 1
+        return lease
+
+    def expired(self) -> list[Session]:
+        deadline = time.monotonic() - self.ttl
+        return [s for s in self.sessions.values() if s.last_seen < deadline]
+
+    def close(self, session: Session) -> list[Lease]:
+        """Forget ``session`` and return its leases, already released."""
+        del self.sessions[session.token]
+        leases = list(session.leases.values())
+        for lease in leases:
+            lease.entry.leases -= 1
+        session.leases.clear()
+        return leases
+
+    @property
+    def lease_count(self) -> int:
+        return sum(len(s.leases) for s in self.sessions.values())

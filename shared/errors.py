@@ -1,0 +1,48 @@
+"""Errors shared by the daemon and its clients.
+
+Every failure that crosses the wire is one code from :class:`ErrorCode` plus a message that
+says what to do. Both sides raise it as one exception type::
+
+    LoraCacheError            .code: ErrorCode, .message: str
+      raised by the daemon's handlers  -> sent as {"code", "message"}
+      raised by the client             <- rebuilt from the reply, or made locally
+                                          (DAEMON_UNAVAILABLE, TIMEOUT)
+
+Foreign errors (ZeroMQ, OS, torch) are translated at the boundary with ``raise ... from exc``.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ErrorCode(str, enum.Enum):
+    """The closed set of error codes; the wire carries the name."""
+
+    BAD_REQUEST = "BAD_REQUEST"  # malformed message, unknown op, wrong field types
+    VERSION_MISMATCH = "VERSION_MISMATCH"  # client and daemon speak different protocol versions
+    FORBIDDEN_PATH = "FORBIDDEN_PATH"  # outside the allowed roots, not a regular file, wrong suffix
+    NOT_FOUND = "NOT_FOUND"  # the file does not exist
+    INVALID_LORA = "INVALID_LORA"  # the safetensors header or data is malformed
+    UNSUPPORTED_FORMAT = "UNSUPPORTED_FORMAT"  # a valid file in a format we do not handle
+    TOO_LARGE = "TOO_LARGE"  # larger than the device's whole budget
+    CACHE_FULL = "CACHE_FULL"  # no room after waiting for releases
+    UNKNOWN_DEVICE = "UNKNOWN_DEVICE"  # the daemon does not serve this device
+    UNKNOWN_LEASE = "UNKNOWN_LEASE"  # no such lease in this session
+    UNKNOWN_SESSION = "UNKNOWN_SESSION"  # session expired or daemon restarted
+    NOT_ALLOWED = "NOT_ALLOWED"  # the operation is refused by the daemon's policy
+    DAEMON_UNAVAILABLE = "DAEMON_UNAVAILABLE"  # client side: nobody answers on the socket
+    TIMEOUT = "TIMEOUT"  # client side: the daemon did not reply in time
+    INTERNAL = "INTERNAL"  # a bug in the daemon; the request failed, the daemon carries on
+
+
+class LoraCacheError(Exception):
+    """The one exception type of loracache; ``code`` says what kind of failure it is."""
+
+    def __init__(self, code: ErrorCode | str, message: str) -> None:
+        self.code = ErrorCode(code)
+        self.message = message
+        super().__init__(f"[{self.code.value}] {message}")
+
+    def __reduce__(self):  # keep the two fields across pickling (multiprocessing, pytest-xdist)
+        return (type(self), (self.code, self.message))

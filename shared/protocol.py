@@ -1,0 +1,379 @@
+"""The wire protocol (v1): every message is a typed class in this module.
+
+A request is one msgpack map ``{"v": 1, "id": n, "op": "...", "session": token, **fields}``.
+A reply is ``{"id": n, "ok": true, "result": {...}}`` or
+``{"id": n, "ok": false, "error": {"code": "...", "message": "..."}}``.
+
+Adding a field means appending it with a default: old peers ignore fields they do not know.
+Decoding is strict about what it accepts (sizes, nesting, types) because the daemon must answer
+any malformed message with BAD_REQUEST and carry on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, ClassVar, Union
+
+import msgpack
+
+from .errors import ErrorCode, LoraCacheError
+
+PROTOCOL_VERSION = 1
+
+
+
+@dataclasses.dataclass(frozen=True)
+class UnpackLimits:
+    """Bounds applied while unpacking, before any field is looked at."""
+
+    max_bytes: int
+    max_str_len: int
+    max_container_len: int
+    max_depth: int
+
+
+# A request is a path and a few small fields: 8 KiB strings cover PATH_MAX (4096).
+REQUEST_LIMITS = UnpackLimits(max_bytes=1 << 20, max_str_len=8192, max_container_len=1 << 16,
+                              max_depth=8)
+# The largest reply is a tensor table of a big LoRA, or `list` on a cache of 10,000s of entries.
+REPLY_LIMITS = UnpackLimits(max_bytes=64 << 20, max_str_len=1 << 20, max_container_len=1 << 22,
+                            max_depth=16)
+MAX_MESSAGE_BYTES = REQUEST_LIMITS.max_bytes
+
+
+# ---------------------------------------------------------------------------------- requests
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """Base of all requests; ``op`` names the message on the wire."""
+
+    op: ClassVar[str] = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Hello(Request):
+    """Opens a session. ``pid`` lets the daemon tell a dead client from a slow one."""
+
+    op: ClassVar[str] = "hello"
+    pid: int = 0
+    client: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Acquire(Request):
+    """Lease the entry for ``path`` on ``device`` in ``layout``, loading it on a miss.
+
+    ``known_entry`` is the entry id the client already holds a tensor table for; when the
+    daemon resolves the same entry it leaves the table out of the reply.
+    """
+
+    op: ClassVar[str] = "acquire"
+    path: str
+    device: str = "cpu"
+    layout: str = "raw"
+    known_entry: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Release(Request):
+    op: ClassVar[str] = "release"
+    lease: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Heartbeat(Request):
+    op: ClassVar[str] = "heartbeat"
+
+
+@dataclasses.dataclass(frozen=True)
+class Stats(Request):
+    op: ClassVar[str] = "stats"
+
+
+@dataclasses.dataclass(frozen=True)
+class ListEntries(Request):
+    op: ClassVar[str] = "list"
+
+
+@dataclasses.dataclass(frozen=True)
+class Preload(Request):
+    """Load an entry without leasing it; ``pin`` keeps it out of eviction until evicted."""
+
+    op: ClassVar[str] = "preload"
+    path: str
+    device: str = "cpu"
+    layout: str = "raw"
+    pin: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Evict(Request):
+    """Evict the unleased entries of ``path`` (every layout and device unless narrowed)."""
+
+    op: ClassVar[str] = "evict"
+    path: str
+    device: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Clear(Request):
+    """Evict every unleased entry, pinned ones included (of one device, or all)."""
+
+    op: ClassVar[str] = "clear"
+    device: str = ""
+
+
+REQUEST_TYPES: dict[str, type[Request]] = {
+    cls.op: cls
+    for cls in (Hello, Acquire, Release, Heartbeat, Stats, ListEntries, Preload, Evict, Clear)
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestFrame:
+    """A decoded request with its envelope."""
+
+    id: int
+    session: str
+    request: Request
+
+
+# ----------------------------------------------------------------------------------- results
+
+
+@dataclasses.dataclass(frozen=True)
+class HelloResult:
+    instance: str  # changes whenever the daemon restarts
+    session: str
+    session_ttl: float
+    devices: list[str]
+    version: int = PROTOCOL_VERSION
+
+
+@dataclasses.dataclass(frozen=True)
+class EntryInfo:
+    id: str
+    path: str
+    device: str
+    layout: str
+    nbytes: int
+    leases: int = 0
+    pinned: bool = False
+    idle_s: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """Where one tensor lives in an entry's packed buffer."""
+
+    name: str
+    dtype: str  # a safetensors dtype name, e.g. "F16"
+    shape: list[int]
+    offset: int
+
+    def to_wire(self) -> list[Any]:
+        return [self.name, self.dtype, self.shape, self.offset]
+
+    @classmethod
+    def from_wire(cls, item: Any) -> "TensorSpec":
+        if not (isinstance(item, list) and len(item) == 4):
+            raise LoraCacheError(ErrorCode.BAD_REQUEST, f"malformed tensor spec {item!r:.80}")
+        name, dtype, shape, offset = item
+        return cls(name=name, dtype=dtype, shape=list(shape), offset=offset)
+
+
+@dataclasses.dataclass(frozen=True)
+class AcquireResult:
+    lease: str
+    entry: EntryInfo
+    handle: dict[str, Any]  # transport-specific; see loracache.shared.transport
+    tensors: list[TensorSpec] | None  # None when the client said it knows this entry
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "lease": self.lease,
+            "entry": dataclasses.asdict(self.entry),
+            "handle": self.handle,
+            "tensors": None if self.tensors is None else [t.to_wire() for t in self.tensors],
+        }
+
+    @classmethod
+    def from_wire(cls, m: dict[str, Any]) -> "AcquireResult":
+        tensors = m.get("tensors")
+        return cls(
+            lease=m["lease"],
+            entry=from_map(EntryInfo, m["entry"]),
+            handle=m["handle"],
+            tensors=None if tensors is None else [TensorSpec.from_wire(t) for t in tensors],
+        )
+
+
+# --------------------------------------------------------------------------------- encoding
+
+
+def encode_request(request_id: int, session: str, request: Request) -> bytes:
+    body = {"v": PROTOCOL_VERSION, "id": request_id, "op": request.op, "session": session}
+    body.update(dataclasses.asdict(request))
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def decode_request(data: bytes) -> RequestFrame:
+    """Decode and validate one request, or raise BAD_REQUEST / VERSION_MISMATCH.
+
+    The raised error carries ``request_id`` when the envelope got that far, so the reply can
+    still be matched by the client.
+    """
+    body = _unpack(data, REQUEST_LIMITS)
+    if not isinstance(body, dict):
+        raise _bad("a request must be a msgpack map")
+    request_id = body.get("id")
+    if not isinstance(request_id, int) or isinstance(request_id, bool) or request_id < 0:
+        raise _bad("field 'id' must be a non-negative integer")
+    try:
+        version = body.get("v")
+        if version != PROTOCOL_VERSION:
+            raise LoraCacheError(
+                ErrorCode.VERSION_MISMATCH,
+                f"this daemon speaks protocol v{PROTOCOL_VERSION}, the request says v{version!r}; "
+                "install matching loracache versions on the daemon and the workers",
+            )
+        op = body.get("op")
+        cls = REQUEST_TYPES.get(op) if isinstance(op, str) else None
+        if cls is None:
+            raise _bad(f"unknown op {op!r:.40}; known ops: {', '.join(sorted(REQUEST_TYPES))}")
+        session = body.get("session", "")
+        if not isinstance(session, str):
+            raise _bad("field 'session' must be a string")
+        return RequestFrame(id=request_id, session=session, request=from_map(cls, body))
+    except LoraCacheError as exc:
+        exc.request_id = request_id  # type: ignore[attr-defined]
+        raise
+
+
+def encode_reply(request_id: int, result: Any) -> bytes:
+    if dataclasses.is_dataclass(result):
+        result = result.to_wire() if hasattr(result, "to_wire") else dataclasses.asdict(result)
+    return msgpack.packb({"id": request_id, "ok": True, "result": result}, use_bin_type=True)
+
+
+def encode_error(request_id: int, error: LoraCacheError) -> bytes:
+    body = {"id": request_id, "ok": False,
+            "error": {"code": error.code.value, "message": error.message}}
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def decode_reply(data: bytes) -> tuple[int, Any]:
+    """Return ``(id, result)``; an error reply comes back as a LoraCacheError *value*."""
+    body = _unpack(data, REPLY_LIMITS)
+    if not isinstance(body, dict) or not isinstance(body.get("id"), int):
+        raise _bad("malformed reply from the daemon")
+    if body.get("ok"):
+        return body["id"], body.get("result")
+    error = body.get("error") or {}
+    code = error.get("code", "INTERNAL")
+    if code not in ErrorCode.__members__:
+        code = ErrorCode.INTERNAL
+    return body["id"], LoraCacheError(code, str(error.get("message", "")))
+
+
+# --------------------------------------------------------------------------------- validation
+
+
+def _unpack(data: bytes, limits: UnpackLimits) -> Any:
+    if len(data) > limits.max_bytes:
+        raise _bad(f"message of {len(data)} bytes exceeds the limit of {limits.max_bytes}")
+    try:
+        body = msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            max_str_len=limits.max_str_len,
+            max_bin_len=limits.max_bytes,
+            max_array_len=limits.max_container_len,
+            max_map_len=limits.max_container_len,
+            max_ext_len=0,
+        )
+    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError,
+            msgpack.StackError, UnicodeDecodeError) as exc:
+        raise _bad(f"not a valid msgpack message: {exc}") from exc
+    _check_depth(body, limits.max_depth)
+    return body
+
+
+def _check_depth(obj: Any, limit: int) -> None:
+    stack = [(obj, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > limit:
+                raise _bad(f"message nested deeper than {limit} levels")
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+
+
+_T = typing.TypeVar("_T")
+
+
+def from_map(cls: type[_T], body: Any) -> _T:
+    """Build dataclass ``cls`` from a decoded map, checking every declared field's type."""
+    if not isinstance(body, dict):
+        raise _bad(f"{cls.__name__} must be a map")
+    op = getattr(cls, "op", cls.__name__)
+    kwargs = {}
+    for field, hint in _field_hints(cls).items():
+        if field in body:
+            value = body[field]
+            if not _matches(value, hint):
+                raise _bad(f"field {field!r} of {op!r} must be {_describe(hint)}, "
+                           f"not {type(value).__name__}")
+            kwargs[field] = value
+        elif _is_required(cls, field):
+            raise _bad(f"field {field!r} is required for {op!r}")
+    return cls(**kwargs)
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _field_hints(cls: type) -> dict[str, Any]:
+    if cls not in _HINTS:
+        hints = typing.get_type_hints(cls)
+        _HINTS[cls] = {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+    return _HINTS[cls]
+
+
+def _is_required(cls: type, name: str) -> bool:
+    field = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return (field.default is dataclasses.MISSING
+            and field.default_factory is dataclasses.MISSING)  # type: ignore[misc]
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        return any(_matches(value, arm) for arm in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_matches(v, item) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    if hint is Any:
+        return True
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _describe(hint: Any) -> str:
+    return getattr(hint, "__name__", str(hint))
+
+
+def _bad(message: str) -> LoraCacheError:
+    return LoraCacheError(ErrorCode.BAD_REQUEST, message)
