@@ -1,0 +1,37 @@
+# `make demo` and `make test` set everything up on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test test-gpu bench clean
+
+# A host that already has torch (a GPU host with its CUDA build) keeps it: the venv then sees the
+# system packages. Elsewhere the CPU build is installed, never an unpinned (CUDA) torch.
+$(STAMP): pyproject.toml
+	@if [ ! -x $(PY) ]; then \
+	  if $(PYTHON) -c "import torch" 2>/dev/null; then \
+	    $(PYTHON) -m venv --system-site-packages $(VENV); \
+	  else $(PYTHON) -m venv $(VENV); fi; \
+	fi
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: venv
+	$(PY) examples/demo.py
+
+test: venv
+	$(PY) -m pytest -q
+
+test-gpu: venv
+	$(PY) -m pytest -q tests/gpu
+
+bench: venv
+	$(PY) -m bench.run
+
+clean:
+	rm -rf $(VENV) build *.egg-info bench/results

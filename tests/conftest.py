@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+from tests.support import Daemon
+
+
+@pytest.fixture
+def lora_dir(tmp_path: Path) -> Path:
+    directory = tmp_path / "loras"
+    directory.mkdir()
+    return directory
+
+
+@pytest.fixture
+def start_daemon(lora_dir: Path) -> Iterator[Callable[..., Daemon]]:
+    """Start real daemon processes (flags as arguments); all are stopped after the test."""
+    daemons: list[Daemon] = []
+
+    def start(*args: str, **kwargs) -> Daemon:
+        daemon = Daemon(lora_dir, *args, **kwargs)
+        daemons.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in daemons:
+        daemon.cleanup()
+
+
+@pytest.fixture
+def daemon(start_daemon: Callable[..., Daemon]) -> Daemon:
+    return start_daemon("--max-bytes", "1GiB")

@@ -1,0 +1,163 @@
+"""What the tests share: LoRA files, a real daemon process, and real client processes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from loracache.client import LoraCacheClient, LoraCacheError
+
+REPO = Path(__file__).resolve().parent.parent
+WORKER = Path(__file__).resolve().parent / "client_worker.py"
+
+
+def write_lora(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path))
+    return path
+
+
+def sized_lora(path: Path, nbytes: int, seed: int = 0) -> Path:
+    """A rank-16 fp16 LoRA of about ``nbytes`` (pairs of down/up matrices)."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors, total, i = {}, 0, 0
+    width = 1280
+    while total < nbytes:
+        tensors[f"layer{i}.lora_down.weight"] = torch.randn(16, width, generator=generator).half()
+        tensors[f"layer{i}.lora_up.weight"] = torch.randn(width, 16, generator=generator).half()
+        total += 2 * 16 * width * 2
+        i += 1
+    return write_lora(path, tensors)
+
+
+def digest(t: torch.Tensor) -> str:
+    """A hash of a tensor's dtype, shape and bytes (works for bf16, which numpy lacks)."""
+    raw = t.contiguous().view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    return hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode() + raw).hexdigest()
+
+
+class Daemon:
+    """A real ``loracache serve`` process on a private socket and shm directory."""
+
+    def __init__(self, lora_dir: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        self.home = Path(tempfile.mkdtemp(prefix="lc-", dir="/tmp"))
+        self.socket = self.home / "d.sock"
+        self.shm_root = Path(tempfile.mkdtemp(prefix="lc-test-", dir="/dev/shm"))
+        self.log_path = self.home / "daemon.log"
+        self.lora_dir = lora_dir
+        command = [sys.executable, "-m", "loracache.client.cli", "serve", "--socket",
+                   str(self.socket), "--lora-dir", str(lora_dir), "--devices", "cpu",
+                   "--shm-dir", str(self.shm_root), "--log-level", "DEBUG", *args]
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})})
+        self.wait_ready()
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.read_log()}")
+            if self.socket.exists():
+                try:
+                    LoraCacheClient(self.socket, heartbeat=False, connect_timeout=2).close()
+                    return
+                except LoraCacheError:
+                    pass
+            time.sleep(0.05)
+        raise RuntimeError(f"daemon not ready after {timeout} s:\n{self.read_log()}")
+
+    def client(self, **kwargs: Any) -> LoraCacheClient:
+        return LoraCacheClient(self.socket, **kwargs)
+
+    def stats(self) -> dict[str, Any]:
+        with self.client(heartbeat=False) as client:
+            return client.stats()
+
+    def cpu_stats(self) -> dict[str, Any]:
+        return next(d for d in self.stats()["devices"] if d["device"] == "cpu")
+
+    def shm_files(self) -> list[Path]:
+        return sorted(self.shm_root.rglob("*.bin"))
+
+    def read_log(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout)
+        self.log.close()
+        return self.proc.returncode
+
+    def cleanup(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        if not self.log.closed:
+            self.log.close()
+        for path in sorted(self.shm_root.rglob("*"), reverse=True):
+            path.rmdir() if path.is_dir() else path.unlink()
+        self.shm_root.rmdir()
+        for path in self.home.iterdir():
+            path.unlink()
+        self.home.rmdir()
+
+
+class Worker:
+    """A separate Python process driving a LoraCacheClient, one JSON command per line."""
+
+    def __init__(self, socket: Path | None = None, **env: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(WORKER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO), **env})
+        if socket is not None:
+            self.call("connect", socket=str(socket))
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def send(self, op: str, **args: Any) -> None:
+        self.proc.stdin.write(json.dumps({"op": op, **args}) + "\n")
+        self.proc.stdin.flush()
+
+    def receive(self) -> Any:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"worker died: {self.proc.stderr.read()}")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise LoraCacheError(reply["error"]["code"], reply["error"]["message"])
+        return reply["result"]
+
+    def call(self, op: str, **args: Any) -> Any:
+        self.send(op, **args)
+        return self.receive()
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.call("exit")
+            except (RuntimeError, BrokenPipeError):
+                pass
+            self.proc.wait(30)
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            stream.close()
