@@ -180,9 +180,8 @@ class TensorSpec:
     @classmethod
     def from_wire(cls, item: Any) -> "TensorSpec":
         if not (isinstance(item, list) and len(item) == 4):
-            raise LoraCacheError(ErrorCode.BAD_REQUEST, f"malformed tensor spec {item!r:.80}")
-        name, dtype, shape, offset = item
-        return cls(name=name, dtype=dtype, shape=list(shape), offset=offset)
+            raise _bad(f"malformed tensor spec {item!r:.80}")
+        return from_map(cls, dict(zip(("name", "dtype", "shape", "offset"), item)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,7 +233,7 @@ def decode_request(data: bytes) -> RequestFrame:
         raise _bad("field 'id' must be a non-negative integer")
     try:
         version = body.get("v")
-        if version != PROTOCOL_VERSION:
+        if type(version) is not int or version != PROTOCOL_VERSION:
             raise LoraCacheError(
                 ErrorCode.VERSION_MISMATCH,
                 f"this daemon speaks protocol v{PROTOCOL_VERSION}, the request says v{version!r}; "
@@ -272,9 +271,11 @@ def decode_reply(data: bytes) -> tuple[int, Any]:
         raise _bad("malformed reply from the daemon")
     if body.get("ok"):
         return body["id"], body.get("result")
-    error = body.get("error") or {}
-    code = error.get("code", "INTERNAL")
-    if code not in ErrorCode.__members__:
+    error = body.get("error")
+    if not isinstance(error, dict):
+        error = {"message": f"malformed error reply from the daemon: {error!r:.80}"}
+    code = error.get("code")
+    if not isinstance(code, str) or code not in ErrorCode.__members__:
         code = ErrorCode.INTERNAL
     return body["id"], LoraCacheError(code, str(error.get("message", "")))
 
@@ -295,12 +296,17 @@ def _unpack(data: bytes, limits: UnpackLimits) -> Any:
             max_array_len=limits.max_container_len,
             max_map_len=limits.max_container_len,
             max_ext_len=0,
+            ext_hook=_refuse_ext,
         )
     except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError,
             msgpack.StackError, UnicodeDecodeError) as exc:
         raise _bad(f"not a valid msgpack message: {exc}") from exc
     _check_depth(body, limits.max_depth)
     return body
+
+
+def _refuse_ext(code: int, data: bytes) -> Any:
+    raise ValueError(f"msgpack extension type {code} is not part of the protocol")
 
 
 def _check_depth(obj: Any, limit: int) -> None:

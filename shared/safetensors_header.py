@@ -62,11 +62,11 @@ def read_header(f: BinaryIO, name: str = "") -> SafetensorsHeader:
     raw = f.read(header_len)
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise _invalid(f"{where}header is not valid UTF-8 JSON: {exc}") from exc
     if not isinstance(header, dict):
         raise _invalid(f"{where}header must be a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", {})
     if not isinstance(metadata, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise _invalid(f"{where}__metadata__ must map strings to strings")
@@ -76,7 +76,7 @@ def read_header(f: BinaryIO, name: str = "") -> SafetensorsHeader:
         raise _invalid(f"{where}{len(header)} tensors exceed the limit of {MAX_TENSORS}")
     data_start = 8 + header_len
     tensors = [_record(key, value, data_start, file_size, where) for key, value in header.items()]
-    tensors.sort(key=lambda t: t.begin)
+    tensors.sort(key=lambda t: (t.begin, t.end))
     for before, after in zip(tensors, tensors[1:]):
         if after.begin < before.end:
             raise _invalid(f"{where}tensors {before.name!r} and {after.name!r} overlap in the file")
@@ -87,7 +87,7 @@ def _record(name: str, entry: object, data_start: int, file_size: int, where: st
     if not isinstance(entry, dict):
         raise _invalid(f"{where}entry of tensor {name!r} must be an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in ITEM_SIZES:
+    if not isinstance(dtype, str) or dtype not in ITEM_SIZES:
         raise _invalid(f"{where}tensor {name!r} has unsupported dtype {dtype!r}; "
                        f"allowed: {', '.join(ITEM_SIZES)}")
     if (not isinstance(shape, list) or len(shape) > MAX_DIMS

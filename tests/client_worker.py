@@ -34,8 +34,11 @@ def run(op, args):
         return {}
     if op == "touch":  # fault every page of every leased tensor in
         return sum(float(t.float().sum()) for l in leases.values() for t in l.tensors.values())
-    if op == "load_file":  # the baseline: this process loads its own copy
-        loaded[args["path"]] = load_file(args["path"])
+    if op == "load_file":
+        # The baseline: a worker loading the file itself. safetensors maps the file
+        # copy-on-write, and loaders then copy it into their own parameters (diffusers/PEFT)
+        # or convert its dtype (onediffx): either way each process ends up with its own copy.
+        loaded[args["path"]] = {k: v.clone() for k, v in load_file(args["path"]).items()}
         return sum(float(t.float().sum()) for t in loaded[args["path"]].values())
     if op == "pss":
         return {"total": pss_bytes(), "mapping": mapping_pss_bytes(args.get("path_part", "\0"))}

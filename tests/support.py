@@ -50,10 +50,13 @@ def digest(t: torch.Tensor) -> str:
 class Daemon:
     """A real ``loracache serve`` process on a private socket and shm directory."""
 
-    def __init__(self, lora_dir: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, lora_dir: Path, *args: str, env: dict[str, str] | None = None,
+                 reuse: "Daemon | None" = None) -> None:
+        """``reuse``: take over the socket path and shm directory of an earlier daemon."""
         self.home = Path(tempfile.mkdtemp(prefix="lc-", dir="/tmp"))
-        self.socket = self.home / "d.sock"
-        self.shm_root = Path(tempfile.mkdtemp(prefix="lc-test-", dir="/dev/shm"))
+        self.socket = reuse.socket if reuse else self.home / "d.sock"
+        self.shm_root = (reuse.shm_root if reuse
+                         else Path(tempfile.mkdtemp(prefix="lc-test-", dir="/dev/shm")))
         self.log_path = self.home / "daemon.log"
         self.lora_dir = lora_dir
         command = [sys.executable, "-m", "loracache.client.cli", "serve", "--socket",
@@ -92,7 +95,6 @@ class Daemon:
         return sorted(self.shm_root.rglob("*.bin"))
 
     def read_log(self) -> str:
-        self.log.flush()
         return self.log_path.read_text()
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
@@ -108,9 +110,10 @@ class Daemon:
             self.proc.wait()
         if not self.log.closed:
             self.log.close()
-        for path in sorted(self.shm_root.rglob("*"), reverse=True):
-            path.rmdir() if path.is_dir() else path.unlink()
-        self.shm_root.rmdir()
+        if self.shm_root.exists():  # a daemon that reused it may have removed it already
+            for path in sorted(self.shm_root.rglob("*"), reverse=True):
+                path.rmdir() if path.is_dir() else path.unlink()
+            self.shm_root.rmdir()
         for path in self.home.iterdir():
             path.unlink()
         self.home.rmdir()
@@ -149,8 +152,10 @@ class Worker:
         return self.receive()
 
     def kill(self) -> None:
+        """SIGKILL, as the OOM killer or a crash would: the client gets no chance to clean up."""
         self.proc.kill()
         self.proc.wait()
+        self.close()
 
     def close(self) -> None:
         if self.proc.poll() is None:

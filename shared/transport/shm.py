@@ -19,7 +19,8 @@ import torch
 from ..errors import ErrorCode, LoraCacheError
 from .base import DeviceBuffer, Segment, Transport
 
-FILE_MODE = 0o640
+FILE_MODE = 0o640  # the daemon writes, the group (workers) reads
+DIR_MODE = 0o750
 
 
 class ShmBuffer(DeviceBuffer):
@@ -61,12 +62,14 @@ class ShmTransport(Transport):
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        directory.mkdir(mode=0o750, parents=True, exist_ok=False)
+        directory.mkdir(parents=True, exist_ok=False)
+        directory.chmod(DIR_MODE)  # whatever the umask: group members must be able to map
 
     def allocate(self, nbytes: int, name: str) -> ShmBuffer:
         path = self.directory / f"{name}.bin"
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, FILE_MODE)
         try:
+            os.fchmod(fd, FILE_MODE)
             # Reserve the pages now: a full tmpfs must fail here with ENOSPC, not later with
             # SIGBUS while writing through a mapping.
             os.posix_fallocate(fd, 0, nbytes)

@@ -1,0 +1,83 @@
+"""Sessions and files changing under the cache, with real client processes."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from loracache.client import ErrorCode, LoraCacheError
+from loracache.shared.protocol import Release
+from tests.support import Worker, write_lora
+
+
+def test_killed_client_loses_its_leases_after_the_ttl(start_daemon, lora_dir):
+    daemon = start_daemon("--max-bytes", "1MiB", "--session-ttl", "3", "--acquire-timeout", "0")
+    write_lora(lora_dir / "a.safetensors", {"w": torch.ones(300_000, dtype=torch.float16)})
+    write_lora(lora_dir / "b.safetensors", {"w": torch.ones(300_000, dtype=torch.float16)})
+    worker = Worker(daemon.socket)
+    worker.call("acquire", path="a.safetensors")
+    assert daemon.stats()["leases"] == 1
+    worker.kill()
+    with daemon.client() as client:
+        with pytest.raises(LoraCacheError) as full:  # a is still leased: b does not fit
+            client.acquire("b.safetensors")
+        assert full.value.code is ErrorCode.CACHE_FULL
+        deadline = time.monotonic() + 10
+        while daemon.stats()["leases"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert daemon.stats()["leases"] == 0
+        client.acquire("b.safetensors").release()  # a was evictable, so b fits now
+        assert [e["path"].endswith("b.safetensors") for e in client.list()] == [True]
+    assert "expired" in daemon.read_log()
+
+
+def test_heartbeats_keep_an_idle_client_alive(start_daemon, lora_dir):
+    daemon = start_daemon("--session-ttl", "0.5")
+    write_lora(lora_dir / "a.safetensors", {"w": torch.ones(16)})
+    with daemon.client() as client:
+        lease = client.acquire("a.safetensors")
+        time.sleep(2)  # four TTLs
+        assert daemon.stats()["leases"] == 1
+        lease.release()
+
+
+def test_rewritten_file_is_a_new_entry_and_old_leases_keep_working(daemon, lora_dir):
+    path = write_lora(lora_dir / "a.safetensors", {"w": torch.zeros(1000)})
+    with daemon.client() as client:
+        old = client.acquire("a.safetensors")
+        path.unlink()  # replace the file, as a trainer writing a new version does
+        write_lora(path, {"w": torch.ones(1000), "extra": torch.ones(3)})
+        new = client.acquire("a.safetensors")
+        assert new.entry.id != old.entry.id
+        assert torch.all(old.tensors["w"] == 0) and "extra" not in old.tensors
+        assert torch.all(new.tensors["w"] == 1) and "extra" in new.tensors
+        assert daemon.cpu_stats()["entries"] == 2
+        old.release()
+        new.release()
+
+
+def test_release_is_idempotent_and_foreign_leases_are_refused(daemon, lora_dir):
+    write_lora(lora_dir / "a.safetensors", {"w": torch.ones(16)})
+    with daemon.client() as mine, daemon.client() as theirs:
+        lease = theirs.acquire("a.safetensors")
+        with pytest.raises(LoraCacheError) as error:
+            mine._request(Release(lease=lease.id))  # a lease id of another session
+        assert error.value.code is ErrorCode.UNKNOWN_LEASE
+        lease.release()
+        lease.release()
+        assert daemon.stats()["leases"] == 0
+
+
+def test_closing_a_client_releases_its_leases(daemon, lora_dir):
+    write_lora(lora_dir / "a.safetensors", {"w": torch.ones(16)})
+    client = daemon.client()
+    client.acquire("a.safetensors")
+    client.acquire("a.safetensors")
+    assert daemon.stats()["leases"] == 2
+    client.close()
+    assert daemon.stats()["leases"] == 0
+    with pytest.raises(LoraCacheError) as error:
+        client.acquire("a.safetensors")
+    assert error.value.code is ErrorCode.NOT_ALLOWED
