@@ -24,7 +24,7 @@ from .common import (DaemonProcess, Report, Target, WorkerGroup, latency_summary
                      reporting_failure, scratch_dir, time_calls, us, write_lora, x)
 from .echo import EchoClient, EchoServer
 
-FLAT_TARGET = 1.5  # hit p50 with the most entries at most 1.5 x with 10 (the issue: "flat")
+FLAT_TARGET = 1.25  # "flat": hit p50 with the most entries at most 1.25 x with 10 (our margin)
 HIT_LORAS = 4  # entries the throughput clients cycle through
 SUBSET = 200  # entries hit in the latency part; below the client's table cache (256)
 LORACACHE, ECHO = "loracache", "echo"
@@ -34,7 +34,7 @@ def run(quick: bool) -> Report:
     processes = (1, 4) if quick else (1, 4, 16)
     window = 1.0 if quick else 3.0
     sizes = (10, 100, 1000) if quick else (10, 1000, 10_000)
-    iterations = 300 if quick else 2000
+    iterations = 300 if quick else 1000  # a hit among 10,000 entries may take 10s of ms
     with scratch_dir() as loras:
         paths = [write_lora(loras / f"hit{i}.safetensors", rank=16, pairs=100, seed=i)
                  for i in range(HIT_LORAS)]

@@ -42,6 +42,8 @@ def run(op, args):
         return sum(float(t.float().sum()) for t in loaded[args["path"]].values())
     if op == "pss":
         return {"total": pss_bytes(), "mapping": mapping_pss_bytes(args.get("path_part", "\0"))}
+    if op == "cuda_allocated":  # what this process's own allocator holds on the device
+        return torch.cuda.memory_allocated()
     if op == "stats":
         return client.stats()
     if op == "exit":

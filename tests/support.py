@@ -43,7 +43,8 @@ def sized_lora(path: Path, nbytes: int, seed: int = 0) -> Path:
 
 def digest(t: torch.Tensor) -> str:
     """A hash of a tensor's dtype, shape and bytes (works for bf16, which numpy lacks)."""
-    raw = t.contiguous().view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    t = t.detach().cpu().contiguous()
+    raw = t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
     return hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode() + raw).hexdigest()
 
 
@@ -62,6 +63,7 @@ class Daemon:
         command = [sys.executable, "-m", "loracache.client.cli", "serve", "--socket",
                    str(self.socket), "--lora-dir", str(lora_dir), "--devices", "cpu",
                    "--shm-dir", str(self.shm_root), "--log-level", "DEBUG", *args]
+        # Later flags win: a test may pass its own --devices.
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT,
                                      env={**os.environ, **(env or {})})

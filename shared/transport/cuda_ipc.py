@@ -124,7 +124,8 @@ class CudaIpcTransport(Transport):
         return torch.cuda.get_device_properties(self.index).total_memory
 
     def collect(self) -> None:
-        torch.cuda.ipc_collect()
+        torch.cuda.ipc_collect()  # frees blocks whose consumers have all let go
+        torch.cuda.empty_cache()  # and gives them back to the driver, for the workers' models
 
 
 def open_cuda_handle(handle: dict[str, Any]) -> torch.Tensor:

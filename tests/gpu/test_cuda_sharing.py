@@ -1,0 +1,84 @@
+"""CUDA IPC sharing across real processes (runs where CUDA is available: `make test-gpu`)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from loracache.client import ErrorCode, LoraCacheError
+from loracache.shared.transport.cuda_ipc import device_uuid
+from tests.support import Worker, digest, sized_lora
+
+pytestmark = pytest.mark.gpu
+MiB = 1 << 20
+
+
+@pytest.fixture
+def gpu_daemon(start_daemon):
+    return start_daemon("--devices", "cpu,cuda:0", "--max-bytes", "1GiB", "--session-ttl", "2")
+
+
+def device_stats(daemon) -> dict:
+    name = f"cuda:{device_uuid(0)}"
+    return next(d for d in daemon.stats()["devices"] if d["device"] == name)
+
+
+def test_daemon_serves_the_gpu_by_uuid(gpu_daemon):
+    with gpu_daemon.client() as client:
+        assert f"cuda:{device_uuid(0)}" in client.devices
+
+
+def test_four_processes_share_one_device_copy(gpu_daemon, lora_dir):
+    path = sized_lora(lora_dir / "big.safetensors", 64 * MiB)
+    expected = {k: digest(v) for k, v in load_file(path).items()}
+    workers = [Worker(gpu_daemon.socket) for _ in range(4)]
+    try:
+        leases = [w.call("acquire", path=str(path), device="cuda:0") for w in workers]
+        assert all(lease["digests"] == expected for lease in leases)
+        assert len({lease["entry"] for lease in leases}) == 1
+        stats = device_stats(gpu_daemon)
+        assert stats["loads"] == 1 and stats["leases"] == 4
+        assert stats["used"] == leases[0]["nbytes"]
+        # Zero-copy: the workers' own allocators hold nothing; the memory is the daemon's.
+        assert [w.call("cuda_allocated") for w in workers] == [0, 0, 0, 0]
+    finally:
+        for w in workers:
+            w.close()
+
+
+def test_in_process_views_are_on_the_device_and_exact(gpu_daemon, lora_dir):
+    path = sized_lora(lora_dir / "a.safetensors", 4 * MiB)
+    with gpu_daemon.client() as client, client.acquire(path, device="cuda:0") as lease:
+        reference = load_file(path)
+        for name, tensor in lease.tensors.items():
+            assert tensor.device.type == "cuda"
+            assert torch.equal(tensor.cpu(), reference[name])
+
+
+def test_memory_returns_after_eviction_even_when_a_client_died(gpu_daemon, lora_dir):
+    path = sized_lora(lora_dir / "big.safetensors", 256 * MiB)
+    torch.cuda.init()
+    free_before, _ = torch.cuda.mem_get_info(0)
+    worker = Worker(gpu_daemon.socket)
+    worker.call("acquire", path=str(path), device="cuda:0")
+    worker.kill()  # dies holding the lease and the IPC mapping
+    deadline = time.monotonic() + 20
+    while gpu_daemon.stats()["leases"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert gpu_daemon.stats()["leases"] == 0
+    with gpu_daemon.client() as client:
+        assert client.evict(path) == {"evicted": 1, "busy": 0}
+    deadline = time.monotonic() + 20
+    while torch.cuda.mem_get_info(0)[0] < free_before - 64 * MiB and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert torch.cuda.mem_get_info(0)[0] >= free_before - 64 * MiB
+
+
+def test_unknown_device_uuid_is_refused(gpu_daemon, lora_dir):
+    path = sized_lora(lora_dir / "a.safetensors", MiB)
+    with gpu_daemon.client() as client, pytest.raises(LoraCacheError) as error:
+        client.acquire(path, device="cuda:GPU-00000000-0000-0000-0000-000000000000")
+    assert error.value.code is ErrorCode.UNKNOWN_DEVICE

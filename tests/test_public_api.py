@@ -1,0 +1,28 @@
+"""Pins the public API: what workers import must not change by accident."""
+
+import inspect
+
+import loracache.client as client
+from loracache.shared.errors import ErrorCode
+
+
+def test_client_exports():
+    assert sorted(client.__all__) == ["ErrorCode", "Lease", "LoraCacheClient", "LoraCacheError"]
+
+
+def test_client_signatures():
+    c = client.LoraCacheClient
+    assert str(inspect.signature(c.acquire)) == (
+        "(self, path: 'str | os.PathLike[str]', device: 'str | torch.device' = 'cpu', "
+        "layout: 'str' = 'raw') -> 'Lease'")
+    for method in ("stats", "list", "preload", "evict", "clear", "close"):
+        assert callable(getattr(c, method))
+    assert callable(client.Lease.release) and isinstance(client.Lease.released, property)
+    assert list(inspect.signature(client.Lease).parameters)[:3] == ["lease_id", "entry", "tensors"]
+
+
+def test_error_codes_are_a_closed_set():
+    assert {code.value for code in ErrorCode} >= {
+        "BAD_REQUEST", "VERSION_MISMATCH", "FORBIDDEN_PATH", "NOT_FOUND", "INVALID_LORA",
+        "UNSUPPORTED_FORMAT", "TOO_LARGE", "CACHE_FULL", "UNKNOWN_DEVICE", "UNKNOWN_LEASE",
+        "UNKNOWN_SESSION", "INTERNAL"}
