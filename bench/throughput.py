@@ -57,7 +57,7 @@ def run(quick: bool) -> Report:
     return Report(
         name="throughput",
         title=f"hits/s over a {window:g} s window; hit latency by cache size",
-        headers=["case", "value", "/ asyncio echo, same processes", "/ first row of its kind"],
+        headers=["case", "value", "/ asyncio echo, same processes", "/ 1 process, / 10 entries"],
         rows=rows,
         targets=[Target(f"hit p50 at {sizes[-1]:,} entries / at {sizes[0]:,}", flat,
                         FLAT_TARGET)],

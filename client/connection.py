@@ -22,9 +22,25 @@ import zmq
 
 from loracache.shared.endpoints import default_socket_path, endpoint
 from loracache.shared.errors import ErrorCode, LoraCacheError
-from loracache.shared.protocol import (Acquire, AcquireResult, Clear, Evict, Heartbeat, Hello,
-                                       HelloResult, ListEntries, Preload, Release, Request, Stats,
-                                       TensorSpec, decode_reply, from_map, encode_request)
+from loracache.shared.protocol import (
+    Acquire,
+    AcquireResult,
+    Bye,
+    Clear,
+    Evict,
+    Heartbeat,
+    Hello,
+    HelloResult,
+    ListEntries,
+    Preload,
+    Release,
+    Request,
+    Stats,
+    TensorSpec,
+    decode_reply,
+    from_map,
+    encode_request,
+)
 
 from .lease import MAPPINGS, Lease
 
@@ -35,6 +51,7 @@ log = logging.getLogger("loracache.client")
 
 DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_REQUEST_TIMEOUT = 120.0  # above the daemon's default acquire_timeout plus a big load
+BYE_TIMEOUT = 1.0  # closing must not hang on a daemon that is gone
 TABLE_CACHE_SIZE = 256  # tensor tables kept per client, so hits need not carry them
 
 
@@ -142,6 +159,10 @@ class LoraCacheClient:
                     lease.release()
                 except LoraCacheError as exc:
                     log.debug("releasing %s at close failed: %s", lease, exc)
+            try:
+                self._request(Bye(), timeout=BYE_TIMEOUT)
+            except LoraCacheError as exc:  # the daemon expires the session after its TTL
+                log.debug("ending the session at close failed: %s", exc)
         self._closed.set()
         if self._heartbeat is not None and self._heartbeat is not threading.current_thread():
             self._heartbeat.join()

@@ -19,9 +19,22 @@ import time
 from typing import Any, Awaitable, Callable, Hashable
 
 from loracache.shared.errors import ErrorCode, LoraCacheError
-from loracache.shared.protocol import (Acquire, AcquireResult, Clear, Evict, Heartbeat, Hello,
-                                       HelloResult, ListEntries, Preload, Release, Request,
-                                       RequestFrame, Stats)
+from loracache.shared.protocol import (
+    Acquire,
+    AcquireResult,
+    Bye,
+    Clear,
+    Evict,
+    Heartbeat,
+    Hello,
+    HelloResult,
+    ListEntries,
+    Preload,
+    Release,
+    Request,
+    RequestFrame,
+    Stats,
+)
 from loracache.shared.transport import Transport
 
 from .cache import DeviceCache, Entry
@@ -32,7 +45,8 @@ from .sessions import Lease, Session, SessionTable
 
 log = logging.getLogger("loracache.daemon")
 
-SESSION_OPS = (Acquire, Release, Heartbeat)  # ops that need a session; the others are for tools
+# Ops that need a session; the others (stats, list, preload, ...) also serve tools like the CLI.
+SESSION_OPS = (Acquire, Release, Heartbeat, Bye)
 CPU_LOAD_THREADS = 4
 
 
@@ -55,8 +69,9 @@ class CacheService:
         self._entry_ids = itertools.count(1)
         self._handlers: dict[type[Request], Callable[[Any, Session | None], Awaitable[Any]]] = {
             Hello: self._hello, Acquire: self._acquire, Release: self._release,
-            Heartbeat: self._heartbeat, Stats: self._stats, ListEntries: self._list,
-            Preload: self._preload, Evict: self._evict, Clear: self._clear,
+            Heartbeat: self._heartbeat, Bye: self._bye, Stats: self._stats,
+            ListEntries: self._list, Preload: self._preload, Evict: self._evict,
+            Clear: self._clear,
         }
 
     # ------------------------------------------------------------------------------ dispatch
@@ -101,6 +116,10 @@ class CacheService:
         return {}
 
     async def _heartbeat(self, req: Heartbeat, session: Session) -> dict[str, Any]:
+        return {}
+
+    async def _bye(self, req: Bye, session: Session) -> dict[str, Any]:
+        self._released(self.sessions.close(session))
         return {}
 
     async def _stats(self, req: Stats, _: Session | None) -> dict[str, Any]:

@@ -89,6 +89,13 @@ class Heartbeat(Request):
 
 
 @dataclasses.dataclass(frozen=True)
+class Bye(Request):
+    """Ends the session at once, releasing its leases (instead of waiting for the TTL)."""
+
+    op: ClassVar[str] = "bye"
+
+
+@dataclasses.dataclass(frozen=True)
 class Stats(Request):
     op: ClassVar[str] = "stats"
 
@@ -128,7 +135,8 @@ class Clear(Request):
 
 REQUEST_TYPES: dict[str, type[Request]] = {
     cls.op: cls
-    for cls in (Hello, Acquire, Release, Heartbeat, Stats, ListEntries, Preload, Evict, Clear)
+    for cls in (Hello, Acquire, Release, Heartbeat, Bye, Stats, ListEntries, Preload, Evict,
+                Clear)
 }
 
 

@@ -75,9 +75,11 @@ def test_closing_a_client_releases_its_leases(daemon, lora_dir):
     client = daemon.client()
     client.acquire("a.safetensors")
     client.acquire("a.safetensors")
-    assert daemon.stats()["leases"] == 2
+    stats = daemon.stats()
+    assert stats["leases"] == 2 and stats["sessions"] == 2  # the client's and stats' own
     client.close()
-    assert daemon.stats()["leases"] == 0
+    stats = daemon.stats()
+    assert stats["leases"] == 0 and stats["sessions"] == 1  # the session ended with the client
     with pytest.raises(LoraCacheError) as error:
         client.acquire("a.safetensors")
     assert error.value.code is ErrorCode.NOT_ALLOWED

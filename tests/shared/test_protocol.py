@@ -18,6 +18,7 @@ from loracache.shared.protocol import (
     REQUEST_TYPES,
     Acquire,
     AcquireResult,
+    Bye,
     Clear,
     EntryInfo,
     Evict,
@@ -129,8 +130,8 @@ def test_error_reply_bytes_are_pinned() -> None:
 
 
 def test_op_names_on_the_wire_are_pinned() -> None:
-    assert set(REQUEST_TYPES) == {"hello", "acquire", "release", "heartbeat", "stats", "list",
-                                  "preload", "evict", "clear"}
+    assert set(REQUEST_TYPES) == {"hello", "acquire", "release", "heartbeat", "bye", "stats",
+                                  "list", "preload", "evict", "clear"}
     assert all(cls.op == op for op, cls in REQUEST_TYPES.items())
 
 
@@ -151,6 +152,7 @@ SAMPLES = {
                        known_entry="e17"),
     "release": Release(lease="L-9"),
     "heartbeat": Heartbeat(),
+    "bye": Bye(),
     "stats": Stats(),
     "list": ListEntries(),
     "preload": Preload(path="p.safetensors", device="cuda:GPU-1", layout="diffusers", pin=True),

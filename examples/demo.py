@@ -1,0 +1,96 @@
+"""`make demo`: the daemon on its default settings, and two worker processes sharing one LoRA.
+
+1. generates a demo LoRA (SD 1.5 UNet attention layers, rank 128, fp16) in a LoRA directory
+   under the per-user runtime directory;
+2. starts `loracache serve` on the default per-user socket, CPU device;
+3. starts two separate worker processes that acquire the same LoRA and print a checksum of its
+   tensors and their memory (PSS: each pays half of the one shared copy);
+4. prints `loracache stats` (one entry, one copy, two leases) and stops the daemon cleanly.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from loracache.client import LoraCacheClient, LoraCacheError
+from loracache.shared.endpoints import default_socket_path, user_runtime_dir
+
+HERE = Path(__file__).resolve().parent
+CLI = [sys.executable, "-m", "loracache.client.cli"]
+
+
+def make_demo_lora(path: Path) -> Path:
+    """Attention projections of an SD 1.5 UNet, in diffusers' key format."""
+    generator = torch.Generator().manual_seed(0)
+    tensors = {}
+    blocks = [("down_blocks.0", 320), ("down_blocks.1", 640), ("down_blocks.2", 1280),
+              ("mid_block", 1280), ("up_blocks.1", 1280), ("up_blocks.2", 640),
+              ("up_blocks.3", 320)]
+    for block, width in blocks:
+        for attn in ("attn1", "attn2"):
+            for proj in ("to_q", "to_k", "to_v", "to_out.0"):
+                key = f"unet.{block}.attentions.0.transformer_blocks.0.{attn}.{proj}"
+                tensors[f"{key}.lora.down.weight"] = (
+                    torch.randn(128, width, generator=generator) / width).half()
+                tensors[f"{key}.lora.up.weight"] = torch.zeros(width, 128).half() + 0.01
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path))
+    return path
+
+
+def wait_for_daemon(socket: Path, daemon: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if daemon.poll() is not None:
+            sys.exit(f"the daemon exited with {daemon.returncode}")
+        try:
+            LoraCacheClient(socket, heartbeat=False, connect_timeout=1).close()
+            return
+        except LoraCacheError:
+            time.sleep(0.1)
+    sys.exit(f"the daemon did not answer on {socket} within {timeout} s")
+
+
+def main() -> None:
+    socket = default_socket_path()
+    lora_dir = user_runtime_dir() / "demo-loras"
+    lora = make_demo_lora(lora_dir / "ink.safetensors")
+    print(f"demo LoRA: {lora} ({lora.stat().st_size / 2**20:.1f} MiB)")
+    print(f"starting: loracache serve --lora-dir {lora_dir} --devices cpu  (socket {socket})")
+    daemon = subprocess.Popen([*CLI, "serve", "--lora-dir", str(lora_dir), "--devices", "cpu",
+                               "--log-level", "WARNING"])
+    try:
+        wait_for_daemon(socket, daemon)
+        workers = [subprocess.Popen([sys.executable, str(HERE / "demo_worker.py"), str(socket),
+                                     lora.name, name], stdin=subprocess.PIPE, text=True,
+                                    stdout=subprocess.PIPE) for name in ("worker-1", "worker-2")]
+        lines = [w.stdout.readline() for w in workers]  # each worker is now holding its lease
+        for w in workers:  # both hold their lease: now the shared copy has two users
+            w.stdin.write("report\n")
+            w.stdin.flush()
+        for line, w in zip(lines, workers):
+            print(line.rstrip())
+            print(w.stdout.readline().rstrip())
+        print("\n$ loracache stats")
+        subprocess.run([*CLI, "stats"], check=True)
+        print("\n$ loracache ls")
+        subprocess.run([*CLI, "ls"], check=True)
+        for w in workers:
+            w.stdin.close()
+            w.wait(30)
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        code = daemon.wait(30)
+    print(f"\ndaemon stopped with exit code {code}; socket removed: {not socket.exists()}")
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
