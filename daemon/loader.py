@@ -44,7 +44,23 @@ def plan_load(identity: FileIdentity, layout: str) -> LoadPlan:
         raise
     segments = [Segment(src=record.begin, dst=spec.offset, nbytes=record.nbytes)
                 for record, spec in zip(header.tensors, packed.specs)]
-    return LoadPlan(path=identity.path, file=f, layout=packed, segments=segments)
+    return LoadPlan(path=identity.path, file=f, layout=packed, segments=coalesce(segments))
+
+
+def coalesce(segments: list[Segment]) -> list[Segment]:
+    """Merge segments that are adjacent both in the file and in the buffer.
+
+    Tensors whose sizes are multiples of the alignment (most LoRA factors) end up in one copy,
+    so a miss costs a few large copies rather than one system call per tensor.
+    """
+    merged: list[Segment] = []
+    for segment in segments:
+        last = merged[-1] if merged else None
+        if last and last.src + last.nbytes == segment.src and last.dst + last.nbytes == segment.dst:
+            merged[-1] = Segment(last.src, last.dst, last.nbytes + segment.nbytes)
+        else:
+            merged.append(segment)
+    return merged
 
 
 def fill_buffer(transport: Transport, plan: LoadPlan, name: str) -> DeviceBuffer:

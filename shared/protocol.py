@@ -187,9 +187,17 @@ class TensorSpec:
 
     @classmethod
     def from_wire(cls, item: Any) -> "TensorSpec":
-        if not (isinstance(item, list) and len(item) == 4):
+        # Checked by hand: a big LoRA's table has thousands of these, and this is on the path
+        # of the first acquire of every entry in every process.
+        try:
+            name, dtype, shape, offset = item
+            valid = (isinstance(name, str) and isinstance(dtype, str) and type(offset) is int
+                     and isinstance(shape, list) and all(type(d) is int for d in shape))
+        except (TypeError, ValueError):
+            valid = False
+        if not valid:
             raise _bad(f"malformed tensor spec {item!r:.80}")
-        return from_map(cls, dict(zip(("name", "dtype", "shape", "offset"), item)))
+        return cls(name=name, dtype=dtype, shape=shape, offset=offset)
 
 
 @dataclasses.dataclass(frozen=True)
