@@ -110,16 +110,17 @@ class LoraCacheClient:
             if result.tensors is not None:
                 self._tables[key] = result.tensors
                 self._hints[(path, device, layout)] = result.entry.id
-            self._tables.move_to_end(key)
-            while len(self._tables) > TABLE_CACHE_SIZE:
-                self._tables.popitem(last=False)
-            tables = dict(self._tables)
-        if key not in tables:  # the table was dropped between asking and the reply: ask again
+            table = self._tables.get(key)
+            if table is not None:
+                self._tables.move_to_end(key)
+                while len(self._tables) > TABLE_CACHE_SIZE:
+                    self._tables.popitem(last=False)
+        if table is None:  # the table was dropped between asking and the reply: ask again
             self._request(Release(lease=result.lease))
             with self._lock:
                 self._hints.pop((path, device, layout), None)
             return self.acquire(path, device, layout)
-        tensors = MAPPINGS.attach(self.instance, result, tables)
+        tensors = MAPPINGS.attach(self.instance, result, table)
         lease = Lease(result.lease, result.entry, tensors, self._release)
         with self._lock:
             self._leases.add(lease)
@@ -278,9 +279,9 @@ class LoraCacheClient:
 
 def device_name(device: str | torch.device) -> str:
     """The daemon's name for ``device``: ``cpu``, or ``cuda:<GPU-uuid>`` for a CUDA device."""
-    device = torch.device(device) if not str(device).startswith("cuda:GPU-") else device
-    if isinstance(device, str):
-        return device
+    if str(device) == "cpu" or str(device).startswith("cuda:GPU-"):
+        return str(device)
+    device = torch.device(device)
     if device.type == "cpu":
         return "cpu"
     if device.type == "cuda":

@@ -38,14 +38,14 @@ class MappingRegistry:
         self._mappings: dict[tuple[str, str], _Mapping] = {}
 
     def attach(self, instance: str, result: AcquireResult,
-               tables: dict[tuple[str, str], list[TensorSpec]]) -> "TensorViews":
+               table: list[TensorSpec]) -> "TensorViews":
         """Count one more lease on the entry of ``result`` and return its tensor views."""
         key = (instance, result.entry.id)
         with self._lock:
             mapping = self._mappings.get(key)
             if mapping is None:
                 buffer = open_handle(result.handle)
-                mapping = _Mapping(buffer, TensorViews(buffer, tables[key]))
+                mapping = _Mapping(buffer, TensorViews(buffer, table))
                 self._mappings[key] = mapping
             else:
                 discard_handle(result.handle)
