@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import gc
 import json
 import math
 import multiprocessing
@@ -225,7 +226,8 @@ class WorkerGroup:
         try:
             for worker_args in args:
                 parent, child = context.Pipe()
-                process = context.Process(target=target, args=(child, *worker_args), daemon=True)
+                process = context.Process(target=_run_worker, args=(target, child, *worker_args),
+                                          daemon=True)
                 process.start()
                 child.close()
                 self.links.append(parent)
@@ -278,6 +280,14 @@ class WorkerGroup:
 
     def __exit__(self, *exc: object) -> None:
         self.kill()
+
+
+def _run_worker(target: Callable[..., None], link: Connection, *args: Any) -> None:
+    """The start of every worker. The forkserver's heap (torch and all) is shared with the
+    workers copy-on-write; gc.freeze() keeps the collector from touching, hence copying, those
+    pages, which would show up as memory that a real (not forked) worker never spends."""
+    gc.freeze()
+    target(link, *args)
 
 
 @dataclasses.dataclass

@@ -11,6 +11,7 @@ cache, so the figure is p50 at the largest size over p50 at 10 entries.
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import random
 import shutil
 import time
@@ -109,10 +110,10 @@ def _hitter(kind: str, target: str, paths: list[str]) -> tuple[Callable[[], None
         echo = EchoClient(target, paths[0])
         return echo.hit_like, echo.close
     client = LoraCacheClient(target)
-    turn = iter(range(1 << 62))
+    turn = itertools.cycle(paths)
 
     def hit() -> None:
-        client.acquire(paths[next(turn) % len(paths)]).release()
+        client.acquire(next(turn)).release()
 
     return hit, client.close
 

@@ -210,7 +210,7 @@ class AcquireResult:
     def to_wire(self) -> dict[str, Any]:
         return {
             "lease": self.lease,
-            "entry": dataclasses.asdict(self.entry),
+            "entry": dict(vars(self.entry)),  # flat: cheaper than dataclasses.asdict on a hit
             "handle": self.handle,
             "tensors": None if self.tensors is None else [t.to_wire() for t in self.tensors],
         }
