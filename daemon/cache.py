@@ -1,7 +1,8 @@
-"""One device's cache: entries in LRU order under a byte budget and a cap on idle entries.
+"""One device's cache: entries under a byte budget, and the idle ones in LRU order.
 
 Plain state with no I/O, owned by the event loop. It decides *what* to evict; the caller frees
-the buffers. Leased and pinned entries are never chosen.
+the buffers. Only idle entries (no lease, not pinned) can be evicted, so only they are kept in
+LRU order: every operation on the hit path is O(1) however many entries are cached.
 """
 
 from __future__ import annotations
@@ -33,62 +34,93 @@ class Entry:
         return self.buffer.nbytes
 
     @property
-    def evictable(self) -> bool:
+    def idle(self) -> bool:
         return self.leases == 0 and not self.pinned
 
     def info(self) -> EntryInfo:
         return EntryInfo(id=self.id, path=self.path, device=self.device, layout=self.layout,
                          nbytes=self.nbytes, leases=self.leases, pinned=self.pinned,
-                         idle_s=0.0 if self.leases else time.monotonic() - self.last_used)
+                         idle_s=time.monotonic() - self.last_used if self.idle else 0.0)
 
 
 class DeviceCache:
-    """Entries of one device. ``reserved`` counts bytes of loads in flight."""
+    """Entries of one device. ``reserved`` counts bytes of loads in flight.
+
+    Lease counts and pins change only through :meth:`lend`, :meth:`give_back` and :meth:`pin`,
+    which keep the idle LRU and the byte counters in step.
+    """
 
     def __init__(self, device: str, budget: int, cache_size: int) -> None:
         self.device = device
         self.budget = budget
-        self.cache_size = cache_size  # unleased, unpinned entries kept once released
-        self.entries: collections.OrderedDict[Hashable, Entry] = collections.OrderedDict()
-        self.used = 0
-        self.reserved = 0
+        self.cache_size = cache_size  # idle entries kept once released
+        self.entries: dict[Hashable, Entry] = {}
+        self.idle: collections.OrderedDict[Hashable, Entry] = collections.OrderedDict()  # LRU first
+        self.used = self.reserved = self.leased_bytes = self.pinned_bytes = self.leases = 0
         self.hits = self.misses = self.loads = self.evictions = 0
 
-    def lookup(self, key: Hashable) -> Entry | None:
-        entry = self.entries.get(key)
-        if entry is not None:
-            self.touch(entry)
-        return entry
-
-    def touch(self, entry: Entry) -> None:
-        entry.last_used = time.monotonic()
-        self.entries.move_to_end(entry.key)
-
     def add(self, entry: Entry) -> None:
+        """Add a loaded entry (idle until lent or pinned)."""
         self.entries[entry.key] = entry
+        self.idle[entry.key] = entry
         self.used += entry.nbytes
 
     def remove(self, entry: Entry) -> None:
+        """Take an idle entry out (the caller frees its buffer)."""
+        assert entry.leases == 0, "a leased entry is never removed"
         del self.entries[entry.key]
+        self.idle.pop(entry.key, None)
         self.used -= entry.nbytes
+        if entry.pinned:
+            self.pinned_bytes -= entry.nbytes
         self.evictions += 1
 
+    def lend(self, entry: Entry) -> None:
+        if entry.leases == 0:
+            self.idle.pop(entry.key, None)
+            self.leased_bytes += entry.nbytes
+        entry.leases += 1
+        self.leases += 1
+        entry.last_used = time.monotonic()
+
+    def give_back(self, entry: Entry) -> None:
+        entry.leases -= 1
+        self.leases -= 1
+        entry.last_used = time.monotonic()
+        if entry.leases == 0:
+            self.leased_bytes -= entry.nbytes
+            if not entry.pinned and entry.key in self.entries:
+                self.idle[entry.key] = entry  # most recently used
+
+    def pin(self, entry: Entry) -> None:
+        if not entry.pinned:
+            entry.pinned = True
+            self.pinned_bytes += entry.nbytes
+            self.idle.pop(entry.key, None)
+
+    def touch(self, entry: Entry) -> None:
+        """Mark an entry used now (an idle one moves to the end of the LRU)."""
+        entry.last_used = time.monotonic()
+        if entry.key in self.idle:
+            self.idle.move_to_end(entry.key)
+
     def victims_for(self, nbytes: int) -> list[Entry] | None:
-        """The LRU evictable entries to drop so ``nbytes`` more fit, or None if they cannot."""
+        """The LRU idle entries to drop so ``nbytes`` more fit, or None if they cannot."""
         need = self.used + self.reserved + nbytes - self.budget
         victims = []
-        for entry in self.entries.values():
+        for entry in self.idle.values():
             if need <= 0:
                 break
-            if entry.evictable:
-                victims.append(entry)
-                need -= entry.nbytes
+            victims.append(entry)
+            need -= entry.nbytes
         return victims if need <= 0 else None
 
     def over_cap(self) -> list[Entry]:
         """The LRU idle entries beyond ``cache_size``."""
-        idle = [e for e in self.entries.values() if e.evictable]
-        return idle[:max(0, len(idle) - self.cache_size)]
+        excess = len(self.idle) - self.cache_size
+        if excess <= 0:
+            return []
+        return [entry for entry, _ in zip(self.idle.values(), range(excess))]
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -96,10 +128,10 @@ class DeviceCache:
             "budget": self.budget,
             "used": self.used,
             "reserved": self.reserved,
-            "leased_bytes": sum(e.nbytes for e in self.entries.values() if e.leases),
-            "pinned_bytes": sum(e.nbytes for e in self.entries.values() if e.pinned),
+            "leased_bytes": self.leased_bytes,
+            "pinned_bytes": self.pinned_bytes,
             "entries": len(self.entries),
-            "leases": sum(e.leases for e in self.entries.values()),
+            "leases": self.leases,
             "cache_size": self.cache_size,
             "hits": self.hits,
             "misses": self.misses,

@@ -6,18 +6,19 @@ A file is identified by (path, device, inode, size, mtime_ns): rewriting it make
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import stat
 from pathlib import Path
+from typing import NamedTuple
 
 from loracache.shared.errors import ErrorCode, LoraCacheError
 
 SUFFIX = ".safetensors"
 
 
-@dataclasses.dataclass(frozen=True)
-class FileIdentity:
+class FileIdentity(NamedTuple):
+    """A tuple, so that hashing it (every hit does) costs no Python code."""
+
     path: str  # resolved, absolute
     st_dev: int
     st_ino: int

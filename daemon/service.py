@@ -108,6 +108,7 @@ class CacheService:
                                  "again and keep heartbeating (the client library does)")
         handle = entry.buffer.export()
         lease = self.sessions.add_lease(session, entry, handle)
+        cache.lend(entry)
         return AcquireResult(lease=lease.id, entry=entry.info(), handle=handle,
                              tensors=None if req.known_entry == entry.id else entry.tensors)
 
@@ -125,7 +126,7 @@ class CacheService:
     async def _stats(self, req: Stats, _: Session | None) -> dict[str, Any]:
         return {"instance": self.instance, "pid": os.getpid(),
                 "uptime_s": time.monotonic() - self.started,
-                "sessions": len(self.sessions.sessions), "leases": self.sessions.lease_count,
+                "sessions": len(self.sessions.sessions), "leases": sum(c.leases for c in self.caches.values()),
                 "devices": [cache.stats() for cache in self.caches.values()]}
 
     async def _list(self, req: ListEntries, _: Session | None) -> dict[str, Any]:
@@ -136,7 +137,8 @@ class CacheService:
         cache = self._cache(req.device)
         entry, _loaded = await self._entry(cache, identify(req.path, self.config.lora_dirs),
                                            req.layout)
-        entry.pinned = entry.pinned or req.pin
+        if req.pin:
+            cache.pin(entry)
         info = entry.info()
         self._trim(cache)
         return dataclasses.asdict(info)
@@ -157,12 +159,14 @@ class CacheService:
         Returns ``(entry, loaded_by_this_call)``. The entry is in the cache when this returns,
         and stays there until the caller next awaits.
         """
-        key = (cache.device, identity, layout)
+        key = (identity, layout)  # a plain tuple: hashed in C on every hit
         while (pending := self._loading.get(key)) is not None or key not in cache.entries:
             if pending is None:
                 return await self._load_once(cache, key, identity, layout), True
             await asyncio.shield(pending)  # re-raises the loader's error for every waiter
-        return cache.lookup(key), False
+        entry = cache.entries[key]
+        cache.touch(entry)
+        return entry, False
 
     async def _load_once(self, cache: DeviceCache, key: Hashable, identity: FileIdentity,
                          layout: str) -> Entry:
@@ -235,7 +239,7 @@ class CacheService:
         caches = {}
         for lease in leases:
             cache = self.caches[lease.entry.device]
-            cache.touch(lease.entry)
+            cache.give_back(lease.entry)
             caches[cache.device] = cache
         for cache in caches.values():
             self._trim(cache)

@@ -19,7 +19,7 @@ from .cache import Entry
 
 @dataclasses.dataclass(eq=False)
 class Lease:
-    """What keeps an entry's memory lent: released by :meth:`SessionTable.release` only."""
+    """One session's loan of one entry; the entry's cache counts it until it is given back."""
 
     id: str
     entry: Entry
@@ -69,7 +69,6 @@ class SessionTable:
     def add_lease(self, session: Session, entry: Entry, handle: dict[str, Any]) -> Lease:
         lease = Lease(id=secrets.token_urlsafe(16), entry=entry, handle=handle)
         session.leases[lease.id] = lease
-        entry.leases += 1
         return lease
 
     def release(self, session: Session, lease_id: str) -> Lease:
@@ -78,7 +77,6 @@ class SessionTable:
             raise LoraCacheError(ErrorCode.UNKNOWN_LEASE,
                                  f"this session holds no lease {lease_id!r:.40}; it was released "
                                  "already or belongs to another session")
-        lease.entry.leases -= 1
         return lease
 
     def expired(self) -> list[Session]:
@@ -86,14 +84,8 @@ class SessionTable:
         return [s for s in self.sessions.values() if s.last_seen < deadline]
 
     def close(self, session: Session) -> list[Lease]:
-        """Forget ``session`` and return its leases, already released."""
+        """Forget ``session`` and return the leases it still held."""
         del self.sessions[session.token]
         leases = list(session.leases.values())
-        for lease in leases:
-            lease.entry.leases -= 1
         session.leases.clear()
         return leases
-
-    @property
-    def lease_count(self) -> int:
-        return sum(len(s.leases) for s in self.sessions.values())
