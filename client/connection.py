@@ -52,6 +52,7 @@ log = logging.getLogger("loracache.client")
 DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_REQUEST_TIMEOUT = 120.0  # above the daemon's default acquire_timeout plus a big load
 BYE_TIMEOUT = 1.0  # closing must not hang on a daemon that is gone
+RELEASE_TIMEOUT = 5.0  # a release is bookkeeping only: never wait on it as long as on a load
 TABLE_CACHE_SIZE = 256  # tensor tables kept per client, so hits need not carry them
 
 
@@ -198,11 +199,16 @@ class LoraCacheClient:
             self._leases.discard(lease)
         MAPPINGS.detach(self.instance, lease.entry.id)
         try:
-            self._request(Release(lease=lease.id))
+            self._request(Release(lease=lease.id), timeout=RELEASE_TIMEOUT)
         except LoraCacheError as exc:
-            if exc.code is not ErrorCode.UNKNOWN_SESSION:
-                raise
-            # The session expired: the daemon already took the lease back.
+            if exc.code is ErrorCode.UNKNOWN_SESSION:
+                return  # the session expired: the daemon already took the lease back
+            if exc.code is ErrorCode.TIMEOUT:
+                # The daemon is gone or stuck; it releases the lease itself once this session
+                # has been silent for its TTL, so a worker need not fail a request over it.
+                log.warning("releasing %s: %s", lease, exc)
+                return
+            raise
 
     def _request(self, request: Request, *, timeout: float | None = None,
                  session: str | None = None) -> Any:

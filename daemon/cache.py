@@ -75,6 +75,14 @@ class DeviceCache:
             self.pinned_bytes -= entry.nbytes
         self.evictions += 1
 
+    def take_all(self) -> list[Entry]:
+        """Empty the cache, leased entries included (at shutdown); returns what it held."""
+        entries = list(self.entries.values())
+        self.entries.clear()
+        self.idle.clear()
+        self.used = self.leased_bytes = self.pinned_bytes = self.leases = 0
+        return entries
+
     def lend(self, entry: Entry) -> None:
         if entry.leases == 0:
             self.idle.pop(entry.key, None)

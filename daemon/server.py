@@ -2,8 +2,7 @@
 
 ``serve()`` = startup (devices, shm directory, socket bound and announced), run until a signal
 asks to stop, shutdown (socket and shared-memory files removed). Signal handlers only set an
-event. One task reads and decodes requests, one task per request runs its handler, and one
-writer task sends every reply.
+event.
 """
 
 from __future__ import annotations
@@ -11,14 +10,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import inspect
 import logging
 import os
 import signal
 import socket
 from pathlib import Path
+from typing import Any
 
 import zmq
-import zmq.asyncio
 
 from loracache.shared.endpoints import endpoint
 from loracache.shared.errors import ErrorCode, LoraCacheError
@@ -100,10 +100,18 @@ def _claim_socket_path(path: Path) -> None:
 
 
 class DaemonServer:
+    """The socket and the lifecycle around :class:`CacheService`.
+
+    The ROUTER socket is a plain (blocking-API) ZeroMQ socket watched through its file
+    descriptor: a readable event drains every queued request at once, and requests the service
+    answers at once (every hit) are replied to in the same pass, without a task or a queue.
+    Only requests that wait (loads, room in the cache) become tasks. All replies go through
+    :meth:`_send`.
+    """
+
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
         self.should_exit = asyncio.Event()
-        self._replies: asyncio.Queue[list[bytes]] = asyncio.Queue()
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def serve(self) -> None:
@@ -113,11 +121,10 @@ class DaemonServer:
         _claim_socket_path(self.config.socket_path)
         shm_dir = instance_shm_dir(self.config.shm_root)
         self.service = CacheService(self.config, make_transports(self.config, shm_dir))
-        context = zmq.asyncio.Context()
-        sock = context.socket(zmq.ROUTER)
+        context = zmq.Context()
+        self._sock = sock = context.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, ZMQ_MAX_MESSAGE)
-        sock.setsockopt(zmq.ROUTER_MANDATORY, 0)  # a reply to a vanished client is dropped
         old_umask = os.umask(0o117)
         try:
             sock.bind(endpoint(self.config.socket_path))
@@ -129,15 +136,17 @@ class DaemonServer:
                      cache.cache_size)
         log.info("loracache daemon %s serving on %s (pid %d)", self.service.instance,
                  self.config.socket_path, os.getpid())
-        workers = [asyncio.create_task(self._read(sock)), asyncio.create_task(self._write(sock)),
-                   asyncio.create_task(self._expire())]
+        loop.add_reader(sock.getsockopt(zmq.FD), self._drain)
+        self._drain()  # requests that arrived before the reader was registered
+        expiry = asyncio.create_task(self._expire())
         try:
             await self.should_exit.wait()
         finally:
             log.info("shutting down")
-            for task in [*workers, *self._tasks]:
+            loop.remove_reader(sock.getsockopt(zmq.FD))
+            for task in [expiry, *self._tasks]:
                 task.cancel()
-            await asyncio.gather(*workers, *self._tasks, return_exceptions=True)
+            await asyncio.gather(expiry, *self._tasks, return_exceptions=True)
             sock.close(linger=0)
             context.term()
             with contextlib.suppress(FileNotFoundError):
@@ -145,36 +154,52 @@ class DaemonServer:
             self.service.close()
             log.info("stopped")
 
-    async def _read(self, sock: zmq.asyncio.Socket) -> None:
-        while True:
-            frames = await sock.recv_multipart()
-            if len(frames) < 2:
-                continue
-            task = asyncio.create_task(self._answer(frames[:-1], frames[-1]))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+    def _drain(self) -> None:
+        # ZeroMQ's descriptor is edge-triggered: read until the socket says nothing is left.
+        while self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            frames = self._sock.recv_multipart(zmq.NOBLOCK)
+            if len(frames) >= 2:
+                self._answer(frames[:-1], frames[-1])
 
-    async def _answer(self, route: list[bytes], payload: bytes) -> None:
+    def _answer(self, route: list[bytes], payload: bytes) -> None:
         request_id = 0
         try:
             frame = decode_request(payload)
             request_id = frame.id
-            reply = encode_reply(request_id, await self.service.handle(frame))
-        except LoraCacheError as exc:
-            request_id = getattr(exc, "request_id", request_id)
-            if exc.code is not ErrorCode.BAD_REQUEST or request_id:
-                log.debug("request %d failed: %s", request_id, exc)
-            reply = encode_error(request_id, exc)
-        except Exception as exc:  # a bug: report it, keep serving
-            log.exception("request %d failed with an internal error", request_id)
-            reply = encode_error(request_id, LoraCacheError(
-                ErrorCode.INTERNAL, f"internal error ({type(exc).__name__}: {exc}); the daemon "
-                                    "carries on, and its log has the details"))
-        self._replies.put_nowait([*route, reply])
+            outcome = self.service.handle(frame)
+        except Exception as exc:
+            self._send(route, self._error_reply(request_id, exc))
+            return
+        if inspect.isawaitable(outcome):
+            task = asyncio.create_task(self._finish(route, request_id, outcome))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        else:
+            self._send(route, encode_reply(request_id, outcome))
 
-    async def _write(self, sock: zmq.asyncio.Socket) -> None:
-        while True:
-            await sock.send_multipart(await self._replies.get())
+    async def _finish(self, route: list[bytes], request_id: int, outcome: Any) -> None:
+        try:
+            reply = encode_reply(request_id, await outcome)
+        except Exception as exc:
+            reply = self._error_reply(request_id, exc)
+        self._send(route, reply)
+        # Sending may have consumed the descriptor's edge for requests queued meanwhile.
+        asyncio.get_running_loop().call_soon(self._drain)
+
+    def _send(self, route: list[bytes], reply: bytes) -> None:
+        # ROUTER never blocks: a reply to a client that is gone (or far behind) is dropped.
+        self._sock.send_multipart([*route, reply], zmq.NOBLOCK)
+
+    @staticmethod
+    def _error_reply(request_id: int, exc: Exception) -> bytes:
+        if isinstance(exc, LoraCacheError):
+            request_id = getattr(exc, "request_id", request_id)
+            log.debug("request %d failed: %s", request_id, exc)
+            return encode_error(request_id, exc)
+        log.error("request %d failed with an internal error", request_id, exc_info=exc)
+        return encode_error(request_id, LoraCacheError(
+            ErrorCode.INTERNAL, f"internal error ({type(exc).__name__}: {exc}); the daemon "
+                                "carries on, and its log has the details"))
 
     async def _expire(self) -> None:
         interval = min(1.0, self.config.session_ttl / 4)

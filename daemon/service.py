@@ -67,7 +67,7 @@ class CacheService:
         self._loading: dict[Hashable, asyncio.Future[None]] = {}
         self._room_freed = {device: asyncio.Event() for device in self.caches}
         self._entry_ids = itertools.count(1)
-        self._handlers: dict[type[Request], Callable[[Any, Session | None], Awaitable[Any]]] = {
+        self._handlers: dict[type[Request], Callable[[Any, Session | None], Any]] = {
             Hello: self._hello, Acquire: self._acquire, Release: self._release,
             Heartbeat: self._heartbeat, Bye: self._bye, Stats: self._stats,
             ListEntries: self._list, Preload: self._preload, Evict: self._evict,
@@ -76,27 +76,40 @@ class CacheService:
 
     # ------------------------------------------------------------------------------ dispatch
 
-    async def handle(self, frame: RequestFrame) -> Any:
-        """Run the handler of ``frame``'s request type and return its result."""
+    def handle(self, frame: RequestFrame) -> Any:
+        """Run the handler of ``frame``'s request type.
+
+        Returns the result, or an awaitable of it when the request has to wait (for a load, or
+        for room in the cache). Everything else, every hit included, is answered at once.
+        """
         session = None
         if isinstance(frame.request, SESSION_OPS):
             session = self.sessions.get(frame.session)
         elif frame.session in self.sessions.sessions:
             session = self.sessions.get(frame.session)  # any message refreshes its session
-        return await self._handlers[type(frame.request)](frame.request, session)
+        return self._handlers[type(frame.request)](frame.request, session)
 
     # ------------------------------------------------------------------------------ handlers
 
-    async def _hello(self, req: Hello, _: Session | None) -> HelloResult:
+    def _hello(self, req: Hello, _: Session | None) -> HelloResult:
         session = self.sessions.open(req.pid)
         log.debug("session opened for pid %d (%s)", req.pid, req.client or "client")
         return HelloResult(instance=self.instance, session=session.token,
                            session_ttl=self.config.session_ttl, devices=list(self.caches))
 
-    async def _acquire(self, req: Acquire, session: Session) -> AcquireResult:
+    def _acquire(self, req: Acquire,
+                 session: Session) -> AcquireResult | Awaitable[AcquireResult]:
         cache = self._cache(req.device)
-        entry, loaded = await self._entry(cache, identify(req.path, self.config.lora_dirs),
-                                          req.layout)
+        identity = identify(req.path, self.config.lora_dirs)
+        entry = self._cached(cache, identity, req.layout)
+        if entry is None:
+            return self._acquire_loading(cache, identity, req, session)
+        cache.hits += 1
+        return self._lend(cache, entry, req, session)
+
+    async def _acquire_loading(self, cache: DeviceCache, identity: FileIdentity, req: Acquire,
+                               session: Session) -> AcquireResult:
+        entry, loaded = await self._entry(cache, identity, req.layout)
         if loaded:
             cache.misses += 1
         else:
@@ -106,51 +119,73 @@ class CacheService:
             raise LoraCacheError(ErrorCode.UNKNOWN_SESSION,
                                  "the session expired while the entry was loading; send hello "
                                  "again and keep heartbeating (the client library does)")
+        return self._lend(cache, entry, req, session)
+
+    def _lend(self, cache: DeviceCache, entry: Entry, req: Acquire,
+              session: Session) -> AcquireResult:
         handle = entry.buffer.export()
         lease = self.sessions.add_lease(session, entry, handle)
         cache.lend(entry)
         return AcquireResult(lease=lease.id, entry=entry.info(), handle=handle,
                              tensors=None if req.known_entry == entry.id else entry.tensors)
 
-    async def _release(self, req: Release, session: Session) -> dict[str, Any]:
+    def _release(self, req: Release, session: Session) -> dict[str, Any]:
         self._released([self.sessions.release(session, req.lease)])
         return {}
 
-    async def _heartbeat(self, req: Heartbeat, session: Session) -> dict[str, Any]:
+    def _heartbeat(self, req: Heartbeat, session: Session) -> dict[str, Any]:
         return {}
 
-    async def _bye(self, req: Bye, session: Session) -> dict[str, Any]:
+    def _bye(self, req: Bye, session: Session) -> dict[str, Any]:
         self._released(self.sessions.close(session))
         return {}
 
-    async def _stats(self, req: Stats, _: Session | None) -> dict[str, Any]:
+    def _stats(self, req: Stats, _: Session | None) -> dict[str, Any]:
         return {"instance": self.instance, "pid": os.getpid(),
                 "uptime_s": time.monotonic() - self.started,
-                "sessions": len(self.sessions.sessions), "leases": sum(c.leases for c in self.caches.values()),
+                "sessions": len(self.sessions.sessions),
+                "leases": sum(c.leases for c in self.caches.values()),
                 "devices": [cache.stats() for cache in self.caches.values()]}
 
-    async def _list(self, req: ListEntries, _: Session | None) -> dict[str, Any]:
+    def _list(self, req: ListEntries, _: Session | None) -> dict[str, Any]:
         return {"entries": [dataclasses.asdict(entry.info()) for cache in self.caches.values()
                             for entry in cache.entries.values()]}
 
-    async def _preload(self, req: Preload, _: Session | None) -> dict[str, Any]:
+    def _preload(self, req: Preload, _: Session | None) -> dict[str, Any] | Awaitable[dict]:
         cache = self._cache(req.device)
-        entry, _loaded = await self._entry(cache, identify(req.path, self.config.lora_dirs),
-                                           req.layout)
+        identity = identify(req.path, self.config.lora_dirs)
+        entry = self._cached(cache, identity, req.layout)
+        if entry is None:
+            return self._preload_loading(cache, identity, req)
+        return self._settle_preload(cache, entry, req)
+
+    async def _preload_loading(self, cache: DeviceCache, identity: FileIdentity,
+                               req: Preload) -> dict[str, Any]:
+        entry, _loaded = await self._entry(cache, identity, req.layout)
+        return self._settle_preload(cache, entry, req)
+
+    def _settle_preload(self, cache: DeviceCache, entry: Entry, req: Preload) -> dict[str, Any]:
         if req.pin:
             cache.pin(entry)
         info = entry.info()
         self._trim(cache)
         return dataclasses.asdict(info)
 
-    async def _evict(self, req: Evict, _: Session | None) -> dict[str, int]:
+    def _evict(self, req: Evict, _: Session | None) -> dict[str, int]:
         path = confine(req.path, self.config.lora_dirs)
         return self._drop(lambda e: e.path == path, req.device)
 
-    async def _clear(self, req: Clear, _: Session | None) -> dict[str, int]:
+    def _clear(self, req: Clear, _: Session | None) -> dict[str, int]:
         return self._drop(lambda e: True, req.device)
 
     # ------------------------------------------------------------------------ cache lifecycle
+
+    def _cached(self, cache: DeviceCache, identity: FileIdentity, layout: str) -> Entry | None:
+        """The cached entry for the file, touched, or None when it must be (or is being) loaded."""
+        entry = cache.entries.get((identity, layout))
+        if entry is not None:
+            cache.touch(entry)
+        return entry
 
     async def _entry(self, cache: DeviceCache, identity: FileIdentity,
                      layout: str) -> tuple[Entry, bool]:
@@ -164,9 +199,7 @@ class CacheService:
             if pending is None:
                 return await self._load_once(cache, key, identity, layout), True
             await asyncio.shield(pending)  # re-raises the loader's error for every waiter
-        entry = cache.entries[key]
-        cache.touch(entry)
-        return entry, False
+        return cache.entries[key], False
 
     async def _load_once(self, cache: DeviceCache, key: Hashable, identity: FileIdentity,
                          layout: str) -> Entry:
@@ -303,7 +336,9 @@ class CacheService:
     def close(self) -> None:
         """Free every entry and every file the transports created (at shutdown)."""
         for cache in self.caches.values():
-            self._remove(cache, list(cache.entries.values()))
+            entries = cache.take_all()
+            self._device_pools[cache.device].submit(
+                _free_all, self.transports[cache.device], [e.buffer for e in entries])
         for pool in (self._header_pool, *self._device_pools.values()):
             pool.shutdown(wait=True)
         for transport in self.transports.values():

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -28,6 +29,19 @@ def test_signal_stops_cleanly_and_removes_socket_and_shm_files(start_daemon, lor
     assert [p for p in daemon.shm_root.rglob("*") if p.is_dir()] == [
         daemon.shm_root / f"loracache-{os.getuid()}"]
     assert "stopped" in daemon.read_log()
+
+
+def test_stopping_while_clients_hold_leases_is_clean(daemon, lora_dir):
+    write_lora(lora_dir / "a.safetensors", {"w": torch.arange(1000.0)})
+    client = daemon.client(heartbeat=False)
+    lease = client.acquire("a.safetensors")
+    assert daemon.stop() == 0
+    assert not daemon.socket.exists() and daemon.shm_files() == []
+    assert torch.equal(lease.tensors["w"], torch.arange(1000.0))  # the mapping outlives the file
+    started = time.monotonic()
+    lease.release()  # warns instead of failing the worker: the daemon is gone
+    assert time.monotonic() - started < 10 and lease.released
+    client.close()
 
 
 def test_socket_and_shm_permissions(daemon, lora_dir):
