@@ -1,7 +1,8 @@
 """Loading one file into one packed device buffer (runs in executor threads, never the loop).
 
 Two steps, so the cache can make room in between: :func:`plan_load` reads and validates the
-header and computes the packed layout; :func:`fill_buffer` allocates and copies the data.
+header, converts the tensors when the layout asks for it, and computes the packed layout;
+:func:`fill_buffer` allocates and copies the data.
 """
 
 from __future__ import annotations
@@ -9,22 +10,28 @@ from __future__ import annotations
 import dataclasses
 from typing import BinaryIO
 
+import torch
+from safetensors.torch import load as load_safetensors
+
+from loracache.shared.dtypes import SAFETENSORS_NAMES
 from loracache.shared.errors import ErrorCode, LoraCacheError
-from loracache.shared.packing import PackedLayout, pack
+from loracache.shared.packing import PackedLayout, TensorItem, pack
 from loracache.shared.safetensors_header import read_header
 from loracache.shared.transport import DeviceBuffer, Segment, Transport
 
 from .files import FileIdentity, open_identified
-
-LAYOUTS = ("raw",)  # tensors as stored in the file
+from .layouts import LAYOUTS, RAW, canonical_tensors
 
 
 @dataclasses.dataclass
 class LoadPlan:
+    """What to copy: file segments (raw layout) or converted tensors (a family layout)."""
+
     path: str
     file: BinaryIO  # open until the buffer is filled; the caller closes it
     layout: PackedLayout
     segments: list[Segment]
+    tensors: list[tuple[int, torch.Tensor]]
 
     @property
     def nbytes(self) -> int:
@@ -38,13 +45,24 @@ def plan_load(identity: FileIdentity, layout: str) -> LoadPlan:
     f = open_identified(identity)
     try:
         header = read_header(f, identity.path)
-        packed = pack(header.tensors)
+        if layout == RAW:
+            packed = pack(header.tensors)
+            segments = [Segment(src=record.begin, dst=spec.offset, nbytes=record.nbytes)
+                        for record, spec in zip(header.tensors, packed.specs)]
+            return LoadPlan(identity.path, f, packed, coalesce(segments), [])
+        f.seek(0)
+        converted = canonical_tensors(load_safetensors(f.read()), layout)
+        packed = pack([_item(name, tensor) for name, tensor in converted.items()])
+        tensors = [(spec.offset, converted[spec.name]) for spec in packed.specs]
+        return LoadPlan(identity.path, f, packed, [], tensors)
     except BaseException:
         f.close()
         raise
-    segments = [Segment(src=record.begin, dst=spec.offset, nbytes=record.nbytes)
-                for record, spec in zip(header.tensors, packed.specs)]
-    return LoadPlan(path=identity.path, file=f, layout=packed, segments=coalesce(segments))
+
+
+def _item(name: str, tensor: torch.Tensor) -> TensorItem:
+    return TensorItem(name, SAFETENSORS_NAMES[tensor.dtype], tuple(tensor.shape),
+                      tensor.numel() * tensor.element_size())
 
 
 def coalesce(segments: list[Segment]) -> list[Segment]:
@@ -66,7 +84,10 @@ def coalesce(segments: list[Segment]) -> list[Segment]:
 def fill_buffer(transport: Transport, plan: LoadPlan, name: str) -> DeviceBuffer:
     buffer = transport.allocate(plan.nbytes, name)
     try:
-        buffer.fill(plan.file, plan.segments)
+        if plan.tensors:
+            buffer.write_tensors(plan.tensors)
+        else:
+            buffer.fill(plan.file, plan.segments)
     except OSError as exc:
         buffer.free()
         raise LoraCacheError(ErrorCode.INVALID_LORA,

@@ -21,3 +21,5 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
 }
 
 ITEM_SIZES: dict[str, int] = {name: dtype.itemsize for name, dtype in TORCH_DTYPES.items()}
+
+SAFETENSORS_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in TORCH_DTYPES.items()}

@@ -7,11 +7,33 @@ about a millisecond, so per-tensor handles would dominate a hit).
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple, Protocol, Sequence
 
 from .protocol import TensorSpec
-from .safetensors_header import TensorRecord
 
 ALIGNMENT = 256  # cudaMalloc's alignment; also keeps every view aligned for any dtype
+
+
+class Packable(Protocol):
+    """What packing needs to know of a tensor (a file's TensorRecord, or a TensorItem)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def dtype(self) -> str: ...
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+    @property
+    def nbytes(self) -> int: ...
+
+
+class TensorItem(NamedTuple):
+    """A tensor that comes from memory rather than straight from the file (a converted one)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,7 +42,7 @@ class PackedLayout:
     nbytes: int  # size of the whole buffer
 
 
-def pack(records: list[TensorRecord]) -> PackedLayout:
+def pack(records: Sequence[Packable]) -> PackedLayout:
     """Place ``records`` one after another, each starting at a multiple of ALIGNMENT."""
     specs, cursor = [], 0
     for record in records:

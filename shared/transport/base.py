@@ -30,6 +30,10 @@ class DeviceBuffer(abc.ABC):
         """Copy the segments of the open file ``f`` into the buffer (runs in an executor)."""
 
     @abc.abstractmethod
+    def write_tensors(self, items: list[tuple[int, torch.Tensor]]) -> None:
+        """Copy each CPU tensor's bytes to its buffer offset (converted layouts; executor)."""
+
+    @abc.abstractmethod
     def export(self) -> dict[str, Any]:
         """Return a handle for one consumer (one lease); msgpack-serialisable."""
 
@@ -87,3 +91,8 @@ def discard_handle(handle: dict[str, Any]) -> None:
         from .cuda_ipc import open_cuda_handle
 
         open_cuda_handle(handle)
+
+
+def tensor_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor's bytes as a flat uint8 CPU tensor (a view when it is contiguous already)."""
+    return tensor.detach().contiguous().reshape(-1).view(torch.uint8)

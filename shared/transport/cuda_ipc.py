@@ -23,7 +23,7 @@ import torch
 from torch.multiprocessing.reductions import rebuild_cuda_tensor
 
 from ..errors import ErrorCode, LoraCacheError
-from .base import DeviceBuffer, Segment, Transport
+from .base import DeviceBuffer, Segment, Transport, tensor_bytes
 
 STAGING_BYTES = 64 << 20  # pinned host chunk for uploads: bounds host memory per load
 
@@ -71,6 +71,12 @@ class CudaBuffer(DeviceBuffer):
                 start = segment.dst + done
                 self.tensor[start:start + piece].copy_(staging[:piece])  # synchronous
                 done += piece
+        torch.cuda.synchronize(self.tensor.device)
+
+    def write_tensors(self, items: list[tuple[int, torch.Tensor]]) -> None:
+        for offset, tensor in items:
+            data = tensor_bytes(tensor)
+            self.tensor[offset:offset + data.numel()].copy_(data)
         torch.cuda.synchronize(self.tensor.device)
 
     def export(self) -> dict[str, Any]:

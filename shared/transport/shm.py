@@ -17,7 +17,7 @@ from typing import Any, BinaryIO
 import torch
 
 from ..errors import ErrorCode, LoraCacheError
-from .base import DeviceBuffer, Segment, Transport
+from .base import DeviceBuffer, Segment, Transport, tensor_bytes
 
 FILE_MODE = 0o640  # the daemon writes, the group (workers) reads
 DIR_MODE = 0o750
@@ -42,6 +42,17 @@ class ShmBuffer(DeviceBuffer):
                                              f"file ended while reading {segment.nbytes} bytes "
                                              f"at offset {segment.src}: it was truncated")
                     offset, left = offset + sent, left - sent
+        finally:
+            os.close(fd)
+
+    def write_tensors(self, items: list[tuple[int, torch.Tensor]]) -> None:
+        fd = os.open(self.path, os.O_WRONLY)
+        try:
+            for offset, tensor in items:
+                data = memoryview(tensor_bytes(tensor).numpy())
+                while data:
+                    written = os.pwrite(fd, data, offset)
+                    data, offset = data[written:], offset + written
         finally:
             os.close(fd)
 

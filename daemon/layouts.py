@@ -1,0 +1,138 @@
+"""Canonical layouts: a LoRA file converted once, in the daemon, into the form workers fuse.
+
+The conversion reuses diffusers' own readers (the family mixin's ``lora_state_dict``, which knows
+kohya/A1111, SGM block names, legacy diffusers and attention-processor keys, Flux kohya/XLabs,
+...) and PEFT key conversions, then renames everything to the canonical names of
+:mod:`loracache.shared.families`. Formats we cannot fuse exactly are refused with
+UNSUPPORTED_FORMAT naming the format, never partially converted.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import types
+from typing import Any
+
+import torch
+
+from loracache.shared.errors import ErrorCode, LoraCacheError
+from loracache.shared.families import ALPHA, DOWN, FAMILIES, UNMATCHED, UP, Family
+
+RAW = "raw"
+LAYOUTS = (RAW, *FAMILIES)
+
+# Formats recognised by a key fragment. Checked before conversion, because diffusers would
+# silently drop some of them (DoRA) or fail with an unhelpful message.
+UNSUPPORTED_KEYS = [
+    ("hada_w1", "LyCORIS LoHa (Hadamard product)"),
+    ("lokr_w1", "LyCORIS LoKr (Kronecker product)"),
+    ("lora_mid", "LyCORIS LoCon with a Tucker core (lora_mid)"),
+    ("oft_", "OFT / BOFT"),
+    ("dora_scale", "DoRA (weight-decomposed LoRA)"),
+    ("lora_magnitude_vector", "DoRA (weight-decomposed LoRA)"),
+    (".diff", "full weight differences (.diff)"),
+    (".lora_up.bias", "LoRA with bias terms"),
+    ("lora_B.bias", "LoRA with bias terms"),
+    ("query_norm.scale", "Flux Control LoRA (it replaces layers and changes their shapes)"),
+]
+SAFELORAS = re.compile(r"^[a-z_]+:\d+:(up|down)$")  # cloneofsimo/lora: "unet:12:up"
+
+# Kohya SDXL/SD files may name UNet blocks the SGM way (input_blocks.4.1); diffusers maps them
+# given the UNet's layers_per_block, which is 2 for every SD 1.x, 2.x and SDXL UNet.
+SGM_UNET_CONFIG = types.SimpleNamespace(layers_per_block=2)
+LOAD_KWARGS: dict[str, dict[str, Any]] = {
+    "sd": {"unet_config": SGM_UNET_CONFIG},
+    "sdxl": {"unet_config": SGM_UNET_CONFIG},
+    "flux": {"return_alphas": True},
+    "sd3": {},
+}
+
+log = logging.getLogger("loracache.daemon")
+
+
+def canonical_tensors(state_dict: dict[str, torch.Tensor], family_name: str) -> dict[str, torch.Tensor]:
+    """Convert a LoRA state dict into the canonical layout of ``family_name``."""
+    family = FAMILIES[family_name]
+    _refuse_unsupported(state_dict)
+    converted, alphas = _read_with_diffusers(state_dict, family)
+    canonical: dict[str, torch.Tensor] = {}
+    for component in family.components:
+        prefix = f"{component}."
+        part = {k[len(prefix):]: v for k, v in converted.items() if k.startswith(prefix)}
+        if part:
+            canonical.update(_component_layers(component, part, alphas, family))
+    for key in converted:
+        if not key.startswith(tuple(f"{c}." for c in family.components)):
+            canonical[UNMATCHED + key] = converted[key]
+    if not any(k.endswith(DOWN) for k in canonical):
+        raise LoraCacheError(ErrorCode.UNSUPPORTED_FORMAT,
+                             f"no LoRA layers for the {family.name} family found in the file "
+                             f"(first keys: {', '.join(list(state_dict)[:3])})")
+    return canonical
+
+
+def _refuse_unsupported(state_dict: dict[str, torch.Tensor]) -> None:
+    keys = list(state_dict)
+    if keys and all(SAFELORAS.match(k) for k in keys):
+        raise LoraCacheError(ErrorCode.UNSUPPORTED_FORMAT,
+                             "cloneofsimo/lora 'safeloras' format (keys like 'unet:0:up', which "
+                             "name modules by index only): convert it to diffusers or kohya keys")
+    for fragment, name in UNSUPPORTED_KEYS:
+        hit = next((k for k in keys if fragment in k), None)
+        if hit is not None:
+            raise LoraCacheError(ErrorCode.UNSUPPORTED_FORMAT,
+                                 f"{name} is not supported (key {hit!r}); only plain LoRA and "
+                                 "LoCon layers are fused")
+
+
+def _read_with_diffusers(state_dict: dict[str, torch.Tensor],
+                         family: Family) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    import diffusers.loaders
+
+    mixin = getattr(diffusers.loaders, family.mixin)
+    kwargs = LOAD_KWARGS[family.name]
+    try:
+        result = mixin.lora_state_dict(dict(state_dict), **kwargs)
+    except (ValueError, KeyError, RuntimeError, IndexError) as exc:
+        raise LoraCacheError(ErrorCode.UNSUPPORTED_FORMAT,
+                             f"diffusers cannot read this file as a {family.name} LoRA: "
+                             f"{str(exc)[:300]}") from exc
+    if isinstance(result, tuple):
+        converted, alphas = result[0], (result[1] or {})
+    else:
+        converted, alphas = result, {}
+    return converted, {k: float(v) for k, v in alphas.items()}
+
+
+def _component_layers(component: str, part: dict[str, torch.Tensor], alphas: dict[str, float],
+                      family: Family) -> dict[str, torch.Tensor]:
+    from diffusers.utils import (convert_state_dict_to_diffusers, convert_state_dict_to_peft,
+                                 convert_unet_state_dict_to_peft)
+
+    if component == family.denoiser:
+        if not any("lora_A" in k for k in part):
+            part = convert_unet_state_dict_to_peft(part)
+    else:
+        part = convert_state_dict_to_peft(convert_state_dict_to_diffusers(part))
+    layers: dict[str, torch.Tensor] = {}
+    for key, down in part.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        module = key[:-len(".lora_A.weight")]
+        up = part.get(f"{module}.lora_B.weight")
+        if up is None:
+            raise LoraCacheError(ErrorCode.INVALID_LORA,
+                                 f"{component}.{module} has a down (A) matrix but no up (B)")
+        name = f"{component}.{module}"
+        layers[name + DOWN], layers[name + UP] = down, up
+        alpha = alphas.get(f"{name}.alpha")
+        if alpha is not None:
+            layers[name + ALPHA] = torch.tensor(alpha, dtype=torch.float32)
+    leftover = [k for k in part
+                if not k.endswith((".lora_A.weight", ".lora_B.weight"))]
+    if leftover:
+        raise LoraCacheError(ErrorCode.UNSUPPORTED_FORMAT,
+                             f"{component} has keys that are not LoRA factors: "
+                             f"{', '.join(leftover[:5])}")
+    return layers
