@@ -13,6 +13,7 @@ from typing import BinaryIO
 import torch
 from safetensors.torch import load as load_safetensors
 
+from loracache.shared.canonical import LAYOUTS, RAW, canonical_tensors
 from loracache.shared.dtypes import SAFETENSORS_NAMES
 from loracache.shared.errors import ErrorCode, LoraCacheError
 from loracache.shared.packing import PackedLayout, TensorItem, pack
@@ -20,7 +21,6 @@ from loracache.shared.safetensors_header import read_header
 from loracache.shared.transport import DeviceBuffer, Segment, Transport
 
 from .files import FileIdentity, open_identified
-from .layouts import LAYOUTS, RAW, canonical_tensors
 
 
 @dataclasses.dataclass

@@ -1,4 +1,7 @@
-"""Canonical layouts: a LoRA file converted once, in the daemon, into the form workers fuse.
+"""Canonical layouts: a LoRA converted into the form workers fuse.
+
+The daemon converts each file once per family (``acquire(..., layout=<family>)``); a worker
+falling back to loading a file itself, or given a state dict, converts with the same code.
 
 The conversion reuses diffusers' own readers (the family mixin's ``lora_state_dict``, which knows
 kohya/A1111, SGM block names, legacy diffusers and attention-processor keys, Flux kohya/XLabs,
@@ -9,15 +12,14 @@ UNSUPPORTED_FORMAT naming the format, never partially converted.
 
 from __future__ import annotations
 
-import logging
 import re
 import types
 from typing import Any
 
 import torch
 
-from loracache.shared.errors import ErrorCode, LoraCacheError
-from loracache.shared.families import ALPHA, DOWN, FAMILIES, UNMATCHED, UP, Family
+from .errors import ErrorCode, LoraCacheError
+from .families import ALPHA, DOWN, FAMILIES, UNMATCHED, UP, Family
 
 RAW = "raw"
 LAYOUTS = (RAW, *FAMILIES)
@@ -48,10 +50,9 @@ LOAD_KWARGS: dict[str, dict[str, Any]] = {
     "sd3": {},
 }
 
-log = logging.getLogger("loracache.daemon")
 
-
-def canonical_tensors(state_dict: dict[str, torch.Tensor], family_name: str) -> dict[str, torch.Tensor]:
+def canonical_tensors(state_dict: dict[str, torch.Tensor],
+                      family_name: str) -> dict[str, torch.Tensor]:
     """Convert a LoRA state dict into the canonical layout of ``family_name``."""
     family = FAMILIES[family_name]
     _refuse_unsupported(state_dict)
