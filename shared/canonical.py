@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 import types
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -38,6 +38,8 @@ UNSUPPORTED_KEYS = [
     ("lora_B.bias", "LoRA with bias terms"),
     ("query_norm.scale", "Flux Control LoRA (it replaces layers and changes their shapes)"),
 ]
+OLD_DOWN_SUFFIXES = (".lora.down.weight", ".lora_linear_layer.down.weight", ".down.weight",
+                     "_lora.down.weight")
 SAFELORAS = re.compile(r"^[a-z_]+:\d+:(up|down)$")  # cloneofsimo/lora: "unet:12:up"
 
 # Kohya SDXL/SD files may name UNet blocks the SGM way (input_blocks.4.1); diffusers maps them
@@ -61,8 +63,14 @@ def canonical_tensors(state_dict: dict[str, torch.Tensor],
     for component in family.components:
         prefix = f"{component}."
         part = {k[len(prefix):]: v for k, v in converted.items() if k.startswith(prefix)}
-        if part:
+        if not part:
+            continue
+        try:
             canonical.update(_component_layers(component, part, alphas, family))
+        except (ValueError, KeyError, IndexError) as exc:
+            raise LoraCacheError(ErrorCode.UNSUPPORTED_FORMAT,
+                                 f"cannot convert the {component} layers of this file for "
+                                 f"{family.name}: {str(exc)[:300]}") from exc
     for key in converted:
         if not key.startswith(tuple(f"{c}." for c in family.components)):
             canonical[UNMATCHED + key] = converted[key]
@@ -108,14 +116,12 @@ def _read_with_diffusers(state_dict: dict[str, torch.Tensor],
 
 def _component_layers(component: str, part: dict[str, torch.Tensor], alphas: dict[str, float],
                       family: Family) -> dict[str, torch.Tensor]:
-    from diffusers.utils import (convert_state_dict_to_diffusers, convert_state_dict_to_peft,
-                                 convert_unet_state_dict_to_peft)
-
-    if component == family.denoiser:
-        if not any("lora_A" in k for k in part):
-            part = convert_unet_state_dict_to_peft(part)
+    to_peft = _peft_converter(component == family.denoiser)
+    if not any("lora_A" in k for k in part):
+        module_alphas = _module_alphas(component, part, alphas, to_peft)
+        part = to_peft(part)
     else:
-        part = convert_state_dict_to_peft(convert_state_dict_to_diffusers(part))
+        module_alphas = _module_alphas(component, part, alphas, lambda p: p)
     layers: dict[str, torch.Tensor] = {}
     for key, down in part.items():
         if not key.endswith(".lora_A.weight"):
@@ -127,13 +133,49 @@ def _component_layers(component: str, part: dict[str, torch.Tensor], alphas: dic
                                  f"{component}.{module} has a down (A) matrix but no up (B)")
         name = f"{component}.{module}"
         layers[name + DOWN], layers[name + UP] = down, up
-        alpha = alphas.get(f"{name}.alpha")
-        if alpha is not None:
-            layers[name + ALPHA] = torch.tensor(alpha, dtype=torch.float32)
-    leftover = [k for k in part
-                if not k.endswith((".lora_A.weight", ".lora_B.weight"))]
+        if module in module_alphas:
+            layers[name + ALPHA] = torch.tensor(module_alphas[module], dtype=torch.float32)
+    leftover = [k for k in part if not k.endswith((".lora_A.weight", ".lora_B.weight"))]
     if leftover:
         raise LoraCacheError(ErrorCode.UNSUPPORTED_FORMAT,
                              f"{component} has keys that are not LoRA factors: "
                              f"{', '.join(leftover[:5])}")
     return layers
+
+
+def _peft_converter(denoiser: bool) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """diffusers' renaming to PEFT keys (``<module>.lora_A.weight``) for this component."""
+    from diffusers.utils import (convert_state_dict_to_diffusers, convert_state_dict_to_peft,
+                                 convert_unet_state_dict_to_peft)
+
+    if denoiser:
+        return convert_unet_state_dict_to_peft
+    return lambda part: convert_state_dict_to_peft(convert_state_dict_to_diffusers(part))
+
+
+def _module_alphas(component: str, part: dict[str, Any], alphas: dict[str, float],
+                   to_peft: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, float]:
+    """Alphas by module path.
+
+    diffusers names an alpha after the module or after the down-weight key as it was before
+    the PEFT renaming (``attn1.processor.to_q_lora.down.weight.alpha``), so the same renaming
+    is applied to the keys alone (values replaced by their index) to follow them.
+    """
+    keys = list(part)
+    renamed = to_peft({key: index for index, key in enumerate(keys)}) if keys else {}
+    module_of = {keys[index]: new.rsplit(".lora_", 1)[0] for new, index in renamed.items()}
+    modules = set(module_of.values())
+    by_module = {}
+    prefix = f"{component}."
+    for key, alpha in alphas.items():
+        if not key.startswith(prefix):
+            continue
+        name = key[len(prefix):].removesuffix(".alpha")
+        if name in modules:
+            by_module[name] = alpha
+            continue
+        for old in (name, *(name + suffix for suffix in OLD_DOWN_SUFFIXES)):
+            if old in module_of:
+                by_module[module_of[old]] = alpha
+                break
+    return by_module

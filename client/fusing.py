@@ -1,0 +1,269 @@
+"""onediffx.lora's API over shared LoRAs: switch by changing one import.
+
+    from loracache.client import load_and_fuse_lora, unfuse_lora, set_and_fuse_adapters, ...
+
+A LoRA given by path is leased from the daemon in its family's canonical layout and fused
+straight from the shared tensors: the worker keeps no copy of them (``memory_efficient=True``).
+The lease stays held while the adapter is loaded, because unfusing subtracts the same deltas.
+Every change of the fused set goes through :func:`_refuse`, which rewrites each touched weight
+once. The state lives on the pipeline object (``pipeline._loracache``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from loracache.shared.canonical import canonical_tensors
+from loracache.shared.errors import ErrorCode, LoraCacheError
+from loracache.shared.families import ALPHA, DOWN, UNMATCHED, UP, Family
+
+from . import fuser
+from .connection import LoraCacheClient, device_name
+from .lease import Lease
+from .pipelines import component, device_of, family_of, fusable_module
+
+log = logging.getLogger("loracache.client")
+
+STATE_ATTR = "_loracache"
+RESTORE_MODES = ("subtract", "backup")
+FALLBACKS = ("local", "error")
+DEFAULT_CONNECT_TIMEOUT = 2.0  # a worker must not stall long on a daemon that is down
+
+
+@dataclasses.dataclass
+class Adapter:
+    name: str
+    layers: dict[str, fuser.Factors]  # canonical layer name -> factors
+    weights: dict[str, torch.Tensor]  # canonical layer name -> the weight it updates
+    lease: Lease | None  # None when the tensors are the worker's own (local, dict, copies)
+
+
+@dataclasses.dataclass
+class PipelineLoras:
+    restore: str
+    adapters: dict[str, Adapter] = dataclasses.field(default_factory=dict)
+    active: dict[str, float] = dataclasses.field(default_factory=dict)  # name -> fused weight
+    backups: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # host copies
+
+
+# ---------------------------------------------------------------------------------- the API
+
+
+def load_and_fuse_lora(pipeline: Any, source: str | os.PathLike[str] | Mapping[str, torch.Tensor],
+                       adapter_name: str | None = None, *, lora_scale: float = 1.0,
+                       memory_efficient: bool = True, client: LoraCacheClient | None = None,
+                       strict: bool = True, restore: str = "subtract",
+                       fallback: str = "local") -> None:
+    """Load a LoRA (a file path, through the daemon, or a state dict) and fuse it.
+
+    ``restore="backup"`` keeps a host copy of each touched weight so unfusing restores it
+    bit-exactly; ``"subtract"`` subtracts the same deltas. ``strict`` makes keys that match no
+    module an error (else a warning). ``fallback="local"`` loads the file in this process when
+    the daemon is unreachable; ``"error"`` raises instead.
+    """
+    if restore not in RESTORE_MODES:
+        raise ValueError(f"restore must be one of {RESTORE_MODES}, not {restore!r}")
+    if fallback not in FALLBACKS:
+        raise ValueError(f"fallback must be one of {FALLBACKS}, not {fallback!r}")
+    state = _state(pipeline, restore)
+    name = adapter_name or f"default_{len(state.adapters)}"
+    if name in state.adapters:
+        raise ValueError(f"an adapter named {name!r} is loaded already; delete_adapters() it "
+                         "first or choose another adapter_name")
+    family = family_of(pipeline)
+    tensors, lease = _canonical_source(pipeline, family, source, client, fallback)
+    try:
+        adapter = _adapter(pipeline, family, name, tensors, lease, strict)
+        if not memory_efficient:  # the old behaviour: the worker keeps its own copies
+            adapter.layers = {k: fuser.Factors(f.down.clone(), f.up.clone(), f.alpha)
+                              for k, f in adapter.layers.items()}
+            _release(adapter)
+        state.adapters[name] = adapter
+        _refuse(state, {**state.active, name: lora_scale})
+    except BaseException:
+        state.adapters.pop(name, None)
+        if lease is not None:
+            lease.release()
+        raise
+
+
+def unfuse_lora(pipeline: Any) -> None:
+    """Take every fused adapter out of the weights; the adapters stay loaded."""
+    state = getattr(pipeline, STATE_ATTR, None)
+    if state is not None:
+        _refuse(state, {})
+
+
+def set_and_fuse_adapters(pipeline: Any, adapter_names: str | Sequence[str] | None = None,
+                          adapter_weights: float | Sequence[float] | None = None) -> None:
+    """Fuse exactly ``adapter_names`` (default: all loaded) with ``adapter_weights`` (default
+    1.0; one number applies to all). Names that are not loaded are skipped with a warning."""
+    state = getattr(pipeline, STATE_ATTR, None)
+    if state is None:
+        return
+    names = list(state.adapters) if adapter_names is None else (
+        [adapter_names] if isinstance(adapter_names, str) else list(adapter_names))
+    if adapter_weights is None or isinstance(adapter_weights, (int, float)):
+        weights = [1.0 if adapter_weights is None else float(adapter_weights)] * len(names)
+    else:
+        weights = [float(w) for w in adapter_weights]
+        if len(weights) != len(names):
+            raise ValueError(f"{len(names)} adapter names but {len(weights)} weights")
+    unknown = [n for n in names if n not in state.adapters]
+    if unknown:
+        log.warning("set_and_fuse_adapters: no adapters named %s are loaded; skipped", unknown)
+    _refuse(state, {n: w for n, w in zip(names, weights) if n in state.adapters})
+
+
+def delete_adapters(pipeline: Any, adapter_names: str | Sequence[str] | None = None) -> None:
+    """Unfuse and forget adapters (default: all), releasing their leases."""
+    state = getattr(pipeline, STATE_ATTR, None)
+    if state is None:
+        return
+    names = list(state.adapters) if adapter_names is None else (
+        [adapter_names] if isinstance(adapter_names, str) else list(adapter_names))
+    _refuse(state, {n: w for n, w in state.active.items() if n not in names})
+    for name in names:
+        adapter = state.adapters.pop(name, None)
+        if adapter is not None:
+            _release(adapter)
+
+
+def get_active_adapters(pipeline: Any) -> list[str]:
+    """Names of the adapters fused into the pipeline now."""
+    state = getattr(pipeline, STATE_ATTR, None)
+    return list(state.active) if state is not None else []
+
+
+def clear_lora_cache() -> None:
+    """Close this process's default client (its tables and mappings go with it).
+
+    The LoRAs themselves live in the daemon, shared by every worker: evicting them is an
+    operator's decision (``loracache evict``/``clear``), not a worker's.
+    """
+    global _default_client
+    with _default_lock:
+        if _default_client is not None:
+            _default_client.close()
+            _default_client = None
+
+
+# ------------------------------------------------------------------------------- internals
+
+
+def _state(pipeline: Any, restore: str) -> PipelineLoras:
+    state = getattr(pipeline, STATE_ATTR, None)
+    if state is None:
+        state = PipelineLoras(restore=restore)
+        setattr(pipeline, STATE_ATTR, state)
+    elif state.restore != restore and state.adapters:
+        raise ValueError(f"this pipeline fuses with restore={state.restore!r}; delete its "
+                         f"adapters before switching to restore={restore!r}")
+    state.restore = restore
+    return state
+
+
+def _refuse(state: PipelineLoras, wanted: dict[str, float]) -> None:
+    """Make ``wanted`` (name -> weight) the fused set, rewriting each touched weight once."""
+    def terms(active: dict[str, float], key: str) -> list[fuser.Term]:
+        return [(state.adapters[n].layers[key], w) for n, w in active.items()
+                if key in state.adapters[n].layers]
+
+    touched: dict[str, torch.Tensor] = {}
+    for name in {*state.active, *wanted}:
+        touched.update(state.adapters[name].weights)
+    for key, weight in touched.items():
+        old, new = terms(state.active, key), terms(wanted, key)
+        if [(id(f), w) for f, w in old] == [(id(f), w) for f, w in new]:
+            continue  # this weight already holds exactly what is wanted
+        if state.restore == "subtract":
+            fuser.update(weight, remove=old, add=new)
+        elif new:
+            base = state.backups.setdefault(key, weight.detach().to("cpu", copy=True))
+            fuser.update(weight, remove=[], add=new, base=base)
+        else:  # nothing fused here any more: put the original bits back
+            with torch.no_grad():
+                weight.copy_(state.backups.pop(key))
+    state.active = dict(wanted)
+
+
+def _adapter(pipeline: Any, family: Family, name: str, tensors: Mapping[str, torch.Tensor],
+             lease: Lease | None, strict: bool) -> Adapter:
+    layers, weights, unmatched = {}, {}, []
+    for key in tensors:
+        if key.startswith(UNMATCHED):
+            unmatched.append(key.removeprefix(UNMATCHED))
+        if not key.endswith(DOWN):
+            continue
+        layer = key[:-len(DOWN)]
+        component_name, _, path = layer.partition(".")
+        root = component(pipeline, component_name)
+        module = fusable_module(root, path) if root is not None else None
+        alpha = tensors.get(layer + ALPHA)
+        factors = fuser.Factors(tensors[key], tensors[layer + UP],
+                                None if alpha is None else float(alpha))
+        if module is None or not factors.fits(module.weight):
+            unmatched.append(layer)
+            continue
+        layers[layer], weights[layer] = factors, module.weight
+    if unmatched:
+        message = (f"{len(unmatched)} LoRA layer(s) of {name!r} match no module of this "
+                   f"{family.name} pipeline (or not its shape): {', '.join(unmatched[:8])}")
+        if strict:
+            raise ValueError(message + "; pass strict=False to fuse the rest")
+        log.warning(message)
+    return Adapter(name=name, layers=layers, weights=weights, lease=lease)
+
+
+def _canonical_source(pipeline: Any, family: Family, source: Any, client: LoraCacheClient | None,
+                      fallback: str) -> tuple[Mapping[str, torch.Tensor], Lease | None]:
+    """The canonical tensors of ``source``, and the lease that lends them (if any)."""
+    if isinstance(source, Mapping):
+        return canonical_tensors(dict(source), family.name), None
+    path = os.fspath(source)
+    device = device_of(pipeline, family)
+    lease_device = device if device.type in ("cpu", "cuda") else torch.device("cpu")
+    try:
+        lender = client or _shared_client()
+        lease = lender.acquire(path, device=device_name(lease_device), layout=family.name)
+        return lease.tensors, lease
+    except LoraCacheError as exc:
+        if exc.code is not ErrorCode.DAEMON_UNAVAILABLE or fallback == "error":
+            raise
+        _warn_fallback(exc)
+    return canonical_tensors(load_file(path), family.name), None
+
+
+def _release(adapter: Adapter) -> None:
+    if adapter.lease is not None:
+        adapter.lease.release()
+        adapter.lease = None
+
+
+_default_client: LoraCacheClient | None = None
+_default_lock = threading.Lock()
+_warned_fallback = False
+
+
+def _shared_client() -> LoraCacheClient:
+    """This process's client on the default socket, made on first use (again after failing)."""
+    global _default_client
+    with _default_lock:
+        if _default_client is None or _default_client._closed.is_set():
+            _default_client = LoraCacheClient(connect_timeout=DEFAULT_CONNECT_TIMEOUT)
+        return _default_client
+
+
+def _warn_fallback(exc: LoraCacheError) -> None:
+    global _warned_fallback
+    if not _warned_fallback:
+        _warned_fallback = True
+        log.warning("loading LoRAs in this process, without sharing: %s", exc.message)

@@ -1,0 +1,53 @@
+"""What the fuser needs to know about a diffusers pipeline: its family, and which module a
+canonical layer name points at."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from loracache.shared.families import FAMILIES, Family
+
+
+def family_of(pipeline: object) -> Family:
+    """The family of ``pipeline``, from the LoRA loader mixin its class inherits."""
+    mixins = {cls.__name__ for cls in type(pipeline).__mro__}
+    for family in FAMILIES.values():
+        if family.mixin in mixins:
+            return family
+    raise ValueError(f"{type(pipeline).__name__} is not a pipeline loracache can fuse LoRAs "
+                     f"into; supported are pipelines with one of these LoRA loaders: "
+                     f"{', '.join(f.mixin for f in FAMILIES.values())}")
+
+
+def component(pipeline: object, name: str) -> nn.Module | None:
+    """A pipeline component, unwrapped from ``torch.compile`` (its weights are the same)."""
+    module = getattr(pipeline, name, None)
+    if not isinstance(module, nn.Module):
+        return None
+    return getattr(module, "_orig_mod", module)
+
+
+def fusable_module(root: nn.Module, path: str) -> nn.Linear | nn.Conv2d | None:
+    """The Linear or Conv2d at ``path`` under ``root``, or None.
+
+    Text encoders are named with or without their ``text_model.`` prefix depending on the
+    class; PEFT-wrapped layers are fused into their base layer.
+    """
+    for candidate in (path, path.removeprefix("text_model.")):
+        try:
+            module = root.get_submodule(candidate)
+        except AttributeError:
+            continue
+        module = getattr(module, "base_layer", module)
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            return module
+    return None
+
+
+def device_of(pipeline: object, family: Family) -> torch.device:
+    """Where the pipeline's denoiser lives: LoRAs are leased on that device."""
+    denoiser = component(pipeline, family.denoiser)
+    if denoiser is None:
+        raise ValueError(f"the pipeline has no {family.denoiser}")
+    return next(denoiser.parameters()).device
