@@ -20,6 +20,7 @@ BENCHMARKS = {
     "miss": "loading a 256 MiB LoRA into the cache vs safetensors.torch.load_file",
     "memory": "PSS of N workers leasing the same LoRAs vs each loading its own copies",
     "throughput": "acquires/s with 1, 4, 16 client processes; hit p50 with 10..10,000 entries",
+    "fuse": "fuse and switch LoRAs on an SD 1.5 UNet vs diffusers and vs the bare GEMMs",
 }
 
 

@@ -27,3 +27,9 @@ def _field_sum(smaps: str, keep_mapping, field: str) -> int:
             elif head == field and keep:
                 total += int(line.split()[1]) * 1024
     return total
+
+
+def anonymous_bytes(pid: int | None = None) -> int:
+    """Memory of ``pid`` backed by no file: a private copy of a LoRA lands here, a mapping of
+    the daemon's shared-memory file does not (even when no other process maps it yet)."""
+    return _field_sum(f"/proc/{pid or os.getpid()}/smaps_rollup", lambda _: True, "Anonymous:")

@@ -101,3 +101,27 @@ def save(tensors: dict[str, torch.Tensor], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
     return path
+
+
+SD15_UNET = dict(
+    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768,
+    attention_head_dim=8, sample_size=64,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+
+
+def sd15_shaped_pipeline(dtype: torch.dtype = torch.float32):
+    """A StableDiffusionPipeline whose UNet has SD 1.5's real shapes and random weights (the
+    other components are absent). Built on the meta device first: default init is slow."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SD15_UNET)
+    unet = unet.to_empty(device="cpu").to(dtype)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in unet.parameters():
+            parameter.normal_(0, 0.02, generator=generator)
+    return StableDiffusionPipeline(unet=unet, vae=None, text_encoder=None, tokenizer=None,
+                                   scheduler=None, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
