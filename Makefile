@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: venv
-	$(PY) examples/demo.py
+	PYTHONPATH=. $(PY) examples/demo.py
 
 test: venv
 	$(PY) -m pytest -q

@@ -1,15 +1,18 @@
 """`make demo`: the daemon on its default settings, and two worker processes sharing one LoRA.
 
-1. generates a demo LoRA (SD 1.5 UNet attention layers, rank 128, fp16) in a LoRA directory
-   under the per-user runtime directory;
+1. generates two demo LoRAs in a LoRA directory under the per-user runtime directory: one with
+   SD 1.5's attention shapes (rank 128, fp16), and one for the tiny SD pipeline the workers run;
 2. starts `loracache serve` on the default per-user socket, CPU device;
 3. starts two separate worker processes that acquire the same LoRA and print a checksum of its
-   tensors and their memory (PSS: each pays half of the one shared copy);
-4. prints `loracache stats` (one entry, one copy, two leases) and stops the daemon cleanly.
+   tensors and their memory (PSS: each pays half of the one shared copy), then each fuses the
+   same shared LoRA into its own tiny pipeline and prints a checksum of the image it generates
+   (the same in both);
+4. prints `loracache stats` (one copy per LoRA, two leases on each) and stops the daemon.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -21,8 +24,11 @@ from safetensors.torch import save_file
 
 from loracache.client import LoraCacheClient, LoraCacheError
 from loracache.shared.endpoints import default_socket_path, user_runtime_dir
+from tests.tiny import save, sd_lora_peft, tiny_sd_pipeline
 
 HERE = Path(__file__).resolve().parent
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no notes about optional extras
+WORKER_ENV = {**os.environ, "PYTHONPATH": str(HERE.parent)}  # workers import tests.tiny
 CLI = [sys.executable, "-m", "loracache.client.cli"]
 
 
@@ -62,16 +68,19 @@ def main() -> None:
     socket = default_socket_path()
     lora_dir = user_runtime_dir() / "demo-loras"
     lora = make_demo_lora(lora_dir / "ink.safetensors")
-    print(f"demo LoRA: {lora} ({lora.stat().st_size / 2**20:.1f} MiB)")
+    style = save(sd_lora_peft(tiny_sd_pipeline(), rank=4), lora_dir / "tiny-style.safetensors")
+    print(f"demo LoRAs: {lora} ({lora.stat().st_size / 2**20:.1f} MiB), {style.name}")
     print(f"starting: loracache serve --lora-dir {lora_dir} --devices cpu  (socket {socket})")
     daemon = subprocess.Popen([*CLI, "serve", "--lora-dir", str(lora_dir), "--devices", "cpu",
                                "--log-level", "WARNING"])
     try:
         wait_for_daemon(socket, daemon)
         workers = [subprocess.Popen([sys.executable, str(HERE / "demo_worker.py"), str(socket),
-                                     lora.name, name], stdin=subprocess.PIPE, text=True,
-                                    stdout=subprocess.PIPE) for name in ("worker-1", "worker-2")]
-        lines = [w.stdout.readline() for w in workers]  # each worker is now holding its lease
+                                     lora.name, style.name, name], stdin=subprocess.PIPE,
+                                    text=True, stdout=subprocess.PIPE, env=WORKER_ENV)
+                   for name in ("worker-1", "worker-2")]
+        # Each worker prints two lines (checksum, then image) and then holds its leases.
+        lines = [w.stdout.readline() + w.stdout.readline() for w in workers]
         for w in workers:  # both hold their lease: now the shared copy has two users
             w.stdin.write("report\n")
             w.stdin.flush()

@@ -1,4 +1,5 @@
-"""A demo worker: acquires the LoRA, prints a checksum and its memory, holds the lease."""
+"""A demo worker: leases the LoRAs, prints checksums and its memory, fuses one into its own
+tiny pipeline and prints a checksum of the image it generates; holds its leases until told."""
 
 import hashlib
 import os
@@ -6,10 +7,11 @@ import sys
 
 import torch
 
-from loracache.client import LoraCacheClient
+from loracache.client import LoraCacheClient, load_and_fuse_lora
 from loracache.shared.procmem import mapping_pss_bytes, pss_bytes
+from tests.tiny import image, tiny_sd_pipeline  # the same tiny pipeline the tests build
 
-socket, lora, name = sys.argv[1:4]
+socket, lora, style, name = sys.argv[1:5]
 MiB = 2**20
 
 with LoraCacheClient(socket) as client, client.acquire(lora, device="cpu") as lease:
@@ -18,9 +20,16 @@ with LoraCacheClient(socket) as client, client.acquire(lora, device="cpu") as le
         checksum.update(lease.tensors[key].view(-1).view(torch.uint8).numpy().tobytes())
     print(f"{name} (pid {os.getpid()}): {len(lease.tensors)} tensors, "
           f"{lease.entry.nbytes / MiB:.1f} MiB, sha256 {checksum.hexdigest()[:16]}", flush=True)
-    sys.stdin.readline()  # wait until both workers hold the lease, then report memory
+    pipe = tiny_sd_pipeline()
+    plain = image(pipe)
+    load_and_fuse_lora(pipe, style, adapter_name="style", lora_scale=0.8, client=client)
+    styled = image(pipe)
+    digest = hashlib.sha256(styled.numpy().round(decimals=5).tobytes()).hexdigest()[:16]
+    print(f"{name}: fused {style} into its own pipeline: image sha256 {digest}, "
+          f"mean pixel change {float((styled - plain).abs().mean()):.4f}", flush=True)
+    sys.stdin.readline()  # wait until both workers hold their leases, then report memory
     shared = mapping_pss_bytes("/loracache-")
-    print(f"{name}: PSS of the shared LoRA mapping {shared / MiB:.1f} MiB "
-          f"(the copy is {lease.entry.nbytes / MiB:.1f} MiB, split between its users); "
+    print(f"{name}: PSS of the shared LoRA mappings {shared / MiB:.1f} MiB "
+          f"(one copy of {lease.entry.nbytes / MiB:.1f} MiB, split between its users); "
           f"whole process PSS {pss_bytes() / MiB:.1f} MiB", flush=True)
-    sys.stdin.readline()  # hold the lease until the demo is done with stats
+    sys.stdin.readline()  # hold the leases until the demo is done with stats
