@@ -230,10 +230,13 @@ def _canonical_source(pipeline: Any, family: Family, source: Any, client: LoraCa
         return canonical_tensors(dict(source), family.name), None
     path = os.fspath(source)
     device = device_of(pipeline, family)
-    lease_device = device if device.type in ("cpu", "cuda") else torch.device("cpu")
     try:
         lender = client or _shared_client()
-        lease = lender.acquire(path, device=device_name(lease_device), layout=family.name)
+        # Lease on the pipeline's device when the daemon serves it; else on the CPU, and the
+        # fuser moves each layer's factors over while it works.
+        wanted = device_name(device) if device.type in ("cpu", "cuda") else "cpu"
+        lease = lender.acquire(path, device=wanted if wanted in lender.devices else "cpu",
+                               layout=family.name)
         return lease.tensors, lease
     except LoraCacheError as exc:
         if exc.code is not ErrorCode.DAEMON_UNAVAILABLE or fallback == "error":

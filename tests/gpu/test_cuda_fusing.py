@@ -1,0 +1,39 @@
+"""Fusing a LoRA leased over CUDA IPC into a pipeline on the GPU (`make test-gpu`)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from loracache.client import delete_adapters, load_and_fuse_lora, unfuse_lora
+from tests.tiny import save, sd_lora_peft, tiny_sd_pipeline, to_kohya
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fusing_from_a_cuda_lease_equals_diffusers(start_daemon, lora_dir, dtype):
+    daemon = start_daemon("--devices", "cpu,cuda:0", "--max-bytes", "1GiB")
+    pipe = tiny_sd_pipeline().to("cuda:0", dtype)
+    path = save(to_kohya(sd_lora_peft(pipe.to("cpu", torch.float32), convs=True), alpha=2.0),
+                lora_dir / "a.safetensors")
+    pipe = pipe.to("cuda:0", dtype)
+    reference = copy.deepcopy(pipe)
+    reference.load_lora_weights(str(path), adapter_name="a")
+    reference.fuse_lora(lora_scale=0.7)
+    reference.unload_lora_weights()
+    original = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    with daemon.client() as client:
+        load_and_fuse_lora(pipe, path, "a", lora_scale=0.7, client=client, restore="backup")
+        adapter = pipe._loracache.adapters["a"]
+        assert all(f.down.is_cuda for f in adapter.layers.values())  # leased on the GPU
+        tolerance = 1e-5 if dtype == torch.float32 else 2e-3
+        for key, expected in reference.unet.state_dict().items():
+            assert torch.allclose(pipe.unet.state_dict()[key].float(), expected.float(),
+                                  atol=tolerance), key
+        unfuse_lora(pipe)
+        assert all(torch.equal(pipe.unet.state_dict()[k], v) for k, v in original.items())
+        delete_adapters(pipe)
+        assert daemon.stats()["leases"] == 0
