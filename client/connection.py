@@ -230,10 +230,11 @@ class LoraCacheClient:
                 self._drop_socket()  # a late reply must not be read as the next one's
                 if isinstance(request, Hello):
                     raise self._unavailable(f"nobody answered within {timeout:g} s")
-                raise LoraCacheError(ErrorCode.TIMEOUT,
-                                     f"the daemon on {self.socket_path} did not answer {request.op} "
-                                     f"within {timeout:g} s; raise request_timeout if loads are "
-                                     "this slow, or check the daemon's log")
+                raise LoraCacheError(
+                    ErrorCode.TIMEOUT,
+                    f"the daemon on {self.socket_path} did not answer {request.op} within "
+                    f"{timeout:g} s; raise request_timeout if loads are this slow, or check the "
+                    "daemon's log")
             reply_id, result = decode_reply(sock.recv())
             if reply_id != request_id:
                 continue

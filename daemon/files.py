@@ -59,7 +59,8 @@ def identify(requested: str, roots: tuple[Path, ...]) -> FileIdentity:
     except FileNotFoundError:
         raise LoraCacheError(ErrorCode.NOT_FOUND, f"{path} does not exist") from None
     except OSError as exc:
-        raise LoraCacheError(ErrorCode.FORBIDDEN_PATH, f"cannot stat {path}: {exc.strerror}") from exc
+        raise LoraCacheError(ErrorCode.FORBIDDEN_PATH,
+                             f"cannot stat {path}: {exc.strerror}") from exc
     if not stat.S_ISREG(st.st_mode):
         raise LoraCacheError(ErrorCode.FORBIDDEN_PATH, f"{path} is not a regular file")
     return FileIdentity.of(path, st)

@@ -12,7 +12,8 @@ from safetensors.torch import save_file
 
 def tiny_sd_pipeline(dtype: torch.dtype = torch.float32, seed: int = 0):
     """An SD 1.x-shaped pipeline: UNet with attention and convolutions, CLIP text encoder."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline,
+                           UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
@@ -31,7 +32,8 @@ def tiny_sd_pipeline(dtype: torch.dtype = torch.float32, seed: int = 0):
         vocab_size=100))
     pipe = StableDiffusionPipeline(
         unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=None,
-        scheduler=DDIMScheduler(steps_offset=1, clip_sample=False), safety_checker=None, feature_extractor=None,
+        scheduler=DDIMScheduler(steps_offset=1, clip_sample=False), safety_checker=None,
+        feature_extractor=None,
         requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(dtype=dtype)
@@ -67,7 +69,8 @@ def peft_layers(model: torch.nn.Module, targets: list[str], rank: int, seed: int
             get_peft_model_state_dict(model, adapter_name="x").items()}
 
 
-def sd_lora_peft(pipe, rank: int = 4, seed: int = 1, convs: bool = False) -> dict[str, torch.Tensor]:
+def sd_lora_peft(pipe, rank: int = 4, seed: int = 1,
+                 convs: bool = False) -> dict[str, torch.Tensor]:
     """Diffusers/PEFT format: ``unet.<module>.lora_A.weight``, ``text_encoder.<module>...``."""
     unet = peft_layers(pipe.unet, UNET_TARGETS + (CONV_TARGETS if convs else []), rank, seed)
     te = peft_layers(pipe.text_encoder, TE_TARGETS, rank, seed + 1)
