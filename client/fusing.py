@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from loracache.shared.canonical import canonical_tensors
@@ -242,7 +243,9 @@ def _canonical_source(pipeline: Any, family: Family, source: Any, client: LoraCa
         if exc.code is not ErrorCode.DAEMON_UNAVAILABLE or fallback == "error":
             raise
         _warn_fallback(exc)
-    return canonical_tensors(load_file(path), family.name), None
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata()
+    return canonical_tensors(load_file(path), family.name, metadata), None
 
 
 def _release(adapter: Adapter) -> None:

@@ -51,7 +51,7 @@ def plan_load(identity: FileIdentity, layout: str) -> LoadPlan:
                         for record, spec in zip(header.tensors, packed.specs)]
             return LoadPlan(identity.path, f, packed, coalesce(segments), [])
         f.seek(0)
-        converted = canonical_tensors(load_safetensors(f.read()), layout)
+        converted = canonical_tensors(load_safetensors(f.read()), layout, header.metadata)
         packed = pack([_item(name, tensor) for name, tensor in converted.items()])
         tensors = [(spec.offset, converted[spec.name]) for spec in packed.specs]
         return LoadPlan(identity.path, f, packed, [], tensors)

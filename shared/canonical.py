@@ -12,6 +12,7 @@ UNSUPPORTED_FORMAT naming the format, never partially converted.
 
 from __future__ import annotations
 
+import json
 import re
 import types
 from typing import Any, Callable
@@ -22,6 +23,7 @@ from .errors import ErrorCode, LoraCacheError
 from .families import ALPHA, DOWN, FAMILIES, UNMATCHED, UP, Family
 
 RAW = "raw"
+ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' key for the saved LoraConfigs
 LAYOUTS = (RAW, *FAMILIES)
 
 # Formats recognised by a key fragment. Checked before conversion, because diffusers would
@@ -53,12 +55,17 @@ LOAD_KWARGS: dict[str, dict[str, Any]] = {
 }
 
 
-def canonical_tensors(state_dict: dict[str, torch.Tensor],
-                      family_name: str) -> dict[str, torch.Tensor]:
-    """Convert a LoRA state dict into the canonical layout of ``family_name``."""
+def canonical_tensors(state_dict: dict[str, torch.Tensor], family_name: str,
+                      metadata: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """Convert a LoRA state dict into the canonical layout of ``family_name``.
+
+    ``metadata`` is the file's safetensors metadata: diffusers stores the PEFT LoraConfig of
+    each component there (``lora_adapter_metadata``), and its alphas then win.
+    """
     family = FAMILIES[family_name]
     _refuse_unsupported(state_dict)
     converted, alphas = _read_with_diffusers(state_dict, family)
+    configs = _adapter_configs(metadata)
     canonical: dict[str, torch.Tensor] = {}
     for component in family.components:
         prefix = f"{component}."
@@ -66,7 +73,10 @@ def canonical_tensors(state_dict: dict[str, torch.Tensor],
         if not part:
             continue
         try:
-            canonical.update(_component_layers(component, part, alphas, family))
+            layers = _component_layers(component, part, alphas, family)
+            if component in configs:
+                _apply_config_alphas(layers, component, configs[component])
+            canonical.update(layers)
         except (ValueError, KeyError, IndexError) as exc:
             raise LoraCacheError(ErrorCode.UNSUPPORTED_FORMAT,
                                  f"cannot convert the {component} layers of this file for "
@@ -112,6 +122,53 @@ def _read_with_diffusers(state_dict: dict[str, torch.Tensor],
     else:
         converted, alphas = result, {}
     return converted, {k: float(v) for k, v in alphas.items()}
+
+
+def _adapter_configs(metadata: dict[str, str] | None) -> dict[str, dict[str, Any]]:
+    """The per-component LoraConfig dicts diffusers saves as ``<component>.<field>`` keys."""
+    raw = (metadata or {}).get(ADAPTER_METADATA_KEY)
+    if not raw:
+        return {}
+    try:
+        packed = json.loads(raw)
+    except ValueError as exc:
+        raise LoraCacheError(ErrorCode.INVALID_LORA,
+                             f"{ADAPTER_METADATA_KEY} in the file's metadata is not JSON: "
+                             f"{exc}") from exc
+    configs: dict[str, dict[str, Any]] = {}
+    for key, value in packed.items() if isinstance(packed, dict) else ():
+        component, _, field = key.partition(".")
+        configs.setdefault(component, {})[field] = value
+    return configs
+
+
+def _apply_config_alphas(layers: dict[str, torch.Tensor], component: str,
+                         config: dict[str, Any]) -> None:
+    """Replace alphas with those of a PEFT LoraConfig, as diffusers does when it has one.
+
+    rsLoRA scales by alpha / sqrt(rank); that is stored as an equivalent plain alpha.
+    """
+    lora_alpha = config.get("lora_alpha")
+    if lora_alpha is None:
+        return
+    patterns = config.get("alpha_pattern") or {}
+    for key in [k for k in layers if k.endswith(DOWN)]:
+        layer = key[:-len(DOWN)]
+        module = layer[len(component) + 1:]
+        alpha = float(next((v for pattern, v in patterns.items()
+                            if _peft_pattern_matches(pattern, module)), lora_alpha))
+        rank = layers[key].shape[0]
+        if config.get("use_rslora"):
+            alpha *= rank ** 0.5
+        layers[layer + ALPHA] = torch.tensor(alpha, dtype=torch.float32)
+
+
+def _peft_pattern_matches(pattern: str, module: str) -> bool:
+    """PEFT's rule for rank_pattern/alpha_pattern keys: a regex anchored with ``^``, or a
+    suffix of the module path at a dot boundary."""
+    if pattern.startswith("^"):
+        return re.match(pattern, module) is not None
+    return re.match(rf"(.*\.)?({pattern})$", module) is not None
 
 
 def _component_layers(component: str, part: dict[str, torch.Tensor], alphas: dict[str, float],

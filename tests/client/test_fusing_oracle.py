@@ -10,7 +10,7 @@ import torch
 
 from loracache.client import (delete_adapters, get_active_adapters, load_and_fuse_lora,
                               set_and_fuse_adapters, unfuse_lora)
-from tests.tiny import (image, save, sd_lora_peft, tiny_sd_pipeline, to_kohya,
+from tests.tiny import (UNET_TARGETS, image, save, sd_lora_peft, tiny_sd_pipeline, to_kohya,
                         to_legacy_diffusers)
 
 FORMATS = {
@@ -105,4 +105,27 @@ def test_unfuse_restores_the_weights(daemon, lora_dir, restore):
                 error = (after[key].float() - original[key].float()).abs()
                 assert bool((error <= ulp).all()), (key, float((error / ulp).max()))
         assert {k: v.data_ptr() for k, v in pipe.unet.named_parameters()} == pointers
+        delete_adapters(pipe)
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_saved_lora_config_alphas_are_honoured(daemon, lora_dir, rslora):
+    """diffusers' save_lora_weights stores each component's LoraConfig in the file's metadata;
+    its lora_alpha, alpha_pattern and use_rslora decide the scaling."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+
+    pipe = tiny_sd_pipeline()
+    peft_sd = sd_lora_peft(pipe)
+    config = LoraConfig(r=4, lora_alpha=8, alpha_pattern={"to_k": 2}, use_rslora=rslora,
+                        target_modules=UNET_TARGETS).to_dict()
+    config = {k: list(v) if isinstance(v, set) else v for k, v in config.items()}
+    StableDiffusionPipeline.save_lora_weights(
+        lora_dir, unet_lora_layers={k[5:]: v for k, v in peft_sd.items() if k.startswith("unet.")},
+        unet_lora_adapter_metadata=config, weight_name="meta.safetensors")
+    path = lora_dir / "meta.safetensors"
+    reference = diffusers_fused(pipe, path, 0.7)
+    with daemon.client() as client:
+        load_and_fuse_lora(pipe, path, "x", lora_scale=0.7, client=client)
+        assert_same_weights(weights(pipe), weights(reference))
         delete_adapters(pipe)
