@@ -188,8 +188,9 @@ def _refuse(state: PipelineLoras, wanted: dict[str, float]) -> None:
         if state.restore == "subtract":
             fuser.update(weight, remove=old, add=new)
         elif new:
-            base = state.backups.setdefault(key, weight.detach().to("cpu", copy=True))
-            fuser.update(weight, remove=[], add=new, base=base)
+            if key not in state.backups:  # first change of this weight: keep the original
+                state.backups[key] = weight.detach().to("cpu", copy=True)
+            fuser.update(weight, remove=[], add=new, base=state.backups[key])
         else:  # nothing fused here any more: put the original bits back
             with torch.no_grad():
                 weight.copy_(state.backups.pop(key))
