@@ -231,7 +231,7 @@ class AcquireResult:
 
 def encode_request(request_id: int, session: str, request: Request) -> bytes:
     body = {"v": PROTOCOL_VERSION, "id": request_id, "op": request.op, "session": session}
-    body.update(dataclasses.asdict(request))
+    body.update(vars(request))  # requests are flat: cheaper than dataclasses.asdict
     return msgpack.packb(body, use_bin_type=True)
 
 
