@@ -228,8 +228,8 @@ def _adapter(pipeline: Any, family: Family, name: str, tensors: Mapping[str, tor
 def _canonical_source(pipeline: Any, family: Family, source: Any, client: LoraCacheClient | None,
                       fallback: str) -> tuple[Mapping[str, torch.Tensor], Lease | None]:
     """The canonical tensors of ``source``, and the lease that lends them (if any)."""
-    if isinstance(source, Mapping):
-        return canonical_tensors(dict(source), family.name), None
+    if isinstance(source, Mapping):  # copied: diffusers' converters may scale tensors in place
+        return canonical_tensors({k: v.clone() for k, v in source.items()}, family.name), None
     path = os.fspath(source)
     device = device_of(pipeline, family)
     try:

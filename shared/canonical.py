@@ -93,6 +93,12 @@ def canonical_tensors(state_dict: dict[str, torch.Tensor], family_name: str,
 
 def _refuse_unsupported(state_dict: dict[str, torch.Tensor]) -> None:
     keys = list(state_dict)
+    peft_file = next((k for k in keys if k.startswith("base_model.model.")), None)
+    if peft_file is not None:
+        raise LoraCacheError(ErrorCode.UNSUPPORTED_FORMAT,
+                             f"a PEFT adapter_model file (key {peft_file!r}) names modules of the "
+                             "model PEFT wrapped, which diffusers pipelines do not share; save it "
+                             "with diffusers' save_lora_weights or in kohya format")
     if keys and all(SAFELORAS.match(k) for k in keys):
         raise LoraCacheError(ErrorCode.UNSUPPORTED_FORMAT,
                              "cloneofsimo/lora 'safeloras' format (keys like 'unet:0:up', which "

@@ -7,6 +7,8 @@ SD 1.x pipeline and the generic helpers (``peft_layers``, ``save``) are in :mod:
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from tests.tiny import CONV_TARGETS, TE_TARGETS, UNET_TARGETS, peft_layers
@@ -30,7 +32,8 @@ def t5_encoder():
 
     return T5EncoderModel(T5Config(
         vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
-        relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0))
+        relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0,
+        dropout_rate=0.0))
 
 
 def _flow_vae(latent_channels: int):
@@ -40,6 +43,15 @@ def _flow_vae(latent_channels: int):
                          layers_per_block=1, latent_channels=latent_channels, norm_num_groups=1,
                          use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609,
                          scaling_factor=1.5035)
+
+
+def _ready(pipe, dtype: torch.dtype):
+    """Models built from configs are in training mode: evaluation mode, so images repeat."""
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(dtype=dtype)
 
 
 # ------------------------------------------------------------------------------------ SDXL
@@ -71,8 +83,7 @@ def tiny_sdxl_pipeline(dtype: torch.dtype = torch.float32, seed: int = 0):
         text_encoder_2=CLIPTextModelWithProjection(clip_config()), tokenizer=None,
         tokenizer_2=None, unet=unet, scheduler=DDIMScheduler(steps_offset=1, clip_sample=False),
         force_zeros_for_empty_prompt=True)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(dtype=dtype)
+    return _ready(pipe, dtype)
 
 
 def sdxl_image(pipe, steps: int = 2) -> torch.Tensor:
@@ -85,7 +96,7 @@ def sdxl_image(pipe, steps: int = 2) -> torch.Tensor:
         out = pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled,
                    negative_prompt_embeds=torch.zeros_like(embeds),
                    negative_pooled_prompt_embeds=torch.zeros_like(pooled),
-                   num_inference_steps=steps, output_type="pt", height=32, width=32,
+                   num_inference_steps=steps, output_type="pt", height=16, width=16,
                    generator=torch.Generator().manual_seed(0))
     return out.images
 
@@ -113,6 +124,54 @@ def sdxl_to_kohya(peft_sd: dict[str, torch.Tensor], alpha: float) -> dict[str, t
     return kohya
 
 
+def kohya_with_alphas(peft_sd: dict[str, torch.Tensor], alphas: tuple[float, ...]
+                      ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """kohya-ss format (any family with kohya files: ``lora_unet_``, ``lora_te1_``...) with a
+    different alpha per layer (``alphas`` in turn), and the alpha of each module
+    (``<component>.<module path>``), to compute the expected weights directly."""
+    from diffusers.utils import convert_state_dict_to_kohya
+
+    modules = sorted({k.rsplit(".lora_", 1)[0] for k in peft_sd})
+    kohya, module_alphas = {}, {}
+    for index, module in enumerate(modules):
+        part = {k: v for k, v in peft_sd.items() if k.startswith(module + ".lora_")}
+        converted = convert_state_dict_to_kohya(part)
+        alpha = float(alphas[index % len(alphas)])
+        for key in [k for k in converted if k.endswith(".alpha")]:
+            converted[key] = torch.tensor(alpha)
+        assert len(converted) == 3 and not kohya.keys() & converted.keys(), sorted(converted)
+        kohya.update(converted)
+        module_alphas[module] = alpha
+    return kohya, module_alphas
+
+
+def to_sgm_names(kohya: dict[str, torch.Tensor],
+                 layers_per_block: int = 2) -> dict[str, torch.Tensor]:
+    """kohya UNet names in the original (SGM/LDM) layout, as many SDXL trainers write them:
+    ``lora_unet_down_blocks_1_attentions_0_...`` -> ``lora_unet_input_blocks_4_1_...``."""
+    per_block = layers_per_block + 1
+    inner = {"resnets": 0, "attentions": 1}
+
+    def rename(key: str) -> str:
+        if match := re.match(r"lora_unet_down_blocks_(\d+)_(resnets|attentions)_(\d+)_", key):
+            block, kind, layer = int(match[1]), match[2], int(match[3])
+            return f"lora_unet_input_blocks_{1 + block * per_block + layer}_{inner[kind]}_" + key[
+                match.end():]
+        if match := re.match(r"lora_unet_up_blocks_(\d+)_(resnets|attentions)_(\d+)_", key):
+            block, kind, layer = int(match[1]), match[2], int(match[3])
+            return f"lora_unet_output_blocks_{block * per_block + layer}_{inner[kind]}_" + key[
+                match.end():]
+        if match := re.match(r"lora_unet_mid_block_(resnets|attentions)_(\d+)_", key):
+            index = 1 if match[1] == "attentions" else 2 * int(match[2])
+            return f"lora_unet_middle_block_{index}_" + key[match.end():]
+        assert not key.startswith("lora_unet_"), key
+        return key
+
+    renamed = {rename(k): v for k, v in kohya.items()}
+    assert len(renamed) == len(kohya)
+    return renamed
+
+
 # ------------------------------------------------------------------------------------ Flux
 
 
@@ -129,8 +188,7 @@ def tiny_flux_pipeline(dtype: torch.dtype = torch.float32, seed: int = 0):
     pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=_flow_vae(1),
                         text_encoder=CLIPTextModel(clip_config()), tokenizer=None,
                         text_encoder_2=t5_encoder(), tokenizer_2=None, transformer=transformer)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(dtype=dtype)
+    return _ready(pipe, dtype)
 
 
 def flux_image(pipe, steps: int = 2) -> torch.Tensor:
@@ -212,8 +270,7 @@ def tiny_sd3_pipeline(dtype: torch.dtype = torch.float32, seed: int = 0):
         text_encoder=CLIPTextModelWithProjection(clip_config()), tokenizer=None,
         text_encoder_2=CLIPTextModelWithProjection(clip_config()), tokenizer_2=None,
         text_encoder_3=t5_encoder(), tokenizer_3=None)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(dtype=dtype)
+    return _ready(pipe, dtype)
 
 
 def sd3_image(pipe, steps: int = 2) -> torch.Tensor:
