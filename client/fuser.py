@@ -50,6 +50,14 @@ def update(weight: torch.Tensor, remove: list[Term], add: list[Term],
              for factors, w in group]
     downs = [factors.down.flatten(1).to(weight.device, torch.float32) for factors, _ in terms]
     with torch.no_grad():
+        if base is None and weight.dtype == torch.float32 and weight.is_contiguous():
+            # Already float32: accumulate straight into the weight, one pass per term and no
+            # temporary the size of the weight.
+            flat = weight.view(rows, width)
+            for (factors, scale), down in zip(terms, downs):
+                up = factors.up.flatten(1).to(weight.device, torch.float32)
+                flat.addmm_(up, down, alpha=scale)
+            return
         for start in range(0, rows, step):
             stop = min(rows, start + step)
             target = weight[start:stop]
