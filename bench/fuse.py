@@ -2,22 +2,23 @@
 against diffusers' load_lora_weights + fuse_lora and against the bare work.
 
 The UNet has the real SD 1.5 shapes (860 M parameters) and random weights; it is built on the
-meta device and filled from a small random pool, which takes a second instead of the minute of
-the default initialisation. The LoRAs are random, in diffusers' PEFT keys and fp16 like real
-files, on every attention projection, feed-forward and proj_in/proj_out layer of the UNet
-(256 tensors). Per dtype (float32, bfloat16) and rank (16, 128), in the same run:
+meta device and filled from a small random pool, a few seconds instead of the default
+initialisation's minute. The LoRAs are random, in diffusers' PEFT keys and fp16 like real files,
+on every attention projection, feed-forward and proj_in/proj_out layer of the UNet (192 layers,
+267 M weights; the text encoder is left out). Per dtype (float32, bfloat16) and rank (16, 128), in the same run:
 
 - loracache fuse: ``load_and_fuse_lora`` of a LoRA already in the daemon's cache (converted to
-  the SD layout), undone after each repetition by ``delete_adapters`` (timed apart, as unfuse);
+  the SD layout), so a hit; undone by ``delete_adapters`` (timed apart, as unfuse);
 - loracache switch, two ways: ``set_and_fuse_adapters`` with both LoRAs loaded (one pass over
   each touched weight), and ``delete_adapters`` + ``load_and_fuse_lora`` (two passes);
 - diffusers: ``load_lora_weights`` + ``fuse_lora``, and its switch sequence ``unfuse_lora``,
   ``unload_lora_weights``, ``load_lora_weights``, ``fuse_lora``;
 - the bare work, the physical limit: the same GEMMs and in-place weight updates written
   directly in torch, with the LoRA tensors already in memory. Per layer, fuse is
-  ``W += s * B @ A`` computed in float32 (an ``addmm_`` straight into a float32 weight; a
-  float32 copy, ``addmm_`` and ``copy_`` back for bfloat16); switch is the same with two GEMMs,
-  ``W += s * (B2 @ A2 - B1 @ A1)``, in one pass. The table also shows the naive one-liner
+  ``W += s * B @ A`` computed in float32: an ``addmm_`` straight into a float32 weight; for
+  bfloat16, 4 MiB of float32 rows at a time in one reused buffer (copy in, ``addmm_``, copy
+  back). Switch is the same with two GEMMs, ``W += s * (B2 @ A2 - B1 @ A1)``, in one pass. The
+  table also shows the naive one-liner
   ``W.copy_((W.float() + s * (B.float() @ A.float())).to(W.dtype))`` for comparison.
 
 A switch is timed both ways (A to B, then B to A), so each repetition gives two samples. The
@@ -28,6 +29,8 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
+import resource
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -43,6 +46,10 @@ from .common import (MiB, DaemonProcess, Report, Target, median, ms, ratio, scra
 
 TARGET_VS_BARE = 1.5  # every loracache fuse and switch at most 1.5 x the bare work
 TARGET_VS_DIFFUSERS = 0.1  # a cached rank-16 LoRA fuses at least 10 x faster than diffusers
+# The bare work updates a non-float32 weight through float32 rows of this size, reused: the
+# fastest we measured (a 2-core EPYC: 4 MiB beat whole layers by 15 %, fresh per-layer
+# temporaries by 2 x at rank 16; 256 KiB was 2 x slower). float32 weights need no copy.
+BARE_CHUNK_BYTES = 4 << 20
 
 SD15_UNET = dict(  # the UNet of runwayml/stable-diffusion-v1-5 (its config.json)
     block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768,
@@ -60,6 +67,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 BARE, NAIVE = "bare work: fuse", "bare work, naive one-liner: fuse"
 LC_FUSE, LC_UNFUSE = "loracache fuse (cached)", "loracache unfuse (delete_adapters)"
 DF_FUSE, DF_UNFUSE = "diffusers load + fuse", "diffusers unfuse + unload"
+DF_LOAD_PART, DF_FUSE_PART = "  of which load_lora_weights", "  of which fuse_lora"
 BARE_SWITCH = "bare work: switch"
 LC_SWITCH_SET = "loracache switch: set_and_fuse_adapters"
 LC_SWITCH_RELOAD = "loracache switch: delete + load_and_fuse"
@@ -70,12 +78,12 @@ Layer = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # weight as 2-D, down A
 
 
 def run(quick: bool) -> Report:
-    repetitions = 1 if quick else 3
+    repetitions = {16: 1} if quick else {16: 5, 128: 3}  # by rank
     configs = [("float32", 16)] if quick else [
         ("float32", 16), ("float32", 128), ("bfloat16", 16), ("bfloat16", 128)]
     ranks = sorted({rank for _, rank in configs})
     _quiet_diffusers()
-    started = time.monotonic()
+    machine = _MachineLoad()
     results: dict[tuple[str, int], Samples] = {}
     with scratch_dir() as loras:
         shapes = _lora_shapes()
@@ -93,9 +101,10 @@ def run(quick: bool) -> Report:
             for dtype_name in dict.fromkeys(d for d, _ in configs):
                 pipe = _sd15_pipeline(DTYPES[dtype_name])
                 try:
-                    for rank in [r for d, r in configs if d == dtype_name]:
+                    for i, rank in enumerate(r for d, r in configs if d == dtype_name):
                         bench = _Bench(pipe, client, files[rank]["a"], files[rank]["b"])
-                        results[dtype_name, rank] = bench.measure(repetitions)
+                        bench.warm_up(everything=i == 0)
+                        results[dtype_name, rank] = bench.measure(repetitions[rank])
                         del bench
                         gc.collect()
                 finally:
@@ -105,7 +114,7 @@ def run(quick: bool) -> Report:
                 raise RuntimeError("a timed loracache fuse missed the cache: "
                                    f"{_misses(client) - misses} misses")
         sizes = {rank: files[rank]["a"].stat().st_size for rank in ranks}
-    return _report(results, shapes, sizes, repetitions, time.monotonic() - started)
+    return _report(results, shapes, sizes, repetitions, machine.stop())
 
 
 # ---------------------------------------------------------------------------- the cases
@@ -119,6 +128,17 @@ class _Bench:
     def __init__(self, pipe: Any, client: LoraCacheClient, path_a: Path, path_b: Path) -> None:
         self.pipe, self.client, self.paths = pipe, client, {"a": path_a, "b": path_b}
         self.layers = {name: _bare_layers(pipe.unet, path) for name, path in self.paths.items()}
+        self.workspace = _bare_workspace(self.layers["a"])
+
+    def warm_up(self, everything: bool) -> None:
+        """First calls pay for imports, allocator growth and the like; not what is measured."""
+        _bare_update(self.layers["a"], 1.0, self.workspace)
+        _bare_update(self.layers["a"], -1.0, self.workspace)
+        if everything:
+            self._lc_load("a")
+            delete_adapters(self.pipe)
+            self._df_load("a")
+            self._df_unload()
 
     def measure(self, repetitions: int) -> Samples:
         cases: list[Callable[[], Samples]] = [self.bare, self.naive, self.loracache,
@@ -131,16 +151,16 @@ class _Bench:
         return samples
 
     def bare(self) -> Samples:
-        a, b = self.layers["a"], self.layers["b"]
-        fuse = _timed(lambda: _bare_update(a, 1.0))
-        there = _timed(lambda: _bare_switch(a, b))
-        back = _timed(lambda: _bare_switch(b, a))
-        _bare_update(a, -1.0)
+        a, b, workspace = self.layers["a"], self.layers["b"], self.workspace
+        fuse = _timed(lambda: _bare_update(a, 1.0, workspace))
+        there = _timed(lambda: _bare_switch(a, b, workspace))
+        back = _timed(lambda: _bare_switch(b, a, workspace))
+        _bare_update(a, -1.0, workspace)
         return {BARE: [fuse], BARE_SWITCH: [there, back]}
 
     def naive(self) -> Samples:
         fuse = _timed(lambda: _naive_update(self.layers["a"], 1.0))
-        _bare_update(self.layers["a"], -1.0)
+        _bare_update(self.layers["a"], -1.0, self.workspace)
         return {NAIVE: [fuse]}
 
     def loracache(self) -> Samples:
@@ -157,11 +177,14 @@ class _Bench:
                 LC_SWITCH_RELOAD: [there, back]}
 
     def diffusers(self) -> Samples:
-        fuse = _timed(lambda: self._df_load("a"))
+        load = _timed(lambda: self.pipe.load_lora_weights(str(self.paths["a"]),
+                                                          adapter_name="a"))
+        fuse = _timed(self.pipe.fuse_lora)
         there = _timed(lambda: (self._df_unload(), self._df_load("b")))
         back = _timed(lambda: (self._df_unload(), self._df_load("a")))
         unfuse = _timed(self._df_unload)
-        return {DF_FUSE: [fuse], DF_UNFUSE: [unfuse], DF_SWITCH: [there, back]}
+        return {DF_FUSE: [load + fuse], DF_LOAD_PART: [load], DF_FUSE_PART: [fuse],
+                DF_UNFUSE: [unfuse], DF_SWITCH: [there, back]}
 
     def _lc_load(self, name: str) -> None:
         load_and_fuse_lora(self.pipe, self.paths[name], name, client=self.client,
@@ -201,25 +224,45 @@ def _bare_layers(unet: torch.nn.Module, path: Path) -> list[Layer]:
     return layers
 
 
+def _bare_workspace(layers: list[Layer]) -> torch.Tensor:
+    """The float32 rows a non-float32 weight is updated in, allocated once."""
+    return torch.zeros(max(_bare_step(w) * w.shape[1] for w, _, _ in layers))
+
+
+def _bare_step(weight: torch.Tensor) -> int:
+    return max(1, BARE_CHUNK_BYTES // (4 * weight.shape[1]))
+
+
 @torch.no_grad()
-def _bare_update(layers: list[Layer], scale: float) -> None:
-    """W += scale * B @ A for each layer, in float32, in place."""
+def _bare_apply(weight: torch.Tensor, terms: list[tuple[torch.Tensor, torch.Tensor, float]],
+                workspace: torch.Tensor) -> None:
+    """weight += sum of scale * B @ A over ``terms`` (A, B, scale), in float32, in place: an
+    ``addmm_`` straight into a float32 weight, else through float32 rows of ``workspace``."""
+    terms = [(down.float(), up.float(), scale) for down, up, scale in terms]
+    if weight.dtype == torch.float32:
+        for down, up, scale in terms:
+            weight.addmm_(up, down, alpha=scale)
+        return
+    step = _bare_step(weight)
+    for start in range(0, weight.shape[0], step):
+        rows = weight[start:start + step]
+        acc = workspace[:rows.numel()].view(rows.shape)
+        acc.copy_(rows)
+        for down, up, scale in terms:
+            acc.addmm_(up[start:start + step], down, alpha=scale)
+        rows.copy_(acc)
+
+
+def _bare_update(layers: list[Layer], scale: float, workspace: torch.Tensor) -> None:
+    """W += scale * B @ A for each layer."""
     for weight, down, up in layers:
-        acc = weight if weight.dtype == torch.float32 else weight.float()
-        acc.addmm_(up.float(), down.float(), alpha=scale)
-        if acc is not weight:
-            weight.copy_(acc)
+        _bare_apply(weight, [(down, up, scale)], workspace)
 
 
-@torch.no_grad()
-def _bare_switch(old: list[Layer], new: list[Layer]) -> None:
-    """W += B2 @ A2 - B1 @ A1 for each layer, in float32, in one pass."""
+def _bare_switch(old: list[Layer], new: list[Layer], workspace: torch.Tensor) -> None:
+    """W += B2 @ A2 - B1 @ A1 for each layer, in one pass."""
     for (weight, down_old, up_old), (_, down_new, up_new) in zip(old, new):
-        acc = weight if weight.dtype == torch.float32 else weight.float()
-        acc.addmm_(up_old.float(), down_old.float(), alpha=-1.0)
-        acc.addmm_(up_new.float(), down_new.float())
-        if acc is not weight:
-            weight.copy_(acc)
+        _bare_apply(weight, [(down_old, up_old, -1.0), (down_new, up_new, 1.0)], workspace)
 
 
 @torch.no_grad()
@@ -290,6 +333,45 @@ def _write_peft_lora(path: Path, shapes: dict[str, torch.Size], rank: int, seed:
     return path
 
 
+class _MachineLoad:
+    """How much of the machine's CPU time other processes took while the benchmark ran.
+
+    Fusing is bound by memory bandwidth and by GEMMs spread over every core, so work elsewhere
+    on the machine slows it a lot and unevenly (on a busy 2-core machine some steps took 20 x
+    longer); the report says so rather than hiding it. Linux only (``/proc/stat``); elsewhere
+    the share is not reported."""
+
+    def __init__(self) -> None:
+        self.started, self.busy, self.own = time.monotonic(), _busy_cpu_s(), _own_cpu_s()
+
+    def stop(self) -> dict[str, float | None]:
+        elapsed = time.monotonic() - self.started
+        busy = _busy_cpu_s()
+        share = None
+        if busy is not None and self.busy is not None:
+            others = max(0.0, busy - self.busy - (_own_cpu_s() - self.own))
+            share = others / (elapsed * (os.cpu_count() or 1))
+        return {"elapsed_s": elapsed, "others_cpu_share": share,
+                "loadavg_end": os.getloadavg()[0]}
+
+
+def _busy_cpu_s() -> float | None:
+    """Seconds of CPU time spent by everything on the machine since boot, idle excluded."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return None
+    ticks = [int(v) for v in fields[:8]]  # user nice system idle iowait irq softirq steal
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_s() -> float:
+    """CPU time of this process and of its children (the daemon's counts once it is reaped;
+    it idles while fusing, so it is counted as another process's, a few hundredths at most)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
 def _misses(client: LoraCacheClient) -> int:
     return next(d for d in client.stats()["devices"] if d["device"] == "cpu")["misses"]
 
@@ -306,47 +388,75 @@ def _quiet_diffusers() -> None:
 # ---------------------------------------------------------------------------------- report
 
 
+ROWS = [  # (case, the bare case it is compared with, the diffusers case of the same kind)
+    (BARE, BARE, None), (NAIVE, BARE, None), (LC_FUSE, BARE, DF_FUSE), (DF_FUSE, BARE, None),
+    (DF_LOAD_PART, BARE, None), (DF_FUSE_PART, BARE, None),
+    (LC_UNFUSE, BARE, DF_UNFUSE), (DF_UNFUSE, BARE, None),
+    (BARE_SWITCH, BARE_SWITCH, None), (LC_SWITCH_SET, BARE_SWITCH, DF_SWITCH),
+    (LC_SWITCH_RELOAD, BARE_SWITCH, DF_SWITCH), (DF_SWITCH, BARE_SWITCH, None)]
+
+
 def _report(results: dict[tuple[str, int], Samples], shapes: dict[str, torch.Size],
-            sizes: dict[int, int], repetitions: int, elapsed: float) -> Report:
+            sizes: dict[int, int], repetitions: dict[int, int],
+            machine: dict[str, float | None]) -> Report:
     params = sum(shape.numel() for shape in shapes.values())
     rows, targets, data = [], [], {}
     for (dtype_name, rank), samples in results.items():
         med = {name: median(values) for name, values in samples.items()}
-        gflop = 2 * rank * params / 1e9
-        baselines = {BARE: BARE, NAIVE: BARE, LC_FUSE: BARE, DF_FUSE: BARE, LC_UNFUSE: BARE,
-                     DF_UNFUSE: BARE, BARE_SWITCH: BARE_SWITCH, LC_SWITCH_SET: BARE_SWITCH,
-                     LC_SWITCH_RELOAD: BARE_SWITCH, DF_SWITCH: BARE_SWITCH}
-        for name, values in samples.items():
-            vs_diffusers = {LC_FUSE: DF_FUSE, LC_UNFUSE: DF_UNFUSE, LC_SWITCH_SET: DF_SWITCH,
-                            LC_SWITCH_RELOAD: DF_SWITCH}.get(name)
+        for name, bare, diffusers in ROWS:
+            values = samples[name]
             rows.append([dtype_name, rank, name, ms(med[name]), ms(min(values)), ms(max(values)),
-                         x(ratio(med[name], med[baselines[name]])),
-                         x(ratio(med[vs_diffusers], med[name])) if vs_diffusers else ""])
+                         x(ratio(med[name], med[bare])),
+                         x(ratio(med[diffusers], med[name])) if diffusers else ""])
         label = f"{dtype_name} r{rank}"
-        for name in (LC_FUSE, LC_SWITCH_SET, LC_SWITCH_RELOAD):
-            targets.append(Target(f"{label}: {name} / bare work", ratio(med[name],
-                                  med[baselines[name]]), TARGET_VS_BARE))
+        for name, bare, _ in ROWS:
+            if name in (LC_FUSE, LC_SWITCH_SET, LC_SWITCH_RELOAD):
+                targets.append(Target(f"{label}: {name} / bare work",
+                                      ratio(med[name], med[bare]), TARGET_VS_BARE))
         if rank == 16:
             targets.append(Target(f"{label}: {LC_FUSE} / {DF_FUSE}",
                                   ratio(med[LC_FUSE], med[DF_FUSE]), TARGET_VS_DIFFUSERS))
-        data[label] = {"samples_s": samples, "median_s": med, "gflop_fuse": gflop,
-                       "bare_fuse_gflops": gflop / med[BARE],
-                       "diffusers_over_loracache_fuse": ratio(med[DF_FUSE], med[LC_FUSE]),
-                       "loracache_fuse_over_bare": ratio(med[LC_FUSE], med[BARE])}
-    data.update({"lora_layers": len(shapes), "lora_tensors": 2 * len(shapes),
-                 "weights_touched": params, "lora_file_bytes": sizes, "repetitions": repetitions,
-                 "torch_threads": torch.get_num_threads(), "elapsed_s": elapsed})
+        gflop = 2 * rank * params / 1e9
+        data[label] = {
+            "samples_s": samples, "median_s": med, "gflop_per_fuse": gflop,
+            "bare_fuse_gflops": gflop / med[BARE],
+            "diffusers_over_loracache_fuse": ratio(med[DF_FUSE], med[LC_FUSE]),
+            "diffusers_over_bare_fuse": ratio(med[DF_FUSE], med[BARE]),
+            "loracache_over_bare": {name: ratio(med[name], med[bare]) for name, bare, _ in ROWS
+                                    if name.startswith("loracache")}}
+    data.update({"lora_layers": len(shapes), "weights_touched": params,
+                 "lora_file_bytes": sizes, "repetitions": repetitions,
+                 "torch_threads": torch.get_num_threads(), **machine})
+    counts = [(rank, n) for rank, n in repetitions.items() if rank in sizes]
+    reps = (f"medians of {counts[0][1]} repetitions at rank {counts[0][0]}, " + ", ".join(
+        f"{n} at rank {rank}" for rank, n in counts[1:]) if len(counts) > 1
+        else f"median of {counts[0][1]} repetition{'s' if counts[0][1] > 1 else ''}")
     return Report(
         name="fuse",
         title=f"fuse and switch of a {len(shapes)}-layer LoRA on an SD 1.5 UNet (CPU, "
-              f"{params / 1e6:.0f} M weights touched), median of {repetitions} (switches: "
-              f"{2 * repetitions}, both ways)",
+              f"{params / 1e6:.0f} M weights touched); {reps}",
         headers=["dtype", "rank", "case", "median", "min", "max", "/ bare work",
                  "diffusers / this"],
         rows=rows, targets=targets, data=data,
         notes=["'/ bare work': fuse and unfuse rows over the bare fuse, switch rows over the "
-               "bare switch (both GEMMs in one pass over each weight)",
-               "'diffusers / this': the diffusers row of the same kind over this row (how many "
-               "times faster loracache is)",
+               "bare switch (both GEMMs in one pass over each weight); a switch has two "
+               "samples per repetition (A to B and back)",
+               "'diffusers / this': the diffusers row of the same kind over this row, i.e. "
+               "how many times faster loracache is",
+               "diffusers load + fuse over the bare fuse is the most any fuser could gain on "
+               "diffusers here: " + ", ".join(
+                   f"{label} {d['diffusers_over_bare_fuse']:.1f} x" for label, d in data.items()
+                   if isinstance(d, dict) and "diffusers_over_bare_fuse" in d),
                f"LoRA files: {', '.join(f'rank {r} {s / MiB:.1f} MiB' for r, s in sizes.items())}"
-               f"; a fuse is {2 * params / 1e9:.2f} x rank GFLOP"])
+               f"; a fuse is {2 * params / 1e9:.2f} x rank GFLOP; torch uses "
+               f"{torch.get_num_threads()} threads",
+               _load_note(machine)])
+
+
+def _load_note(machine: dict[str, float | None]) -> str:
+    share = machine["others_cpu_share"]
+    if share is None:
+        return "the load of other processes was not measured (no /proc/stat)"
+    verdict = ("the machine was busy: timings are inflated, unevenly; the min column suffers "
+               "least" if share > 0.1 else "the machine was otherwise quiet")
+    return f"other processes used {share:.0%} of the CPUs during the run: {verdict}"
