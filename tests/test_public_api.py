@@ -7,7 +7,24 @@ from loracache.shared.errors import ErrorCode
 
 
 def test_client_exports():
-    assert sorted(client.__all__) == ["ErrorCode", "Lease", "LoraCacheClient", "LoraCacheError"]
+    assert sorted(client.__all__) == [
+        "ErrorCode", "Lease", "LoraCacheClient", "LoraCacheError", "clear_lora_cache",
+        "delete_adapters", "get_active_adapters", "load_and_fuse_lora", "set_and_fuse_adapters",
+        "unfuse_lora"]
+
+
+def test_fusing_signatures_match_onediffx():
+    assert str(inspect.signature(client.load_and_fuse_lora)).startswith(
+        "(pipeline: 'Any', source: 'str | os.PathLike[str] | Mapping[str, torch.Tensor]', "
+        "adapter_name: 'str | None' = None, *, lora_scale: 'float' = 1.0, "
+        "memory_efficient: 'bool' = True, client: 'LoraCacheClient | None' = None, "
+        "strict: 'bool' = True, restore: 'str' = 'subtract', fallback: 'str' = 'local')")
+    for name in ("unfuse_lora", "get_active_adapters"):
+        assert list(inspect.signature(getattr(client, name)).parameters) == ["pipeline"]
+    assert list(inspect.signature(client.set_and_fuse_adapters).parameters) == [
+        "pipeline", "adapter_names", "adapter_weights"]
+    assert list(inspect.signature(client.delete_adapters).parameters) == [
+        "pipeline", "adapter_names"]
 
 
 def test_client_signatures():

@@ -10,18 +10,24 @@ import torch
 from safetensors.torch import save_file
 
 
-def tiny_sd_pipeline(dtype: torch.dtype = torch.float32, seed: int = 0):
-    """An SD 1.x-shaped pipeline: UNet with attention and convolutions, CLIP text encoder."""
+def tiny_sd_pipeline(dtype: torch.dtype = torch.float32, seed: int = 0, smallest: bool = False):
+    """An SD 1.x-shaped pipeline: UNet with attention and convolutions, CLIP text encoder.
+
+    ``smallest``: one cross-attention block per side, for tests that loop a thousand times.
+    """
     from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline,
                            UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=2, sample_size=16, in_channels=4,
-        out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
-        norm_num_groups=8)
+    blocks = dict(block_out_channels=(32,), layers_per_block=1,
+                  down_block_types=("CrossAttnDownBlock2D",),
+                  up_block_types=("CrossAttnUpBlock2D",)) if smallest else dict(
+        block_out_channels=(32, 64), layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
+    unet = UNet2DConditionModel(**blocks, sample_size=16, in_channels=4, out_channels=4,
+                                cross_attention_dim=32, norm_num_groups=8)
     vae = AutoencoderKL(block_out_channels=(16, 32), in_channels=3, out_channels=3,
                         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
                         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
@@ -86,6 +92,8 @@ def to_kohya(peft_sd: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.
     for component, prefix in (("unet", "lora_unet"), ("text_encoder", "lora_te")):
         part = {k[len(component) + 1:]: v for k, v in peft_sd.items()
                 if k.startswith(component + ".")}
+        if not part:
+            continue
         for key, value in convert_state_dict_to_kohya(part).items():
             kohya[f"{prefix}_{key.removeprefix('lora_unet_').removeprefix('lora_te_')}"
                   if not key.startswith(prefix) else key] = value

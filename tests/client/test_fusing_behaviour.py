@@ -92,10 +92,13 @@ def test_parameters_keep_identity_and_factors_are_views_of_the_lease(daemon, lor
 
 
 def test_drift_after_1000_cycles_is_no_worse_than_diffusers(daemon, lora_dir):
-    pipe = tiny_sd_pipeline(dtype=torch.float16)
-    path = save(to_kohya(sd_lora_peft(pipe, rank=8), alpha=4.0), lora_dir / "a.safetensors")
+    # The smallest UNet and a UNet-only LoRA: drift is per weight, and diffusers' fuse_lora
+    # walks every module of every component on each of its thousand calls.
+    pipe = tiny_sd_pipeline(dtype=torch.float16, smallest=True)
+    lora = {k: v for k, v in sd_lora_peft(pipe, rank=8).items() if k.startswith("unet.")}
+    path = save(to_kohya(lora, alpha=4.0), lora_dir / "a.safetensors")
     original = {k: v.detach().clone() for k, v in pipe.unet.state_dict().items()}
-    reference = tiny_sd_pipeline(dtype=torch.float16)
+    reference = tiny_sd_pipeline(dtype=torch.float16, smallest=True)
     with daemon.client() as client:
         load_and_fuse_lora(pipe, path, "a", client=client)
         unfuse_lora(pipe)
@@ -106,8 +109,8 @@ def test_drift_after_1000_cycles_is_no_worse_than_diffusers(daemon, lora_dir):
         delete_adapters(pipe)
     reference.load_lora_weights(str(path), adapter_name="a")
     for _ in range(1000):
-        reference.fuse_lora()
-        reference.unfuse_lora()
+        reference.fuse_lora(components=["unet"])
+        reference.unfuse_lora(components=["unet"])
     reference.unload_lora_weights()
     theirs = drift(original, reference.unet.state_dict())
     print(f"fp16 drift after 1000 fuse/unfuse cycles: loracache max {ours[0]:.3g} "

@@ -15,6 +15,9 @@ class SizedBuffer(DeviceBuffer):
     def fill(self, f, segments):
         raise AssertionError("the cache must not fill buffers")
 
+    def write_tensors(self, items):
+        raise AssertionError("the cache must not fill buffers")
+
     def export(self):
         raise AssertionError("the cache must not export buffers")
 
