@@ -20,6 +20,7 @@ from loracache.client.pipelines import fusable_module
 from loracache.shared.canonical import canonical_tensors
 from loracache.shared.errors import ErrorCode, LoraCacheError
 from loracache.shared.families import ALPHA, DOWN, UNMATCHED, UP
+from tests.client.test_fusing_oracle import assert_same_weights
 from tests.support import REPO, Daemon
 from tests.tiny import save, sd_lora_peft, tiny_sd_pipeline
 from tests.tiny_families import (flux_image, flux_lora_kohya, flux_lora_peft, kohya_with_alphas,
@@ -75,14 +76,6 @@ def weights(pipe) -> dict[str, torch.Tensor]:
     """Every tensor of every model component (so changes anywhere are seen)."""
     return {f"{name}.{k}": v.detach().clone() for name, module in pipe.components.items()
             if isinstance(module, torch.nn.Module) for k, v in module.state_dict().items()}
-
-
-def assert_same_weights(ours: dict, reference: dict, rtol: float = 1e-5) -> None:
-    assert ours.keys() == reference.keys()
-    for key, expected in reference.items():
-        scale = max(1.0, float(expected.abs().max()))
-        diff = float((ours[key].float() - expected.float()).abs().max())
-        assert diff <= rtol * scale, f"{key}: max difference {diff}"
 
 
 def changed(after: dict, before: dict) -> set[str]:
