@@ -60,9 +60,6 @@ class MappingRegistry:
             if mapping.leases == 0:
                 del self._mappings[key]
 
-    def is_mapped(self, instance: str, entry_id: str) -> bool:
-        return (instance, entry_id) in self._mappings
-
 
 MAPPINGS = MappingRegistry()
 

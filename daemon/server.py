@@ -28,6 +28,7 @@ from loracache.shared.transport.shm import ShmTransport
 
 from .config import ConfigError, DaemonConfig
 from .service import CacheService
+from .sessions import pid_alive
 
 log = logging.getLogger("loracache.daemon")
 
@@ -62,22 +63,13 @@ def instance_shm_dir(root: Path) -> Path:
     base.mkdir(mode=SOCKET_DIR_MODE, exist_ok=True)
     for stale in base.iterdir():
         pid = stale.name.split("-", 1)[0]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             for leftover in stale.glob("*"):
                 leftover.unlink()
             stale.rmdir()
             log.info("removed stale shared-memory directory %s", stale)
     return base / f"{os.getpid()}-{os.urandom(4).hex()}"
 
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _claim_socket_path(path: Path) -> None:

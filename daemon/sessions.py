@@ -17,6 +17,17 @@ from loracache.shared.errors import ErrorCode, LoraCacheError
 from .cache import Entry
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (in this PID namespace)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, it is just not ours
+    return True
+
+
 @dataclasses.dataclass(eq=False)
 class Lease:
     """One session's loan of one entry; the entry's cache counts it until it is given back."""
@@ -35,15 +46,8 @@ class Session:
 
     def process_alive(self) -> bool:
         """Whether the client's process still exists (same PID namespace as the daemon)."""
-        if self.pid <= 0:
-            return True  # unknown: assume the worst for memory safety, i.e. still mapped
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
+        # An unknown pid counts as alive: assume the worst for memory safety, i.e. still mapped.
+        return self.pid <= 0 or pid_alive(self.pid)
 
 
 class SessionTable:

@@ -40,7 +40,6 @@ REQUEST_LIMITS = UnpackLimits(max_bytes=1 << 20, max_str_len=8192, max_container
 # The largest reply is a tensor table of a big LoRA, or `list` on a cache of 10,000s of entries.
 REPLY_LIMITS = UnpackLimits(max_bytes=64 << 20, max_str_len=1 << 20, max_container_len=1 << 22,
                             max_depth=16)
-MAX_MESSAGE_BYTES = REQUEST_LIMITS.max_bytes
 
 
 # ---------------------------------------------------------------------------------- requests
