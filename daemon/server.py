@@ -71,7 +71,6 @@ def instance_shm_dir(root: Path) -> Path:
     return base / f"{os.getpid()}-{os.urandom(4).hex()}"
 
 
-
 def _claim_socket_path(path: Path) -> None:
     """Create the socket's directory; remove a stale socket, refuse a live one."""
     path.parent.mkdir(mode=SOCKET_DIR_MODE, parents=True, exist_ok=True)
