@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-gpu bench clean
+.PHONY: venv systemd-tools demo test test-gpu bench clean
 
 # A host that already has torch (a GPU host with its CUDA build) keeps it: the venv then sees the
 # system packages. Elsewhere the CPU build is installed, never an unpinned (CUDA) torch.
@@ -24,7 +24,14 @@ venv: $(STAMP)
 demo: venv
 	PYTHONPATH=. $(PY) examples/demo.py
 
-test: venv
+# tests/service verifies the systemd unit with systemd-analyze: Debian's systemd package.
+systemd-tools:
+	@command -v systemd-analyze >/dev/null || { \
+	  if [ "$$(id -u)" -eq 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends systemd; }
+
+test: venv systemd-tools
 	$(PY) -m pytest -q
 
 test-gpu: venv

@@ -1,4 +1,10 @@
-"""The ``loracache`` command: run the daemon, and look at or manage a running one."""
+"""The ``loracache`` command: run the daemon, and look at or manage a running one.
+
+Every command finds the daemon the same way: ``--socket``, else ``$LORACACHE_SOCKET``, else the
+``socket`` of the configuration file (``--config``, ``$LORACACHE_CONFIG``, or
+/etc/loracache/config.toml), else the system socket or the per-user one. Exit codes: 0 done,
+1 the daemon refused (the message has its error code), 2 no daemon answered or bad usage.
+"""
 
 from __future__ import annotations
 
@@ -6,66 +12,108 @@ import argparse
 import json
 import sys
 import time
+from datetime import datetime
 from typing import Any, Callable
 
+from loracache.shared.endpoints import default_socket_path
 from loracache.shared.errors import ErrorCode, LoraCacheError
+from loracache.shared.humanize import human_bytes, human_duration
 
 from .connection import LoraCacheClient
 
+UNREACHABLE = 2  # also argparse's exit code for bad usage
+
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="loracache", description=__doc__)
-    parser.add_argument("--socket", help="daemon socket (default: $LORACACHE_SOCKET, the system "
-                                         "socket, or the per-user one)")
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    serve = commands.add_parser("serve", help="run the daemon in the foreground")
-    from loracache.daemon.cli import add_serve_arguments  # the CLI may use both sides
-
-    add_serve_arguments(serve)
-    for name, help_text in (("stats", "per-device cache counters"), ("ls", "cached entries")):
-        sub = commands.add_parser(name, help=help_text)
-        sub.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    preload = commands.add_parser("preload", help="load a LoRA into the cache")
-    preload.add_argument("path")
-    preload.add_argument("--device", default="cpu")
-    preload.add_argument("--layout", default="raw")
-    preload.add_argument("--pin", action="store_true", help="keep it from eviction")
-    evict = commands.add_parser("evict", help="evict the unleased entries of a file")
-    evict.add_argument("path")
-    commands.add_parser("clear", help="evict every unleased entry")
-    commands.add_parser("ping", help="exit 0 when the daemon answers, 1 when it does not")
-
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     if args.command == "serve":
-        from loracache.daemon.cli import serve as run_serve
+        from loracache.daemon.cli import serve  # the CLI may use both sides
 
-        return run_serve(args)
-    return _with_client(args, COMMANDS[args.command])
-
-
-def _with_client(args: argparse.Namespace, command: Callable[[LoraCacheClient, Any], int]) -> int:
+        return serve(args)
     try:
-        with LoraCacheClient(args.socket, heartbeat=False) as client:
-            return command(client, args)
+        socket = args.socket or default_socket_path(args.config)
+    except ValueError as exc:
+        print(f"loracache: {exc}", file=sys.stderr)
+        return UNREACHABLE
+    try:
+        with LoraCacheClient(socket, heartbeat=False) as client:
+            return COMMANDS[args.command](client, args)
     except LoraCacheError as exc:
         print(f"loracache: {exc}", file=sys.stderr)
-        return 2 if exc.code in (ErrorCode.DAEMON_UNAVAILABLE, ErrorCode.TIMEOUT) else 1
+        return UNREACHABLE if exc.code in (ErrorCode.DAEMON_UNAVAILABLE, ErrorCode.TIMEOUT) else 1
+    except KeyboardInterrupt:  # the way out of --watch
+        return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loracache", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    where = argparse.ArgumentParser(add_help=False)  # accepted before or after the command
+    for target, default in ((parser, None), (where, argparse.SUPPRESS)):
+        target.add_argument("--socket", default=default, help="the daemon's socket")
+        target.add_argument("--config", default=default, metavar="FILE",
+                            help="configuration file to read the socket from")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    from loracache.daemon.cli import add_serve_arguments  # light: no torch until it serves
+
+    add_serve_arguments(commands.add_parser("serve", help="run the daemon in the foreground"))
+    stats = commands.add_parser("stats", parents=[where], help="per-device cache counters")
+    stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    stats.add_argument("--watch", type=float, metavar="SECONDS",
+                       help="print again every SECONDS until interrupted")
+    listing = commands.add_parser("ls", parents=[where], help="cached entries")
+    listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    preload = commands.add_parser("preload", parents=[where], help="load a LoRA into the cache")
+    preload.add_argument("path", help="file under one of the daemon's LoRA directories")
+    preload.add_argument("--device", default="cpu", help="cpu, cuda:<index> or cuda:<GPU-uuid>")
+    preload.add_argument("--layout", default="raw", help="raw, sd, sdxl, sd3 or flux")
+    preload.add_argument("--pin", action="store_true", help="keep it from eviction")
+    evict = commands.add_parser("evict", parents=[where],
+                                help="evict the unleased entries of a file, or all of them")
+    target = evict.add_mutually_exclusive_group(required=True)
+    target.add_argument("path", nargs="?", help="file whose entries to evict")
+    target.add_argument("--all", action="store_true", help="every unleased entry")
+    evict.add_argument("--device", default="", help="only on this device")
+    clear = commands.add_parser("clear", parents=[where], help="evict every unleased entry")
+    clear.add_argument("--device", default="", help="only on this device")
+    commands.add_parser("ping", parents=[where],
+                        help="exit 0 when the daemon answers, 1 when it answers with an "
+                             "error, 2 when nobody answers")
+    return parser
 
 
 def _stats(client: LoraCacheClient, args: argparse.Namespace) -> int:
-    stats = client.stats()
-    if args.json:
-        print(json.dumps(stats, indent=2))
-        return 0
-    print(f"daemon {stats['instance']} (pid {stats['pid']}), up {human_duration(stats['uptime_s'])}"
-          f", {stats['sessions']} session(s), {stats['leases']} lease(s)")
-    rows = [[d["device"], human_bytes(d["budget"]), human_bytes(d["used"]),
-             human_bytes(d["pinned_bytes"]), d["entries"], d["leases"], d["hits"], d["misses"],
-             d["loads"], d["evictions"]] for d in stats["devices"]]
-    print_table(["DEVICE", "BUDGET", "USED", "PINNED", "ENTRIES", "LEASES", "HITS", "MISSES",
-                 "LOADS", "EVICTIONS"], rows)
-    return 0
+    while True:
+        stats = client.stats()
+        if args.json:
+            print(json.dumps(stats, indent=None if args.watch else 2), flush=True)
+        else:
+            if args.watch and sys.stdout.isatty():
+                print("\033[H\033[2J", end="")  # clear the screen, like watch(1)
+            print_stats(stats, watching=bool(args.watch))
+        if not args.watch:
+            return 0
+        time.sleep(args.watch)
+
+
+def print_stats(stats: dict[str, Any], watching: bool = False) -> None:
+    errors = sum(stats["errors"].values())
+    print(f"{datetime.now():%H:%M:%S} " if watching else "", end="")
+    print(f"daemon {stats['instance']} (pid {stats['pid']}), up "
+          f"{human_duration(stats['uptime_s'])}, {stats['sessions']} session(s), "
+          f"{stats['leases']} lease(s), {errors} error(s)"
+          + (f", metrics on {stats['metrics']}" if stats["metrics"] else ""))
+    rows = []
+    for d in stats["devices"]:
+        times = d["load_seconds"]
+        rows.append([d["device"], human_bytes(d["budget"]), human_bytes(d["used"]),
+                     human_bytes(d["pinned_bytes"]), d["entries"], d["leases"], d["sessions"],
+                     d["hits"], d["misses"], _percent(d["hit_rate"]), d["evictions"], d["loads"],
+                     " / ".join(_seconds(times[p]) for p in ("p50", "p90", "p99"))])
+    print_table(["DEVICE", "BUDGET", "USED", "PINNED", "ENTRIES", "LEASES", "SESSIONS", "HITS",
+                 "MISSES", "HIT RATE", "EVICTIONS", "LOADS", "LOAD p50 / p90 / p99"], rows)
+    sys.stdout.flush()
 
 
 def _ls(client: LoraCacheClient, args: argparse.Namespace) -> int:
@@ -81,27 +129,28 @@ def _ls(client: LoraCacheClient, args: argparse.Namespace) -> int:
 
 def _preload(client: LoraCacheClient, args: argparse.Namespace) -> int:
     entry = client.preload(args.path, device=args.device, layout=args.layout, pin=args.pin)
-    print(f"{entry['path']} on {entry['device']}: {human_bytes(entry['nbytes'])}"
-          f"{', pinned' if entry['pinned'] else ''}")
+    print(f"{entry['path']} on {entry['device']} ({entry['layout']}): "
+          f"{human_bytes(entry['nbytes'])}{', pinned' if entry['pinned'] else ''}")
     return 0
 
 
 def _evict(client: LoraCacheClient, args: argparse.Namespace) -> int:
-    result = client.evict(args.path)
+    result = client.clear(args.device) if args.all else client.evict(args.path, args.device)
     print(f"evicted {result['evicted']}, still leased {result['busy']}")
     return 0
 
 
 def _clear(client: LoraCacheClient, args: argparse.Namespace) -> int:
-    result = client.clear()
+    result = client.clear(args.device)
     print(f"evicted {result['evicted']}, still leased {result['busy']}")
     return 0
 
 
 def _ping(client: LoraCacheClient, args: argparse.Namespace) -> int:
     started = time.monotonic()
-    client.stats()
-    print(f"ok: {client.socket_path} answered in {(time.monotonic() - started) * 1000:.1f} ms")
+    stats = client.stats()
+    print(f"ok: {client.socket_path} answered in {(time.monotonic() - started) * 1000:.1f} ms "
+          f"(daemon {stats['instance']}, pid {stats['pid']})")
     return 0
 
 
@@ -110,22 +159,12 @@ COMMANDS: dict[str, Callable[[LoraCacheClient, Any], int]] = {
     "ping": _ping}
 
 
-def human_bytes(n: float) -> str:
-    if abs(n) < 1024:
-        return f"{n:.0f} B"
-    for unit in ("KiB", "MiB", "GiB"):
-        n /= 1024
-        if abs(n) < 1024 or unit == "GiB":
-            break
-    return f"{n:.1f} {unit}"
+def _percent(rate: float | None) -> str:
+    return "-" if rate is None else f"{rate:.0%}"
 
 
-def human_duration(seconds: float) -> str:
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    if seconds < 3600:
-        return f"{seconds // 60:.0f}m{seconds % 60:02.0f}s"
-    return f"{seconds // 3600:.0f}h{seconds % 3600 // 60:02.0f}m"
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else human_duration(value)
 
 
 def print_table(header: list[str], rows: list[list[Any]]) -> None:

@@ -17,7 +17,6 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
 import zmq
 
 from loracache.shared.endpoints import default_socket_path, endpoint
@@ -42,10 +41,12 @@ from loracache.shared.protocol import (
     encode_request,
 )
 
-from .lease import MAPPINGS, Lease
-
 if TYPE_CHECKING:
     from types import TracebackType
+
+    import torch
+
+    from .lease import Lease
 
 log = logging.getLogger("loracache.client")
 
@@ -58,7 +59,7 @@ TABLE_CACHE_SIZE = 256  # tensor tables kept per client, so hits need not carry 
 
 class LoraCacheClient:
     """A connection to the daemon at ``socket_path`` (default: ``$LORACACHE_SOCKET``, then the
-    system socket, then the per-user one).
+    ``socket`` of the configuration file, then the system socket, then the per-user one).
 
     Raises LoraCacheError(DAEMON_UNAVAILABLE) when no daemon answers within ``connect_timeout``.
     Use it as a context manager, or call :meth:`close`: that releases the leases still held.
@@ -68,7 +69,12 @@ class LoraCacheClient:
                  connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
                  request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
                  heartbeat: bool = True) -> None:
-        self.socket_path = Path(socket_path) if socket_path else default_socket_path()
+        try:
+            self.socket_path = Path(socket_path) if socket_path else default_socket_path()
+        except ValueError as exc:
+            raise LoraCacheError(ErrorCode.DAEMON_UNAVAILABLE,
+                                 f"cannot tell where the daemon listens: {exc}; fix the file or "
+                                 "set LORACACHE_SOCKET") from None
         try:
             self._endpoint = endpoint(self.socket_path)
         except ValueError as exc:
@@ -121,6 +127,8 @@ class LoraCacheClient:
             with self._lock:
                 self._hints.pop((path, device, layout), None)
             return self.acquire(path, device, layout)
+        from .lease import MAPPINGS, Lease  # torch loads with the first lease, not with the CLI
+
         tensors = MAPPINGS.attach(self.instance, result, table)
         lease = Lease(result.lease, result.entry, tensors, self._release)
         with self._lock:
@@ -143,11 +151,12 @@ class LoraCacheClient:
 
     def evict(self, path: str | os.PathLike[str], device: str = "") -> dict[str, int]:
         """Evict the unleased entries of ``path``; returns counts ``evicted`` and ``busy``."""
-        return self._request(Evict(path=os.fspath(path), device=device))
+        return self._request(Evict(path=os.fspath(path), device=device_name(device) if device
+                                   else ""))
 
     def clear(self, device: str = "") -> dict[str, int]:
         """Evict every unleased entry, pinned ones included."""
-        return self._request(Clear(device=device))
+        return self._request(Clear(device=device_name(device) if device else ""))
 
     def close(self) -> None:
         """Release the leases still held, stop heartbeating and close the sockets."""
@@ -197,6 +206,8 @@ class LoraCacheClient:
     def _release(self, lease: Lease) -> None:
         with self._lock:
             self._leases.discard(lease)
+        from .lease import MAPPINGS
+
         MAPPINGS.detach(self.instance, lease.entry.id)
         try:
             self._request(Release(lease=lease.id), timeout=RELEASE_TIMEOUT)
@@ -288,6 +299,8 @@ def device_name(device: str | torch.device) -> str:
     """The daemon's name for ``device``: ``cpu``, or ``cuda:<GPU-uuid>`` for a CUDA device."""
     if str(device) == "cpu" or str(device).startswith("cuda:GPU-"):
         return str(device)
+    import torch
+
     device = torch.device(device)
     if device.type == "cpu":
         return "cpu"

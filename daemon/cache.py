@@ -7,8 +7,10 @@ LRU order: every operation on the hit path is O(1) however many entries are cach
 
 from __future__ import annotations
 
+import bisect
 import collections
 import dataclasses
+import itertools
 import time
 from typing import Any, Hashable
 
@@ -43,6 +45,38 @@ class Entry:
                          idle_s=time.monotonic() - self.last_used if self.idle else 0.0)
 
 
+class LoadTimes:
+    """Durations of loads: cumulative buckets (for a histogram) and recent ones (percentiles)."""
+
+    BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+    RECENT = 1024
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(self.BUCKETS) + 1)  # the last one is +Inf
+        self.count = 0
+        self.sum = 0.0
+        self.recent: collections.deque[float] = collections.deque(maxlen=self.RECENT)
+
+    def record(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(self.BUCKETS, seconds)] += 1
+        self.count += 1
+        self.sum += seconds
+        self.recent.append(seconds)
+
+    def percentile(self, q: float) -> float | None:
+        """The ``q``-th percentile (nearest rank) of the recent loads, or None before any."""
+        if not self.recent:
+            return None
+        ordered = sorted(self.recent)
+        return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
+
+    def stats(self) -> dict[str, Any]:
+        return {"count": self.count, "sum": self.sum,
+                "buckets": [[le, n] for le, n in zip((*self.BUCKETS, "+Inf"),
+                                                     itertools.accumulate(self.counts))],
+                **{f"p{q}": self.percentile(q) for q in (50, 90, 99)}}
+
+
 class DeviceCache:
     """Entries of one device. ``reserved`` counts bytes of loads in flight.
 
@@ -58,6 +92,7 @@ class DeviceCache:
         self.idle: collections.OrderedDict[Hashable, Entry] = collections.OrderedDict()  # LRU first
         self.used = self.reserved = self.leased_bytes = self.pinned_bytes = self.leases = 0
         self.hits = self.misses = self.loads = self.evictions = 0
+        self.load_times = LoadTimes()
 
     def add(self, entry: Entry) -> None:
         """Add a loaded entry (idle until lent or pinned)."""
@@ -114,14 +149,24 @@ class DeviceCache:
 
     def victims_for(self, nbytes: int) -> list[Entry] | None:
         """The LRU idle entries to drop so ``nbytes`` more fit, or None if they cannot."""
-        need = self.used + self.reserved + nbytes - self.budget
+        victims, short = self._lru_covering(self.used + self.reserved + nbytes - self.budget)
+        return victims if short <= 0 else None
+
+    def over_limits(self) -> list[Entry]:
+        """The LRU idle entries to drop to get back under the budget and the cache-size cap
+        after either was lowered (every idle one when leased entries alone exceed the budget)."""
+        victims, _ = self._lru_covering(self.used + self.reserved - self.budget)
+        return victims + [e for e in self.over_cap() if e not in victims]
+
+    def _lru_covering(self, need: int) -> tuple[list[Entry], int]:
+        """The least recently used idle entries whose bytes cover ``need``, and what is left."""
         victims = []
         for entry in self.idle.values():
             if need <= 0:
                 break
             victims.append(entry)
             need -= entry.nbytes
-        return victims if need <= 0 else None
+        return victims, need
 
     def over_cap(self) -> list[Entry]:
         """The LRU idle entries beyond ``cache_size``."""
@@ -145,4 +190,6 @@ class DeviceCache:
             "misses": self.misses,
             "loads": self.loads,
             "evictions": self.evictions,
+            "hit_rate": self.hits / (self.hits + self.misses) if self.hits + self.misses else None,
+            "load_seconds": self.load_times.stats(),
         }

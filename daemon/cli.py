@@ -1,46 +1,58 @@
-"""``loracache serve``: flags, logging, and the one place a config error becomes an exit."""
+"""``loracache serve``: flags, and the one place a configuration error becomes an exit."""
 
 from __future__ import annotations
 
 import argparse
-import logging
-import os
+import functools
 import sys
 
-from .config import ConfigError, DaemonConfig
-from .server import run
+from .config import SETTINGS, ConfigError, load_config, render_config
+from .logs import configure_logging
+
+FLAG_HELP = {
+    "socket": "Unix socket path (default: the per-user socket, or /run/loracache/daemon.sock "
+              "when it exists)",
+    "lora_dirs": "directory to serve LoRA files from (repeatable); the daemon reads nothing "
+                 "outside these",
+    "devices": "comma-separated: cpu, cuda, cuda:<index>, cuda:<GPU-uuid>, all (default: all)",
+    "max_bytes": "cache budget per device: bytes, 8GiB, or 25%% of the device's memory "
+                 "(default: 25%%)",
+}
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--socket", help="socket path (default: $LORACACHE_SOCKET, else "
-                                         "$XDG_RUNTIME_DIR/loracache-UID/daemon.sock)")
-    parser.add_argument("--lora-dir", action="append", dest="lora_dirs", default=[],
-                        metavar="DIR", help="directory to serve LoRA files from (repeatable); "
-                                            "the daemon reads nothing outside these")
-    parser.add_argument("--devices", help="comma-separated: cpu, cuda, cuda:<index>, "
-                                          "cuda:<GPU-uuid>, all (default: all)")
-    parser.add_argument("--max-bytes", help="cache budget per device: bytes, 8GiB, or 25%% of "
-                                            "the device's memory (default: 25%%)")
-    parser.add_argument("--cache-size", type=int, help="idle entries kept per device "
-                                                       "(default: $LORACACHE_CACHE_SIZE or 10)")
-    parser.add_argument("--session-ttl", type=float, help="seconds before a silent client's "
-                                                          "leases are released (default: 30)")
-    parser.add_argument("--acquire-timeout", type=float, help="seconds an acquire waits for room "
-                                                              "before CACHE_FULL (default: 30)")
-    parser.add_argument("--shm-dir", help="tmpfs directory for CPU entries (default: /dev/shm)")
-    parser.add_argument("--log-level", default=os.environ.get("LORACACHE_LOG_LEVEL", "INFO"))
+    # SUPPRESS: a value given before the command (``loracache --socket S serve``) stays.
+    parser.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
+                        help="TOML configuration file (default: $LORACACHE_CONFIG, else "
+                             "/etc/loracache/config.toml when it exists)")
+    parser.add_argument("--print-config", action="store_true", default=argparse.SUPPRESS,
+                        help="print the effective configuration with the source of each value, "
+                             "and exit")
+    for setting in SETTINGS:
+        if setting.from_file_only:
+            continue
+        if setting.name == "lora_dirs":
+            parser.add_argument("--lora-dir", action="append", dest="lora_dirs",
+                                default=argparse.SUPPRESS,
+                                metavar="DIR", help=FLAG_HELP["lora_dirs"])
+            continue
+        help_text = FLAG_HELP.get(setting.name, setting.help.replace("%", "%%"))
+        parser.add_argument(setting.flag, dest=setting.name, metavar=setting.name.upper(),
+                            default=argparse.SUPPRESS, help=f"{help_text} [env {setting.env}]")
 
 
 def serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    flags = {s.name: getattr(args, s.name, None) for s in SETTINGS}
+    load = functools.partial(load_config, flags, config_file=getattr(args, "config", None))
     try:
-        config = DaemonConfig.build(
-            socket_path=args.socket, lora_dirs=args.lora_dirs,
-            devices=args.devices.split(",") if args.devices else None,
-            max_bytes=args.max_bytes, cache_size=args.cache_size, session_ttl=args.session_ttl,
-            acquire_timeout=args.acquire_timeout, shm_dir=args.shm_dir)
-        run(config)
+        config = load()
+        if getattr(args, "print_config", False):
+            print(render_config(config), end="")
+            return 0
+        configure_logging(config.log_level)
+        from .server import run  # torch and the transports load only to serve
+
+        run(config, load)  # SIGHUP calls load() again
     except ConfigError as exc:
         print(f"loracache serve: {exc}", file=sys.stderr)
         return 2

@@ -1,23 +1,27 @@
-"""The daemon's configuration: validated once, frozen, then only read.
+"""The daemon's configuration: defaults < TOML file < ``LORACACHE_*`` environment < flags.
 
-Building a config raises :class:`ConfigError`; only the CLI turns that into an exit.
+:func:`load_config` validates every value once and returns a frozen :class:`DaemonConfig`
+that remembers where each value came from (``serve --print-config`` shows it). A bad value
+raises :class:`ConfigError` naming the key, the value, its source and what is allowed; only the
+CLI turns that into an exit.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 from pathlib import Path
+from typing import Any, Callable, Mapping
 
-from loracache.shared.endpoints import default_socket_path, endpoint
+from loracache.shared.families import LAYOUTS, RAW
+from loracache.shared.endpoints import (config_file_path, endpoint, fallback_socket_path,
+                                        read_config_file)
 
-CACHE_SIZE_ENV = "LORACACHE_CACHE_SIZE"
-DEFAULT_CACHE_SIZE = 10  # unleased entries kept per device (onediffx's cache-size default)
-DEFAULT_MAX_BYTES = "25%"
-DEFAULT_SESSION_TTL = 30.0
-DEFAULT_ACQUIRE_TIMEOUT = 30.0
-DEFAULT_SHM_ROOT = Path("/dev/shm")
+ENV_PREFIX = "LORACACHE_"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+DEVICE_PATTERN = r"all|cpu|cuda(:[\w-]+)?"
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
           "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
@@ -42,82 +46,371 @@ class SizeSpec:
         return f"{self.percent:g}%" if self.percent is not None else str(self.nbytes)
 
 
-def parse_size(text: str | int, setting: str = "max_bytes") -> SizeSpec:
-    """Parse ``1073741824``, ``8GiB``, ``512 MB`` or ``25%``."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        if text <= 0:
-            raise ConfigError(f"{setting} must be positive, got {text}")
-        return SizeSpec(nbytes=text)
-    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z%]*)\s*", str(text))
+def parse_size(value: str | int) -> SizeSpec:
+    """Parse ``1073741824``, ``"8GiB"``, ``"512 MB"`` or ``"25%"``."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value <= 0:
+            raise ConfigError("must be positive")
+        return SizeSpec(nbytes=value)
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z%]*)\s*", str(value))
     unit = match.group(2).lower() if match else None
     if match is None or (unit != "%" and unit not in _UNITS):
-        raise ConfigError(f"{setting}={text!r} is not a size: use bytes (1073741824), a unit "
-                          "(512MiB, 8GiB, 2GB) or a percentage of device memory (25%)")
-    value = float(match.group(1))
+        raise ConfigError("not a size: use bytes (1073741824), a unit (512MiB, 8GiB, 2GB) or a "
+                          "percentage of the device's memory (25%)")
+    number = float(match.group(1))
     if unit == "%":
-        if not 0 < value <= 100:
-            raise ConfigError(f"{setting}={text!r}: a percentage must be in (0, 100]")
-        return SizeSpec(percent=value)
-    nbytes = int(value * _UNITS[unit])
-    if nbytes <= 0:
-        raise ConfigError(f"{setting}={text!r} must be positive")
-    return SizeSpec(nbytes=nbytes)
+        if not 0 < number <= 100:
+            raise ConfigError("a percentage must be in (0, 100]")
+        return SizeSpec(percent=number)
+    if int(number * _UNITS[unit]) <= 0:
+        raise ConfigError("must be positive")
+    return SizeSpec(nbytes=int(number * _UNITS[unit]))
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceOverride:
+    """Settings of one device that differ from the daemon-wide ones."""
+
+    max_bytes: SizeSpec | None = None
+    cache_size: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class PreloadSpec:
+    """A LoRA loaded at start and after each reload."""
+
+    path: str
+    device: str = "cpu"
+    layout: str = RAW
+    pin: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
 class DaemonConfig:
-    socket_path: Path
+    socket: Path
     lora_dirs: tuple[Path, ...]
-    devices: tuple[str, ...] = ("all",)  # "cpu", "cuda" (every GPU), "cuda:<index|uuid>", "all"
-    max_bytes: SizeSpec = parse_size(DEFAULT_MAX_BYTES)
-    cache_size: int = DEFAULT_CACHE_SIZE
-    session_ttl: float = DEFAULT_SESSION_TTL
-    acquire_timeout: float = DEFAULT_ACQUIRE_TIMEOUT
-    shm_root: Path = DEFAULT_SHM_ROOT
+    devices: tuple[str, ...]  # "cpu", "cuda" (every GPU), "cuda:<index|uuid>", "all"
+    max_bytes: SizeSpec
+    cache_size: int
+    session_ttl: float
+    acquire_timeout: float
+    shm_dir: Path
+    log_level: str
+    metrics_addr: tuple[str, int] | None
+    device: Mapping[str, DeviceOverride]  # by device name: "cpu" or "cuda:GPU-<uuid>"
+    preload: tuple[PreloadSpec, ...]
+    file: Path | None = None  # the configuration file read, if any
+    sources: Mapping[str, str] = dataclasses.field(default_factory=dict, compare=False)
 
-    def __post_init__(self) -> None:
+    def budget(self, device: str, total_memory: int) -> int:
+        override = self.device.get(device)
+        spec = override.max_bytes if override and override.max_bytes else self.max_bytes
+        return spec.resolve(total_memory)
+
+    def cache_size_for(self, device: str) -> int:
+        override = self.device.get(device)
+        if override is not None and override.cache_size is not None:
+            return override.cache_size
+        return self.cache_size
+
+
+# ------------------------------------------------------------------------------- value parsers
+# Each takes a value as TOML gives it or as a string (environment, flags) and returns the typed
+# value, or raises ConfigError saying what is allowed; load_config adds key, value and source.
+
+def _path(value: Any) -> Path:
+    if not isinstance(value, str) or not value:
+        raise ConfigError("must be a non-empty path string")
+    return Path(value)
+
+
+def _socket(value: Any) -> Path:
+    path = _path(value)
+    try:
+        endpoint(path)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return path
+
+
+def _directory(value: Any) -> Path:
+    path = _path(value)
+    if not path.is_dir():
+        raise ConfigError(f"{path} is not a directory")
+    return path.resolve()
+
+
+def _strings(value: Any, separator: str) -> list[str]:
+    if isinstance(value, str):
+        value = [part for part in value.split(separator) if part]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ConfigError("must be a list of strings")
+    return list(value)
+
+
+def _lora_dirs(value: Any) -> tuple[Path, ...]:
+    dirs = _strings(value, os.pathsep)
+    if not dirs:
+        raise ConfigError("give at least one directory: the only places LoRA files are read from")
+    return tuple(_directory(d) for d in dirs)
+
+
+def _devices(value: Any) -> tuple[str, ...]:
+    devices = _strings(value, ",")
+    bad = [d for d in devices if not re.fullmatch(DEVICE_PATTERN, d)]
+    if bad or not devices:
+        raise ConfigError(f"{bad[0] if bad else 'nothing'!r} is not a device: use cpu, cuda, "
+                          "cuda:<index>, cuda:<GPU-uuid> or all")
+    return tuple(devices)
+
+
+def _count(value: Any) -> int:
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ConfigError("must be a whole number >= 0")
+    return value
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, str):
         try:
-            endpoint(self.socket_path)
+            value = float(value)
+        except ValueError:
+            raise ConfigError("must be a number of seconds") from None
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
+        raise ConfigError("must be a number of seconds")
+    return float(value)
+
+
+def _positive_seconds(value: Any) -> float:
+    seconds = _number(value)
+    if seconds <= 0:
+        raise ConfigError("must be > 0 seconds")
+    return seconds
+
+
+def _seconds(value: Any) -> float:
+    seconds = _number(value)
+    if seconds < 0:
+        raise ConfigError("must be >= 0 seconds")
+    return seconds
+
+
+def _log_level(value: Any) -> str:
+    if not isinstance(value, str) or value.lower() not in LOG_LEVELS:
+        raise ConfigError(f"must be one of {', '.join(LOG_LEVELS)}")
+    return value.lower()
+
+
+def _metrics_addr(value: Any) -> tuple[str, int] | None:
+    if not isinstance(value, str):
+        raise ConfigError('must be "HOST:PORT" (or "" for off)')
+    if not value:
+        return None
+    match = re.fullmatch(r"\[?([^\[\]]*?)\]?:(\d{1,5})", value)
+    if match is None or int(match.group(2)) > 65535:
+        raise ConfigError('must be "HOST:PORT" with a port of 0-65535, e.g. "127.0.0.1:9464"')
+    return match.group(1) or "0.0.0.0", int(match.group(2))
+
+
+def _device_name(name: str) -> str:
+    if name == "cpu":
+        return name
+    uuid = name.removeprefix("cuda:")
+    if not re.fullmatch(r"(GPU|MIG)-[0-9a-fA-F-]+", uuid):
+        raise ConfigError(f"[device.{json.dumps(name)}]: a device is named \"cpu\" or by its GPU "
+                          "UUID as nvidia-smi -L prints it (GPU-...)")
+    return f"cuda:{uuid}"
+
+
+def _device_overrides(value: Any) -> dict[str, DeviceOverride]:
+    if not isinstance(value, dict):
+        raise ConfigError('must be tables like [device."GPU-<uuid>"] with max_bytes, cache_size')
+    overrides = {}
+    for name, table in value.items():
+        _only_keys(table, ("max_bytes", "cache_size"), f"[device.{json.dumps(name)}]")
+        overrides[_device_name(name)] = DeviceOverride(
+            max_bytes=_field(table, "max_bytes", parse_size, name),
+            cache_size=_field(table, "cache_size", _count, name))
+    return overrides
+
+
+def _preloads(value: Any) -> tuple[PreloadSpec, ...]:
+    if not isinstance(value, list):
+        raise ConfigError("must be [[preload]] tables with path, device, layout, pin")
+    specs = []
+    for number, table in enumerate(value, 1):
+        where = f"[[preload]] #{number}"
+        _only_keys(table, ("path", "device", "layout", "pin"), where)
+        if not isinstance(table.get("path"), str) or not table["path"]:
+            raise ConfigError(f"{where}: path must be a file name under a lora_dir")
+        device = table.get("device", "cpu")
+        if not isinstance(device, str) or not re.fullmatch(r"cpu|cuda(:[\w-]+)?", device):
+            raise ConfigError(f"{where}: device {device!r} is not cpu, cuda or cuda:<index|uuid>")
+        if table.get("layout", RAW) not in LAYOUTS:
+            raise ConfigError(f"{where}: layout {table['layout']!r} is not one of "
+                              f"{', '.join(LAYOUTS)}")
+        if not isinstance(table.get("pin", False), bool):
+            raise ConfigError(f"{where}: pin must be true or false")
+        specs.append(PreloadSpec(**table))
+    return tuple(specs)
+
+
+def _only_keys(table: Any, allowed: tuple[str, ...], where: str) -> None:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where} must be a table")
+    unknown = sorted(set(table) - set(allowed))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r}; allowed: {', '.join(allowed)}")
+
+
+def _field(table: dict[str, Any], key: str, parse: Callable[[Any], Any], device: str) -> Any:
+    if key not in table:
+        return None
+    try:
+        return parse(table[key])
+    except ConfigError as exc:
+        raise ConfigError(f"[device.{json.dumps(device)}] {key} = {table[key]!r}: {exc}") from None
+
+
+# ------------------------------------------------------------------------------------ settings
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One key: how to parse it, its default, and whether a reload can change it."""
+
+    name: str
+    parse: Callable[[Any], Any]
+    default: Callable[[], Any]
+    help: str
+    reloadable: bool = True
+    from_file_only: bool = False  # tables (device, preload) have no environment variable or flag
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+SETTINGS = (
+    Setting("socket", _socket, fallback_socket_path, "Unix socket path", reloadable=False),
+    Setting("lora_dirs", _lora_dirs, tuple, "the only directories LoRA files are read from"),
+    Setting("devices", _devices, lambda: ("all",), "cpu, cuda, cuda:<index|uuid>, all",
+            reloadable=False),
+    Setting("max_bytes", parse_size, lambda: SizeSpec(percent=25.0),
+            "budget per device: bytes, 8GiB, or 25% of the device's memory"),
+    Setting("cache_size", _count, lambda: 10, "idle entries kept per device (0: none)"),
+    Setting("session_ttl", _positive_seconds, lambda: 30.0,
+            "seconds before a silent client's leases are released"),
+    Setting("acquire_timeout", _seconds, lambda: 30.0,
+            "seconds an acquire waits for room before CACHE_FULL"),
+    Setting("shm_dir", _directory, lambda: Path("/dev/shm"), "tmpfs directory for CPU entries",
+            reloadable=False),
+    Setting("log_level", _log_level, lambda: "info", "debug, info, warning or error"),
+    Setting("metrics_addr", _metrics_addr, lambda: None,
+            "HOST:PORT for Prometheus metrics (off when empty)", reloadable=False),
+    Setting("device", _device_overrides, dict, "per-device max_bytes and cache_size",
+            from_file_only=True),
+    Setting("preload", _preloads, tuple, "LoRAs loaded at start and after each reload",
+            from_file_only=True),
+)
+SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
+
+
+def load_config(flags: Mapping[str, Any] | None = None, *, config_file: str | None = None,
+                environ: Mapping[str, str] | None = None) -> DaemonConfig:
+    """Build the configuration from the file, then the environment, then ``flags``.
+
+    ``flags`` maps setting names to the command line's values (None or absent: not given).
+    The file is ``config_file``, else ``$LORACACHE_CONFIG``, else /etc/loracache/config.toml
+    when it exists.
+    """
+    flags = flags or {}
+    environ = os.environ if environ is None else environ
+    path = config_file_path(config_file or environ.get("LORACACHE_CONFIG") or None)
+    table: dict[str, Any] = {}
+    if path is not None:
+        try:
+            table = read_config_file(path)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        if not self.lora_dirs:
-            raise ConfigError("lora_dirs is empty: give at least one --lora-dir, the only "
-                              "directories the daemon reads LoRA files from")
-        for directory in self.lora_dirs:
-            if not directory.is_dir():
-                raise ConfigError(f"lora_dirs: {directory} is not a directory")
-        if self.cache_size < 0:
-            raise ConfigError(f"cache_size must be >= 0, got {self.cache_size}")
-        if not self.session_ttl > 0:
-            raise ConfigError(f"session_ttl must be > 0 seconds, got {self.session_ttl}")
-        if not self.acquire_timeout >= 0:
-            raise ConfigError(f"acquire_timeout must be >= 0 seconds, got {self.acquire_timeout}")
-        if not self.shm_root.is_dir():
-            raise ConfigError(f"shm_dir: {self.shm_root} is not a directory")
-        for device in self.devices:
-            if not re.fullmatch(r"all|cpu|cuda(:[\w-]+)?", device):
-                raise ConfigError(f"devices: {device!r} is not one of cpu, cuda, cuda:<index>, "
-                                  "cuda:<GPU-uuid>, all")
-
-    @classmethod
-    def build(cls, *, socket_path: str | Path | None = None, lora_dirs: list[str] | None = None,
-              devices: list[str] | None = None, max_bytes: str | None = None,
-              cache_size: int | None = None, session_ttl: float | None = None,
-              acquire_timeout: float | None = None, shm_dir: str | None = None) -> "DaemonConfig":
-        """Build from flags, falling back to the environment, then to the defaults."""
-        if cache_size is None:
-            env = os.environ.get(CACHE_SIZE_ENV)
+        unknown = sorted(set(table) - set(SETTINGS_BY_NAME))
+        if unknown:
+            raise ConfigError(f"{path}: unknown key {unknown[0]!r}; the keys are "
+                              f"{', '.join(SETTINGS_BY_NAME)}")
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for setting in SETTINGS:
+        raw, source = None, "default"
+        if setting.name in table:
+            raw, source = table[setting.name], f"file {path}"
+        if not setting.from_file_only and environ.get(setting.env):
+            raw, source = environ[setting.env], f"environment {setting.env}"
+        if flags.get(setting.name) not in (None, []):
+            raw, source = flags[setting.name], f"flag {setting.flag}"
+        if source == "default":
+            values[setting.name] = setting.default()
+        else:
             try:
-                cache_size = int(env) if env else DEFAULT_CACHE_SIZE
-            except ValueError:
-                raise ConfigError(f"{CACHE_SIZE_ENV}={env!r} is not an integer") from None
-        return cls(
-            socket_path=Path(socket_path) if socket_path else default_socket_path(),
-            lora_dirs=tuple(Path(d).resolve() for d in lora_dirs or ()),
-            devices=tuple(devices or ("all",)),
-            max_bytes=parse_size(max_bytes or DEFAULT_MAX_BYTES),
-            cache_size=cache_size,
-            session_ttl=DEFAULT_SESSION_TTL if session_ttl is None else session_ttl,
-            acquire_timeout=DEFAULT_ACQUIRE_TIMEOUT if acquire_timeout is None else acquire_timeout,
-            shm_root=Path(shm_dir) if shm_dir else DEFAULT_SHM_ROOT,
-        )
+                values[setting.name] = setting.parse(raw)
+            except ConfigError as exc:
+                raise ConfigError(f"{setting.name} = {_show(raw)} (from {source}): {exc}") from None
+        sources[setting.name] = source
+    if not values["lora_dirs"]:
+        raise ConfigError("lora_dirs is not set: give --lora-dir DIR, LORACACHE_LORA_DIRS or "
+                          "lora_dirs in the configuration file; the daemon reads LoRA files "
+                          "only from these directories")
+    return DaemonConfig(**values, file=path, sources=sources)
+
+
+def reloaded(old: DaemonConfig, new: DaemonConfig) -> tuple[DaemonConfig, list[str]]:
+    """``new`` with the settings a reload cannot change kept from ``old``, and their names."""
+    kept = {s.name: getattr(old, s.name) for s in SETTINGS if not s.reloadable
+            and getattr(old, s.name) != getattr(new, s.name)}
+    sources = {**new.sources, **{name: old.sources[name] for name in kept}}
+    return dataclasses.replace(new, **kept, sources=sources), sorted(kept)
+
+
+def render_config(config: DaemonConfig) -> str:
+    """The effective configuration as TOML, with each value's source as a comment."""
+    lines = [f"# configuration file: {config.file or 'none'}"]
+    tables: list[str] = []
+    for setting in SETTINGS:
+        value = getattr(config, setting.name)
+        source = config.sources.get(setting.name, "default")
+        if setting.name == "device":
+            for name, override in value.items():
+                tables += ["", f"[device.{json.dumps(name)}]  # {source}"]
+                tables += [f"{key} = {_toml(v)}" for key, v in
+                           vars(override).items() if v is not None]
+        elif setting.name == "preload":
+            for spec in value:
+                tables += ["", f"[[preload]]  # {source}"]
+                tables += [f"{key} = {_toml(v)}" for key, v in vars(spec).items()]
+        else:
+            lines.append(f"{setting.name} = {_toml(value)}  # {source}")
+    return "\n".join(lines + tables) + "\n"
+
+
+def _toml(value: Any) -> str:
+    """A TOML literal for the values a DaemonConfig holds."""
+    if value is None:
+        return '""'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], int):
+        return json.dumps(f"{value[0]}:{value[1]}")  # metrics_addr
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return json.dumps(str(value))  # paths, sizes, names
+
+
+def _show(raw: Any) -> str:
+    text = repr(raw)
+    return text if len(text) <= 80 else text[:77] + "..."

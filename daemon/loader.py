@@ -13,7 +13,8 @@ from typing import BinaryIO
 import torch
 from safetensors.torch import load as load_safetensors
 
-from loracache.shared.canonical import LAYOUTS, RAW, canonical_tensors
+from loracache.shared.canonical import canonical_tensors
+from loracache.shared.families import LAYOUTS, RAW
 from loracache.shared.dtypes import SAFETENSORS_NAMES
 from loracache.shared.errors import ErrorCode, LoraCacheError
 from loracache.shared.packing import PackedLayout, TensorItem, pack

@@ -1,8 +1,8 @@
 """The daemon process: the socket, the request loop and the lifecycle around the service.
 
-``serve()`` = startup (devices, shm directory, socket bound and announced), run until a signal
-asks to stop, shutdown (socket and shared-memory files removed). Signal handlers only set an
-event.
+``serve()`` = startup (devices, shm directory, socket bound, metrics, READY=1 to systemd), run
+until SIGINT/SIGTERM asks to stop, shutdown (STOPPING=1; socket and shared-memory files
+removed). SIGHUP reloads the configuration in place.
 """
 
 from __future__ import annotations
@@ -16,17 +16,20 @@ import os
 import signal
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Coroutine
 
 import zmq
 
 from loracache.shared.endpoints import endpoint
 from loracache.shared.errors import ErrorCode, LoraCacheError
+from loracache.shared.humanize import human_bytes
 from loracache.shared.protocol import decode_request, encode_error, encode_reply
 from loracache.shared.transport import Transport
 from loracache.shared.transport.shm import ShmTransport
 
-from .config import ConfigError, DaemonConfig
+from .config import ConfigError, DaemonConfig, reloaded
+from .logs import set_level
+from .notify import SystemdNotifier
 from .service import CacheService
 from .sessions import pid_alive
 
@@ -35,6 +38,7 @@ log = logging.getLogger("loracache.daemon")
 SOCKET_DIR_MODE = 0o750
 SOCKET_MODE = 0o660
 ZMQ_MAX_MESSAGE = 16 << 20  # beyond this ZeroMQ drops the peer; smaller oversize gets BAD_REQUEST
+STATUS_INTERVAL = 5.0  # seconds between STATUS= updates to systemd
 
 
 def make_transports(config: DaemonConfig, shm_dir: Path) -> list[Transport]:
@@ -100,17 +104,23 @@ class DaemonServer:
     :meth:`_send`.
     """
 
-    def __init__(self, config: DaemonConfig) -> None:
+    def __init__(self, config: DaemonConfig,
+                 load_config: Callable[[], DaemonConfig] | None = None) -> None:
+        """``load_config`` reads the configuration again (file, environment, flags) on SIGHUP."""
         self.config = config
+        self._load_config = load_config or (lambda: config)
+        self.notifier = SystemdNotifier()
         self.should_exit = asyncio.Event()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._reload_failed = False
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.should_exit.set)
-        _claim_socket_path(self.config.socket_path)
-        shm_dir = instance_shm_dir(self.config.shm_root)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        _claim_socket_path(self.config.socket)
+        shm_dir = instance_shm_dir(self.config.shm_dir)
         self.service = CacheService(self.config, make_transports(self.config, shm_dir))
         context = zmq.Context()
         self._sock = sock = context.socket(zmq.ROUTER)
@@ -118,32 +128,97 @@ class DaemonServer:
         sock.setsockopt(zmq.MAXMSGSIZE, ZMQ_MAX_MESSAGE)
         old_umask = os.umask(0o117)
         try:
-            sock.bind(endpoint(self.config.socket_path))
+            sock.bind(endpoint(self.config.socket))
         finally:
             os.umask(old_umask)
-        os.chmod(self.config.socket_path, SOCKET_MODE)
+        os.chmod(self.config.socket, SOCKET_MODE)
+        metrics = self._start_metrics(loop)
         for cache in self.service.caches.values():
-            log.info("device %s: budget %d bytes, cache size %d", cache.device, cache.budget,
-                     cache.cache_size)
-        log.info("loracache daemon %s serving on %s (pid %d)", self.service.instance,
-                 self.config.socket_path, os.getpid())
+            log.info("device %s: budget %s (%d bytes), cache size %d", cache.device,
+                     human_bytes(cache.budget), cache.budget, cache.cache_size)
+        log.info("loracache daemon %s serving on %s (pid %d, configuration %s)",
+                 self.service.instance, self.config.socket, os.getpid(),
+                 self.config.file or "from flags and environment")
         loop.add_reader(sock.getsockopt(zmq.FD), self._drain)
         self._drain()  # requests that arrived before the reader was registered
-        expiry = asyncio.create_task(self._expire())
+        self._spawn(self._expire())
+        self._spawn(self.service.preload(self.config.preload))
+        if self.notifier.enabled:
+            self._spawn(self._report_to_systemd())
+        self.notifier.ready(self._status())
         try:
             await self.should_exit.wait()
         finally:
             log.info("shutting down")
+            self.notifier.stopping()
             loop.remove_reader(sock.getsockopt(zmq.FD))
-            for task in [expiry, *self._tasks]:
+            for task in self._tasks:
                 task.cancel()
-            await asyncio.gather(expiry, *self._tasks, return_exceptions=True)
+            await asyncio.gather(*self._tasks, return_exceptions=True)
             sock.close(linger=0)
             context.term()
             with contextlib.suppress(FileNotFoundError):
-                self.config.socket_path.unlink()
+                self.config.socket.unlink()
+            if metrics is not None:
+                metrics.close()
             self.service.close()
+            self.notifier.close()
             log.info("stopped")
+
+    def reload(self) -> None:
+        """SIGHUP: read the configuration again and apply it; a bad one keeps the old."""
+        self.notifier.reloading()
+        try:
+            config, kept = reloaded(self.config, self._load_config())
+        except ConfigError as exc:
+            self._reload_failed = True
+            log.error("reload failed, keeping the previous configuration: %s", exc)
+            self.notifier.ready(self._status())
+            return
+        for name in kept:
+            log.warning("%s changed in the configuration; it applies after a restart", name)
+        self.config = config
+        self._reload_failed = False
+        set_level(config.log_level)
+        self.service.reconfigure(config)
+        self._spawn(self.service.preload(config.preload))
+        log.info("configuration reloaded (%s)", config.file or "flags and environment")
+        self.notifier.ready(self._status())
+
+    def _status(self) -> str:
+        suffix = "; last reload failed, see the log" if self._reload_failed else ""
+        return self.service.summary() + suffix
+
+    async def _report_to_systemd(self) -> None:
+        """STATUS= every few seconds, and WATCHDOG=1 when systemd watches us: both are sent from
+        this loop, so a loop that stops turning stops them and systemd restarts the daemon."""
+        interval = min(STATUS_INTERVAL, self.notifier.watchdog_interval or STATUS_INTERVAL)
+        while True:
+            if self.notifier.watchdog_interval:
+                self.notifier.watchdog(self._status())
+            else:
+                self.notifier.status(self._status())
+            await asyncio.sleep(interval)
+
+    def _start_metrics(self, loop: asyncio.AbstractEventLoop) -> Any:
+        if self.config.metrics_addr is None:
+            return None
+        from .metrics import MetricsServer, loop_snapshot
+
+        host, port = self.config.metrics_addr
+        try:
+            metrics = MetricsServer(host, port, loop_snapshot(loop, self.service.stats))
+        except OSError as exc:
+            raise ConfigError(f"metrics_addr = \"{host}:{port}\": cannot listen there "
+                              f"({exc.strerror}); choose another address or port") from None
+        self.service.metrics_address = metrics.address
+        log.info("Prometheus metrics on http://%s/metrics", metrics.address)
+        return metrics
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _drain(self) -> None:
         # ZeroMQ's descriptor is edge-triggered: read until the socket says nothing is left.
@@ -153,26 +228,24 @@ class DaemonServer:
                 self._answer(frames[:-1], frames[-1])
 
     def _answer(self, route: list[bytes], payload: bytes) -> None:
-        request_id = 0
+        request_id, op = 0, "request"
         try:
             frame = decode_request(payload)
-            request_id = frame.id
+            request_id, op = frame.id, frame.request.op
             outcome = self.service.handle(frame)
         except Exception as exc:
-            self._send(route, self._error_reply(request_id, exc))
+            self._send(route, self._error_reply(request_id, op, exc))
             return
         if inspect.isawaitable(outcome):
-            task = asyncio.create_task(self._finish(route, request_id, outcome))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(self._finish(route, request_id, op, outcome))
         else:
             self._send(route, encode_reply(request_id, outcome))
 
-    async def _finish(self, route: list[bytes], request_id: int, outcome: Any) -> None:
+    async def _finish(self, route: list[bytes], request_id: int, op: str, outcome: Any) -> None:
         try:
             reply = encode_reply(request_id, await outcome)
         except Exception as exc:
-            reply = self._error_reply(request_id, exc)
+            reply = self._error_reply(request_id, op, exc)
         self._send(route, reply)
         # Sending may have consumed the descriptor's edge for requests queued meanwhile.
         asyncio.get_running_loop().call_soon(self._drain)
@@ -181,24 +254,24 @@ class DaemonServer:
         # ROUTER never blocks: a reply to a client that is gone (or far behind) is dropped.
         self._sock.send_multipart([*route, reply], zmq.NOBLOCK)
 
-    @staticmethod
-    def _error_reply(request_id: int, exc: Exception) -> bytes:
-        if isinstance(exc, LoraCacheError):
+    def _error_reply(self, request_id: int, op: str, exc: Exception) -> bytes:
+        if not isinstance(exc, LoraCacheError):
+            log.error("%s %d failed with an internal error", op, request_id, exc_info=exc)
+            exc = LoraCacheError(ErrorCode.INTERNAL,
+                                 f"internal error ({type(exc).__name__}: {exc}); the daemon "
+                                 "carries on, and its log has the details")
+        else:
             request_id = getattr(exc, "request_id", request_id)
-            log.debug("request %d failed: %s", request_id, exc)
-            return encode_error(request_id, exc)
-        log.error("request %d failed with an internal error", request_id, exc_info=exc)
-        return encode_error(request_id, LoraCacheError(
-            ErrorCode.INTERNAL, f"internal error ({type(exc).__name__}: {exc}); the daemon "
-                                "carries on, and its log has the details"))
+            log.info("%s %d failed: %s", op, request_id, exc)
+        self.service.record_error(exc.code)
+        return encode_error(request_id, exc)
 
     async def _expire(self) -> None:
-        interval = min(1.0, self.config.session_ttl / 4)
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(min(1.0, self.config.session_ttl / 4))
             self.service.expire_sessions()
 
 
-def run(config: DaemonConfig) -> None:
-    """Run the daemon in this process until SIGINT or SIGTERM."""
-    asyncio.run(DaemonServer(config).serve())
+def run(config: DaemonConfig, load_config: Callable[[], DaemonConfig] | None = None) -> None:
+    """Run the daemon in this process until SIGINT or SIGTERM; SIGHUP calls ``load_config``."""
+    asyncio.run(DaemonServer(config, load_config).serve())

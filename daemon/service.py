@@ -8,9 +8,11 @@ pool for headers, and one per device for loads (a single thread per GPU, for CUD
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import dataclasses
 import functools
+import inspect
 import itertools
 import logging
 import os
@@ -19,6 +21,7 @@ import time
 from typing import Any, Awaitable, Callable, Hashable
 
 from loracache.shared.errors import ErrorCode, LoraCacheError
+from loracache.shared.humanize import human_bytes
 from loracache.shared.protocol import (
     Acquire,
     AcquireResult,
@@ -38,7 +41,7 @@ from loracache.shared.protocol import (
 from loracache.shared.transport import Transport
 
 from .cache import DeviceCache, Entry
-from .config import DaemonConfig
+from .config import DaemonConfig, PreloadSpec
 from .files import FileIdentity, confine, identify
 from .loader import fill_buffer, plan_load
 from .sessions import Lease, Session, SessionTable
@@ -56,9 +59,13 @@ class CacheService:
         self.instance = secrets.token_hex(8)
         self.started = time.monotonic()
         self.transports = {t.device: t for t in transports}
-        self.caches = {t.device: DeviceCache(t.device, config.max_bytes.resolve(t.total_memory()),
-                                             config.cache_size) for t in transports}
+        self.total_memory = {t.device: t.total_memory() for t in transports}
+        self.caches = {device: DeviceCache(device, config.budget(device, total),
+                                           config.cache_size_for(device))
+                       for device, total in self.total_memory.items()}
         self.sessions = SessionTable(config.session_ttl)
+        self.errors: collections.Counter[str] = collections.Counter()  # replies by error code
+        self.metrics_address: str | None = None  # set by the server when it serves metrics
         self._header_pool = concurrent.futures.ThreadPoolExecutor(4, "loracache-header")
         self._device_pools = {
             t.device: concurrent.futures.ThreadPoolExecutor(
@@ -141,11 +148,30 @@ class CacheService:
         return {}
 
     def _stats(self, req: Stats, _: Session | None) -> dict[str, Any]:
+        return self.stats()
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of the daemon and of each device (what ``loracache stats`` prints)."""
+        sessions_by_device: collections.Counter[str] = collections.Counter()
+        for session in self.sessions.sessions.values():
+            sessions_by_device.update({lease.entry.device for lease in session.leases.values()})
         return {"instance": self.instance, "pid": os.getpid(),
                 "uptime_s": time.monotonic() - self.started,
                 "sessions": len(self.sessions.sessions),
                 "leases": sum(c.leases for c in self.caches.values()),
-                "devices": [cache.stats() for cache in self.caches.values()]}
+                "errors": dict(self.errors),
+                "metrics": self.metrics_address,
+                "devices": [{**cache.stats(), "sessions": sessions_by_device[device]}
+                            for device, cache in self.caches.items()]}
+
+    def summary(self) -> str:
+        """One line for ``systemctl status``: entries, bytes, sessions and leases."""
+        used = sum(c.used for c in self.caches.values())
+        budget = sum(c.budget for c in self.caches.values())
+        return (f"{sum(len(c.entries) for c in self.caches.values())} entries, "
+                f"{human_bytes(used)} of {human_bytes(budget)} used, "
+                f"{len(self.sessions.sessions)} sessions, "
+                f"{sum(c.leases for c in self.caches.values())} leases")
 
     def _list(self, req: ListEntries, _: Session | None) -> dict[str, Any]:
         return {"entries": [dataclasses.asdict(entry.info()) for cache in self.caches.values()
@@ -243,8 +269,11 @@ class CacheService:
                       layout=layout, buffer=buffer, tensors=plan.layout.specs)
         cache.add(entry)
         cache.loads += 1
-        log.info("loaded %s on %s: %d bytes, %d tensors in %.3f s", identity.path, cache.device,
-                 entry.nbytes, len(entry.tensors), time.monotonic() - started)
+        seconds = time.monotonic() - started
+        cache.load_times.record(seconds)
+        log.info("loaded %s on %s: %s (%d bytes), %d tensors in %.3f s", identity.path,
+                 cache.device, human_bytes(entry.nbytes), entry.nbytes, len(entry.tensors),
+                 seconds)
         return entry
 
     async def _reserve(self, cache: DeviceCache, nbytes: int) -> None:
@@ -297,7 +326,8 @@ class CacheService:
         """Take ``entries`` out of the cache now; free their memory on the device's thread."""
         for entry in entries:
             cache.remove(entry)
-            log.info("evicted %s from %s (%d bytes)", entry.path, cache.device, entry.nbytes)
+            log.info("evicted %s from %s: %s (%d bytes)", entry.path, cache.device,
+                     human_bytes(entry.nbytes), entry.nbytes)
         if entries:
             pool = self._device_pools[cache.device]
             pool.submit(_free_all, self.transports[cache.device], [e.buffer for e in entries])
@@ -306,6 +336,49 @@ class CacheService:
         event = self._room_freed[cache.device]
         self._room_freed[cache.device] = asyncio.Event()
         event.set()
+
+    # ------------------------------------------------------------------------ configuration
+
+    def reconfigure(self, config: DaemonConfig) -> None:
+        """Apply a reloaded configuration: lower limits evict idle entries at once, new roots
+        and timeouts apply to the next requests."""
+        self.config = config
+        self.sessions.ttl = config.session_ttl
+        for device, cache in self.caches.items():
+            cache.budget = config.budget(device, self.total_memory[device])
+            cache.cache_size = config.cache_size_for(device)
+            self._remove(cache, cache.over_limits())
+            self._room_changed(cache)
+            log.info("device %s: budget %s (%d bytes), cache size %d", device,
+                     human_bytes(cache.budget), cache.budget, cache.cache_size)
+        unknown = set(config.device) - set(self.caches)
+        if unknown:
+            log.warning("configuration has [device] settings for %s, which this daemon does not "
+                        "serve (it serves %s)", ", ".join(sorted(unknown)), ", ".join(self.caches))
+
+    async def preload(self, specs: tuple[PreloadSpec, ...]) -> None:
+        """Load the configured LoRAs; a failure is logged with its code and the rest go on."""
+        for spec in specs:
+            try:
+                request = Preload(path=spec.path, device=self.device_named(spec.device),
+                                  layout=spec.layout, pin=spec.pin)
+                outcome = self._preload(request, None)
+                if inspect.isawaitable(outcome):
+                    await outcome
+            except LoraCacheError as exc:
+                self.record_error(exc.code)
+                log.error("preload of %s on %s failed: %s", spec.path, spec.device, exc)
+
+    def device_named(self, name: str) -> str:
+        """The cache name for ``cuda`` (the first GPU) or ``cuda:<index>``; others unchanged."""
+        for transport in self.transports.values():
+            index = getattr(transport, "index", None)
+            if index is not None and name in ("cuda", f"cuda:{index}"):
+                return transport.device
+        return name  # cpu, a UUID, or unknown: _cache() names the devices there are
+
+    def record_error(self, code: ErrorCode) -> None:
+        self.errors[code.value] += 1
 
     # ------------------------------------------------------------------------------ sessions
 
@@ -316,7 +389,8 @@ class CacheService:
             if leases and not session.process_alive():
                 for lease in leases:  # the client cannot undo its exports any more
                     lease.entry.buffer.forget_export(lease.handle)
-            log.info("session of pid %d expired; released %d lease(s)", session.pid, len(leases))
+            log.info("session of pid %d expired after %.0f s without a message; released %d "
+                     "lease(s)", session.pid, self.sessions.ttl, len(leases))
             self._released(leases)
 
     # ------------------------------------------------------------------------------- helpers

@@ -22,9 +22,7 @@ import torch
 from .errors import ErrorCode, LoraCacheError
 from .families import ALPHA, DOWN, FAMILIES, UNMATCHED, UP, Family
 
-RAW = "raw"
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' key for the saved LoraConfigs
-LAYOUTS = (RAW, *FAMILIES)
 
 # Formats recognised by a key fragment. Checked before conversion, because diffusers would
 # silently drop some of them (DoRA) or fail with an unhelpful message.

@@ -1,22 +1,67 @@
-"""Where the daemon listens: one rule for the daemon, the client library and the CLI."""
+"""Where the daemon listens: one rule for the daemon, the client library and the CLI.
+
+The socket comes from ``--socket``, else ``$LORACACHE_SOCKET``, else the ``socket`` key of the
+configuration file, else the system service's socket when it exists, else a per-user socket.
+"""
 
 from __future__ import annotations
 
 import os
 import tempfile
+import tomllib
 from pathlib import Path
+from typing import Any
 
 SOCKET_ENV = "LORACACHE_SOCKET"
+CONFIG_ENV = "LORACACHE_CONFIG"
 SYSTEM_SOCKET = Path("/run/loracache/daemon.sock")
+SYSTEM_CONFIG = Path("/etc/loracache/config.toml")
 SOCKET_NAME = "daemon.sock"
 MAX_IPC_PATH = 107  # sun_path is 108 bytes with the terminating NUL
 
 
-def default_socket_path() -> Path:
-    """``$LORACACHE_SOCKET``, else the system service's socket when it exists, else a per-user
-    socket under ``$XDG_RUNTIME_DIR`` (or the temp dir)."""
+def config_file_path(explicit: str | os.PathLike[str] | None = None) -> Path | None:
+    """``--config``, else ``$LORACACHE_CONFIG``, else ``/etc/loracache/config.toml`` if present."""
+    if explicit:
+        return Path(explicit)
+    if os.environ.get(CONFIG_ENV):
+        return Path(os.environ[CONFIG_ENV])
+    return SYSTEM_CONFIG if SYSTEM_CONFIG.is_file() else None
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The TOML table in ``path``; ValueError with a message naming the file otherwise."""
+    try:
+        with open(path, "rb") as file:
+            return tomllib.load(file)
+    except FileNotFoundError:
+        raise ValueError(f"configuration file {path} does not exist") from None
+    except OSError as exc:
+        raise ValueError(f"cannot read configuration file {path}: {exc.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"configuration file {path} is not valid TOML: {exc}") from None
+
+
+def default_socket_path(config_file: str | os.PathLike[str] | None = None) -> Path:
+    """The socket to use when none is given (see the module docstring for the order).
+
+    Raises ValueError when the configuration file cannot be read or its ``socket`` is not a
+    string.
+    """
     if os.environ.get(SOCKET_ENV):
         return Path(os.environ[SOCKET_ENV])
+    path = config_file_path(config_file)
+    if path is not None:
+        socket = read_config_file(path).get("socket")
+        if socket is not None and not isinstance(socket, str):
+            raise ValueError(f"configuration file {path}: socket = {socket!r} is not a path")
+        if socket:
+            return Path(socket)
+    return fallback_socket_path()
+
+
+def fallback_socket_path() -> Path:
+    """The system service's socket when it exists, else a per-user one."""
     if SYSTEM_SOCKET.exists():
         return SYSTEM_SOCKET
     return user_runtime_dir() / SOCKET_NAME

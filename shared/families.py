@@ -36,3 +36,6 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("sd3", "SD3LoraLoaderMixin", "transformer", ("text_encoder", "text_encoder_2")),
     Family("flux", "FluxLoraLoaderMixin", "transformer", ("text_encoder",)),
 )}
+
+RAW = "raw"  # the file's own tensors, unconverted
+LAYOUTS = (RAW, *FAMILIES)  # what ``acquire(layout=...)`` accepts

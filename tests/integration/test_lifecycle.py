@@ -78,7 +78,7 @@ def test_stale_socket_and_shm_dir_of_a_killed_daemon_are_cleaned(start_daemon, l
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--max-bytes", "lots"], "is not a size"),
+    (["--max-bytes", "lots"], "not a size"),
     (["--max-bytes", "150%"], "percentage"),
     (["--cache-size", "-1"], "cache_size"),
     (["--session-ttl", "0"], "session_ttl"),

@@ -1,0 +1,102 @@
+"""Prometheus metrics (``--metrics-addr``), read from the service at each scrape.
+
+The HTTP server runs in prometheus_client's thread; the cache state belongs to the event loop.
+So a scrape asks the loop for a stats snapshot and waits for it: the values are exactly what
+``loracache stats`` would print at that moment, and a stuck loop shows as a failed scrape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from typing import Any, Callable, Iterator
+
+from prometheus_client import start_http_server
+from prometheus_client.core import (CollectorRegistry, CounterMetricFamily, GaugeMetricFamily,
+                                    HistogramMetricFamily, Metric)
+from prometheus_client.registry import Collector
+
+SNAPSHOT_TIMEOUT = 5.0
+
+DEVICE_GAUGES = {  # stats key -> (metric name, help)
+    "budget": ("loracache_budget_bytes", "Cache budget of the device"),
+    "used": ("loracache_used_bytes", "Bytes of cached entries on the device"),
+    "leased_bytes": ("loracache_leased_bytes", "Bytes of entries with at least one lease"),
+    "pinned_bytes": ("loracache_pinned_bytes", "Bytes of pinned entries"),
+    "entries": ("loracache_entries", "Cached entries"),
+    "leases": ("loracache_leases", "Leases held by clients"),
+    "sessions": ("loracache_device_sessions", "Sessions holding leases on the device"),
+}
+DEVICE_COUNTERS = {
+    "hits": ("loracache_hits", "Acquires served from the cache"),
+    "misses": ("loracache_misses", "Acquires that loaded the file"),
+    "loads": ("loracache_loads", "Files loaded (acquires and preloads)"),
+    "evictions": ("loracache_evictions", "Entries evicted"),
+}
+
+
+class StatsCollector(Collector):
+    """Turns one stats snapshot per scrape into metric families."""
+
+    def __init__(self, snapshot: Callable[[], dict[str, Any]]) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._snapshot()
+        devices = stats["devices"]
+        for key, (name, help_text) in DEVICE_GAUGES.items():
+            family = GaugeMetricFamily(name, help_text, labels=["device"])
+            for device in devices:
+                family.add_metric([device["device"]], device[key])
+            yield family
+        for key, (name, help_text) in DEVICE_COUNTERS.items():
+            family = CounterMetricFamily(name, help_text, labels=["device"])
+            for device in devices:
+                family.add_metric([device["device"]], device[key])
+            yield family
+        histogram = HistogramMetricFamily("loracache_load_duration_seconds",
+                                          "Time to load a file into the cache", labels=["device"])
+        for device in devices:
+            times = device["load_seconds"]
+            histogram.add_metric([device["device"]], [(str(le), n) for le, n in times["buckets"]],
+                                 times["sum"])
+        yield histogram
+        errors = CounterMetricFamily("loracache_errors", "Error replies by code", labels=["code"])
+        for code, count in sorted(stats["errors"].items()):
+            errors.add_metric([code], count)
+        yield errors
+        yield GaugeMetricFamily("loracache_sessions", "Open client sessions",
+                                value=stats["sessions"])
+
+
+def loop_snapshot(loop: asyncio.AbstractEventLoop,
+                  stats: Callable[[], dict[str, Any]]) -> Callable[[], dict[str, Any]]:
+    """A function, callable from any thread, that runs ``stats`` on ``loop`` and returns it."""
+    def snapshot() -> dict[str, Any]:
+        future: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
+
+        def take() -> None:
+            try:
+                future.set_result(stats())
+            except Exception as exc:  # reported to the scrape, which fails with it
+                future.set_exception(exc)
+
+        loop.call_soon_threadsafe(take)
+        return future.result(SNAPSHOT_TIMEOUT)
+    return snapshot
+
+
+class MetricsServer:
+    """The /metrics endpoint on its own thread; ``address`` is where it listens."""
+
+    def __init__(self, host: str, port: int, snapshot: Callable[[], dict[str, Any]]) -> None:
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(StatsCollector(snapshot))
+        self._server, self._thread = start_http_server(port, host, registry)
+        bound_host, bound_port = self._server.server_address[:2]
+        self.address = f"{bound_host}:{bound_port}"
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
