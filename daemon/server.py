@@ -120,10 +120,45 @@ class DaemonServer:
             loop.add_signal_handler(sig, self.should_exit.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         _claim_socket_path(self.config.socket)
-        shm_dir = instance_shm_dir(self.config.shm_dir)
-        self.service = CacheService(self.config, make_transports(self.config, shm_dir))
+        with contextlib.ExitStack() as cleanup:  # undone in reverse, also when startup fails
+            shm_dir = instance_shm_dir(self.config.shm_dir)
+            self.service = CacheService(self.config, make_transports(self.config, shm_dir))
+            cleanup.callback(self.service.close)
+            self._sock = sock = self._bind(cleanup)
+            metrics = self._start_metrics(loop)
+            if metrics is not None:
+                cleanup.callback(metrics.close)
+            cleanup.callback(self.notifier.close)
+            for cache in self.service.caches.values():
+                log.info("device %s: budget %s (%d bytes), cache size %d", cache.device,
+                         human_bytes(cache.budget), cache.budget, cache.cache_size)
+            log.info("loracache daemon %s serving on %s (pid %d, configuration %s)",
+                     self.service.instance, self.config.socket, os.getpid(),
+                     self.config.file or "from flags and environment")
+            loop.add_reader(sock.getsockopt(zmq.FD), self._drain)
+            cleanup.callback(loop.remove_reader, sock.getsockopt(zmq.FD))
+            self._drain()  # requests that arrived before the reader was registered
+            self._spawn(self._expire())
+            self._spawn(self.service.preload(self.config.preload))
+            if self.notifier.enabled:
+                self._spawn(self._report_to_systemd())
+            self.notifier.ready(self._status())
+            try:
+                await self.should_exit.wait()
+            finally:
+                log.info("shutting down")
+                self.notifier.stopping()
+                for task in self._tasks:
+                    task.cancel()
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+        log.info("stopped")
+
+    def _bind(self, cleanup: contextlib.ExitStack) -> zmq.Socket:
+        """The ROUTER socket on the configured path, mode 0660."""
         context = zmq.Context()
-        self._sock = sock = context.socket(zmq.ROUTER)
+        cleanup.callback(context.term)
+        sock = context.socket(zmq.ROUTER)
+        cleanup.callback(sock.close, 0)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, ZMQ_MAX_MESSAGE)
         old_umask = os.umask(0o117)
@@ -131,39 +166,9 @@ class DaemonServer:
             sock.bind(endpoint(self.config.socket))
         finally:
             os.umask(old_umask)
+        cleanup.callback(self.config.socket.unlink, missing_ok=True)
         os.chmod(self.config.socket, SOCKET_MODE)
-        metrics = self._start_metrics(loop)
-        for cache in self.service.caches.values():
-            log.info("device %s: budget %s (%d bytes), cache size %d", cache.device,
-                     human_bytes(cache.budget), cache.budget, cache.cache_size)
-        log.info("loracache daemon %s serving on %s (pid %d, configuration %s)",
-                 self.service.instance, self.config.socket, os.getpid(),
-                 self.config.file or "from flags and environment")
-        loop.add_reader(sock.getsockopt(zmq.FD), self._drain)
-        self._drain()  # requests that arrived before the reader was registered
-        self._spawn(self._expire())
-        self._spawn(self.service.preload(self.config.preload))
-        if self.notifier.enabled:
-            self._spawn(self._report_to_systemd())
-        self.notifier.ready(self._status())
-        try:
-            await self.should_exit.wait()
-        finally:
-            log.info("shutting down")
-            self.notifier.stopping()
-            loop.remove_reader(sock.getsockopt(zmq.FD))
-            for task in self._tasks:
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-            sock.close(linger=0)
-            context.term()
-            with contextlib.suppress(FileNotFoundError):
-                self.config.socket.unlink()
-            if metrics is not None:
-                metrics.close()
-            self.service.close()
-            self.notifier.close()
-            log.info("stopped")
+        return sock
 
     def reload(self) -> None:
         """SIGHUP: read the configuration again and apply it; a bad one keeps the old."""

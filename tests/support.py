@@ -52,16 +52,18 @@ class Daemon:
     """A real ``loracache serve`` process on a private socket and shm directory."""
 
     def __init__(self, lora_dir: Path, *args: str, env: dict[str, str] | None = None,
-                 reuse: "Daemon | None" = None) -> None:
-        """``reuse``: take over the socket path and shm directory of an earlier daemon."""
+                 reuse: "Daemon | None" = None, config: Path | None = None) -> None:
+        """``reuse``: take over the socket path and shm directory of an earlier daemon.
+        ``config``: a configuration file, which then names the LoRA directories itself."""
         self.home = Path(tempfile.mkdtemp(prefix="lc-", dir="/tmp"))
         self.socket = reuse.socket if reuse else self.home / "d.sock"
         self.shm_root = (reuse.shm_root if reuse
                          else Path(tempfile.mkdtemp(prefix="lc-test-", dir="/dev/shm")))
         self.log_path = self.home / "daemon.log"
         self.lora_dir = lora_dir
+        where = ["--config", str(config)] if config else ["--lora-dir", str(lora_dir)]
         command = [sys.executable, "-m", "loracache.client.cli", "serve", "--socket",
-                   str(self.socket), "--lora-dir", str(lora_dir), "--devices", "cpu",
+                   str(self.socket), *where, "--devices", "cpu",
                    "--shm-dir", str(self.shm_root), "--log-level", "DEBUG", *args]
         # Later flags win: a test may pass its own --devices.
         self.log = open(self.log_path, "w")
