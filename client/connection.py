@@ -4,13 +4,20 @@ Each thread talks over its own DEALER socket (ZeroMQ sockets must not be shared 
 threads), all under one session; a background thread heartbeats so the session outlives idle
 periods. Requests never hold a lock while waiting, so a thread blocked in ``acquire`` (waiting
 for cache space) never stops another from releasing.
+
+When the daemon dies, waiting requests fail within about a second with DAEMON_UNAVAILABLE (the
+socket stops accepting connections). When a daemon is back (or the session expired), the first
+request that meets UNKNOWN_SESSION opens a new session and leases every file this client still
+holds again, checking that it is the same file, so fused weights can still be unfused exactly.
 """
 
 from __future__ import annotations
 
+import errno
 import itertools
 import logging
 import os
+import socket
 import threading
 import time
 from collections import OrderedDict
@@ -55,6 +62,7 @@ DEFAULT_REQUEST_TIMEOUT = 120.0  # above the daemon's default acquire_timeout pl
 BYE_TIMEOUT = 1.0  # closing must not hang on a daemon that is gone
 RELEASE_TIMEOUT = 5.0  # a release is bookkeeping only: never wait on it as long as on a load
 TABLE_CACHE_SIZE = 256  # tensor tables kept per client, so hits need not carry them
+PROBE_INTERVAL = 1.0  # seconds without a reply before checking that the daemon still listens
 
 
 class LoraCacheClient:
@@ -90,6 +98,8 @@ class LoraCacheClient:
         self._tables: OrderedDict[tuple[str, str], list[TensorSpec]] = OrderedDict()
         self._hints: dict[tuple[str, str, str], str] = {}  # (path, device, layout) -> entry id
         self._closed = threading.Event()
+        self._recovering = threading.Lock()
+        self._down_reported = False  # log one warning per outage, not one per heartbeat
         try:
             self._hello(connect_timeout)
         except BaseException:
@@ -112,7 +122,8 @@ class LoraCacheClient:
         known = self._known_entry(path, device, layout)
         result = AcquireResult.from_wire(
             self._request(Acquire(path=path, device=device, layout=layout, known_entry=known)))
-        key = (self.instance, result.entry.id)
+        instance = self.instance
+        key = (instance, result.entry.id)
         with self._lock:
             if result.tensors is not None:
                 self._tables[key] = result.tensors
@@ -129,8 +140,9 @@ class LoraCacheClient:
             return self.acquire(path, device, layout)
         from .lease import MAPPINGS, Lease  # torch loads with the first lease, not with the CLI
 
-        tensors = MAPPINGS.attach(self.instance, result, table)
-        lease = Lease(result.lease, result.entry, tensors, self._release)
+        tensors = MAPPINGS.attach(instance, result, table)
+        lease = Lease(result.lease, result.entry, tensors, self._release, instance=instance,
+                      request=(path, device, layout))
         with self._lock:
             self._leases.add(lease)
         return lease
@@ -157,6 +169,18 @@ class LoraCacheClient:
     def clear(self, device: str = "") -> dict[str, int]:
         """Evict every unleased entry, pinned ones included."""
         return self._request(Clear(device=device_name(device) if device else ""))
+
+    def verify_session(self) -> bool:
+        """Check that the daemon still knows this session; if it restarted, renew the session
+        and the leases now (not at the next heartbeat). False when no daemon answers."""
+        try:
+            self._request(Heartbeat(), timeout=RELEASE_TIMEOUT)
+        except LoraCacheError as exc:
+            if exc.code not in (ErrorCode.DAEMON_UNAVAILABLE, ErrorCode.TIMEOUT):
+                raise
+            log.warning("the loracache daemon on %s does not answer: %s", self.socket_path, exc)
+            return False
+        return True
 
     def close(self) -> None:
         """Release the leases still held, stop heartbeating and close the sockets."""
@@ -206,15 +230,18 @@ class LoraCacheClient:
     def _release(self, lease: Lease) -> None:
         with self._lock:
             self._leases.discard(lease)
+            current = lease.instance == self.instance
         from .lease import MAPPINGS
 
-        MAPPINGS.detach(self.instance, lease.entry.id)
+        MAPPINGS.detach(lease.instance, lease.entry.id)
+        if not current:
+            return  # lent by a daemon instance that is gone: nothing to give back
         try:
-            self._request(Release(lease=lease.id), timeout=RELEASE_TIMEOUT)
+            self._request(Release(lease=lease.id), timeout=RELEASE_TIMEOUT, recover=False)
         except LoraCacheError as exc:
             if exc.code is ErrorCode.UNKNOWN_SESSION:
                 return  # the session expired: the daemon already took the lease back
-            if exc.code is ErrorCode.TIMEOUT:
+            if exc.code in (ErrorCode.TIMEOUT, ErrorCode.DAEMON_UNAVAILABLE):
                 # The daemon is gone or stuck; it releases the lease itself once this session
                 # has been silent for its TTL, so a worker need not fail a request over it.
                 log.warning("releasing %s: %s", lease, exc)
@@ -222,22 +249,34 @@ class LoraCacheClient:
             raise
 
     def _request(self, request: Request, *, timeout: float | None = None,
-                 session: str | None = None) -> Any:
+                 session: str | None = None, recover: bool = True) -> Any:
+        """Send ``request`` and return its result. With ``recover``, a reply of UNKNOWN_SESSION
+        (the daemon restarted, or forgot this silent client) renews the session and the leases
+        held, then sends the request once more."""
         if os.getpid() != self._pid:
             raise LoraCacheError(ErrorCode.NOT_ALLOWED,
                                  f"this LoraCacheClient was created in process {self._pid}; "
                                  "create a new one in each process after fork()")
         if self._closed.is_set():
             raise LoraCacheError(ErrorCode.NOT_ALLOWED, "this LoraCacheClient is closed")
+        sent_session = self.session if session is None else session
+        try:
+            return self._round_trip(request, sent_session, timeout)
+        except LoraCacheError as exc:
+            if not (recover and session is None and exc.code is ErrorCode.UNKNOWN_SESSION):
+                raise
+        self._recover(sent_session)
+        return self._round_trip(request, self.session, timeout)
+
+    def _round_trip(self, request: Request, session: str, timeout: float | None) -> Any:
         timeout = self.request_timeout if timeout is None else timeout
         sock = self._socket()
         request_id = next(self._ids)
-        sock.send(encode_request(request_id, self.session if session is None else session,
-                                 request))
+        sock.send(encode_request(request_id, session, request))
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not sock.poll(int(remaining * 1000) + 1):
+            if remaining <= 0:
                 self._drop_socket()  # a late reply must not be read as the next one's
                 if isinstance(request, Hello):
                     raise self._unavailable(f"nobody answered within {timeout:g} s")
@@ -246,12 +285,70 @@ class LoraCacheClient:
                     f"the daemon on {self.socket_path} did not answer {request.op} within "
                     f"{timeout:g} s; raise request_timeout if loads are this slow, or check the "
                     "daemon's log")
+            if not sock.poll(int(min(remaining, PROBE_INTERVAL) * 1000) + 1):
+                if not self._daemon_listening():
+                    self._drop_socket()  # the request must not reach a daemon started later
+                    raise self._unavailable("the socket accepts no connections (the daemon "
+                                            "stopped)")
+                continue
             reply_id, result = decode_reply(sock.recv())
             if reply_id != request_id:
                 continue
             if isinstance(result, LoraCacheError):
                 raise result
             return result
+
+    def _daemon_listening(self) -> bool:
+        """Whether a process accepts connections on the socket (cheap: one connect())."""
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(self.socket_path))
+        except OSError as exc:
+            return exc.errno not in (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTSOCK)
+        finally:
+            probe.close()
+        return True
+
+    def _recover(self, stale_session: str) -> None:
+        """Open a new session and lease again every file this client holds (once per outage,
+        whichever thread meets UNKNOWN_SESSION first)."""
+        with self._recovering:
+            if self.session != stale_session:
+                return  # another thread has recovered already
+            old_instance = self.instance
+            self._hello(self.request_timeout)
+            with self._lock:
+                leases = list(self._leases)
+            if self.instance != old_instance:
+                log.warning("the loracache daemon on %s restarted (instance %s, was %s); "
+                            "leasing %d file(s) again", self.socket_path, self.instance,
+                            old_instance, len(leases))
+            for lease in leases:
+                self._renew(lease)
+
+    def _renew(self, lease: Lease) -> None:
+        """Lease ``lease``'s file again under the new session, if it is still the same file."""
+        from .lease import MAPPINGS
+
+        path, device, layout = lease.request
+        try:
+            result = AcquireResult.from_wire(self._round_trip(
+                Acquire(path=path, device=device, layout=layout), self.session, None))
+        except LoraCacheError as exc:
+            log.warning("could not lease %s again after the daemon restarted: %s; keeping the "
+                        "old mapping", path, exc)
+            return
+        if result.entry.file != lease.entry.file:
+            log.warning("%s changed on disk (%s, was %s); keeping the copy leased before the "
+                        "restart, so unfusing stays exact", path, result.entry.file,
+                        lease.entry.file)
+            self._round_trip(Release(lease=result.lease), self.session, RELEASE_TIMEOUT)
+            return
+        with self._lock:
+            self._tables[(self.instance, result.entry.id)] = result.tensors
+        tensors = MAPPINGS.attach(self.instance, result, result.tensors)
+        MAPPINGS.detach(lease.instance, lease.entry.id)
+        lease.renewed(result.lease, result.entry, tensors, self.instance)
 
     def _socket(self) -> zmq.Socket:
         sock = getattr(self._local, "socket", None)
@@ -279,12 +376,17 @@ class LoraCacheClient:
         self._context.term()
 
     def _heartbeat_loop(self) -> None:
-        interval = max(0.05, self.session_ttl / 3)
-        while not self._closed.wait(interval):
+        while not self._closed.wait(max(0.05, self.session_ttl / 3)):
             try:
-                self._request(Heartbeat(), timeout=interval)
+                self._request(Heartbeat(), timeout=max(0.05, self.session_ttl / 3))
             except LoraCacheError as exc:
-                log.warning("heartbeat to %s failed: %s", self.socket_path, exc)
+                if self._closed.is_set():
+                    break
+                level = logging.DEBUG if self._down_reported else logging.WARNING
+                log.log(level, "heartbeat to %s failed: %s", self.socket_path, exc)
+                self._down_reported = True
+            else:
+                self._down_reported = False
         self._drop_socket()
 
     def _unavailable(self, why: str) -> LoraCacheError:

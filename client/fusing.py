@@ -45,6 +45,18 @@ class Adapter:
     layers: dict[str, fuser.Factors]  # canonical layer name -> factors
     weights: dict[str, torch.Tensor]  # canonical layer name -> the weight it updates
     lease: Lease | None  # None when the tensors are the worker's own (local, dict, copies)
+    lender: LoraCacheClient | None = None  # the client that holds the lease
+    generation: int = 0  # of the lease when ``layers`` were taken from it
+
+    def refresh(self) -> None:
+        """Take the factors from the lease again if it was renewed (the daemon restarted and
+        lent the same file from a new copy): the old copy may be gone."""
+        if self.lease is None or self.lease.generation == self.generation:
+            return
+        tensors = self.lease.tensors
+        self.layers = {layer: fuser.Factors(tensors[layer + DOWN], tensors[layer + UP], f.alpha)
+                       for layer, f in self.layers.items()}
+        self.generation = self.lease.generation
 
 
 @dataclasses.dataclass
@@ -80,9 +92,10 @@ def load_and_fuse_lora(pipeline: Any, source: str | os.PathLike[str] | Mapping[s
         raise ValueError(f"an adapter named {name!r} is loaded already; delete_adapters() it "
                          "first or choose another adapter_name")
     family = family_of(pipeline)
-    tensors, lease = _canonical_source(pipeline, family, source, client, fallback)
+    tensors, lease, lender = _canonical_source(pipeline, family, source, client, fallback)
     try:
         adapter = _adapter(pipeline, family, name, tensors, lease, strict)
+        adapter.lender = lender
         if not memory_efficient:  # the old behaviour: the worker keeps its own copies
             adapter.layers = {k: fuser.Factors(f.down.clone(), f.up.clone(), f.alpha)
                               for k, f in adapter.layers.items()}
@@ -174,6 +187,12 @@ def _state(pipeline: Any, restore: str) -> PipelineLoras:
 
 def _refuse(state: PipelineLoras, wanted: dict[str, float]) -> None:
     """Make ``wanted`` (name -> weight) the fused set, rewriting each touched weight once."""
+    lenders = {id(a.lender): a.lender for a in state.adapters.values() if a.lease is not None}
+    for lender in lenders.values():
+        lender.verify_session()  # a restarted daemon: lease again before using the factors
+    for adapter in state.adapters.values():
+        adapter.refresh()
+
     def terms(active: dict[str, float], key: str) -> list[fuser.Term]:
         return [(state.adapters[n].layers[key], w) for n, w in active.items()
                 if key in state.adapters[n].layers]
@@ -222,14 +241,18 @@ def _adapter(pipeline: Any, family: Family, name: str, tensors: Mapping[str, tor
         if strict:
             raise ValueError(message + "; pass strict=False to fuse the rest")
         log.warning(message)
-    return Adapter(name=name, layers=layers, weights=weights, lease=lease)
+    return Adapter(name=name, layers=layers, weights=weights, lease=lease,
+                   generation=lease.generation if lease is not None else 0)
 
 
 def _canonical_source(pipeline: Any, family: Family, source: Any, client: LoraCacheClient | None,
-                      fallback: str) -> tuple[Mapping[str, torch.Tensor], Lease | None]:
-    """The canonical tensors of ``source``, and the lease that lends them (if any)."""
+                      fallback: str) -> tuple[Mapping[str, torch.Tensor], Lease | None,
+                                              LoraCacheClient | None]:
+    """The canonical tensors of ``source``, and the lease that lends them and its client (if
+    they come from the daemon)."""
     if isinstance(source, Mapping):  # copied: diffusers' converters may scale tensors in place
-        return canonical_tensors({k: v.clone() for k, v in source.items()}, family.name), None
+        return (canonical_tensors({k: v.clone() for k, v in source.items()}, family.name), None,
+                None)
     path = os.fspath(source)
     device = device_of(pipeline, family)
     try:
@@ -239,14 +262,14 @@ def _canonical_source(pipeline: Any, family: Family, source: Any, client: LoraCa
         wanted = device_name(device) if device.type in ("cpu", "cuda") else "cpu"
         lease = lender.acquire(path, device=wanted if wanted in lender.devices else "cpu",
                                layout=family.name)
-        return lease.tensors, lease
+        return lease.tensors, lease, lender
     except LoraCacheError as exc:
         if exc.code is not ErrorCode.DAEMON_UNAVAILABLE or fallback == "error":
             raise
         _warn_fallback(exc)
     with safe_open(path, framework="pt") as f:
         metadata = f.metadata()
-    return canonical_tensors(load_file(path), family.name, metadata), None
+    return canonical_tensors(load_file(path), family.name, metadata), None, None
 
 
 def _release(adapter: Adapter) -> None:

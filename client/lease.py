@@ -105,17 +105,30 @@ class Lease:
     """A loan of one cached entry: ``tensors`` stay valid and unchanged until :meth:`release`.
 
     On CPU the tensors are read-only views of shared memory (writing through them faults);
-    on CUDA they are views of the daemon's device buffer.
+    on CUDA they are views of the daemon's device buffer. If the daemon restarts, the client
+    leases the same file again from the new one and points ``tensors`` at the new copy
+    (``generation`` counts these renewals), so code that keeps views should fetch them again
+    when ``generation`` changes.
     """
 
     def __init__(self, lease_id: str, entry: EntryInfo, tensors: Mapping[str, torch.Tensor],
-                 on_release: Callable[["Lease"], None]) -> None:
+                 on_release: Callable[["Lease"], None], *, instance: str = "",
+                 request: tuple[str, str, str] = ("", "", "")) -> None:
         self.id = lease_id
         self.entry = entry
         self.tensors = tensors
+        self.instance = instance  # the daemon instance that lent it
+        self.request = request  # (path, device, layout) as acquired, to lease it again
+        self.generation = 0
         self._on_release = on_release
         self._released = False
         self._lock = threading.Lock()
+
+    def renewed(self, lease_id: str, entry: EntryInfo, tensors: Mapping[str, torch.Tensor],
+                instance: str) -> None:
+        """Point this lease at the same file's entry in a new daemon instance."""
+        self.id, self.entry, self.tensors, self.instance = lease_id, entry, tensors, instance
+        self.generation += 1
 
     @property
     def released(self) -> bool:

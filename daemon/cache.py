@@ -27,6 +27,7 @@ class Entry:
     layout: str
     buffer: DeviceBuffer
     tensors: list[TensorSpec]
+    file: str = ""  # FileIdentity.token of the file it was loaded from
     leases: int = 0
     pinned: bool = False
     last_used: float = dataclasses.field(default_factory=time.monotonic)
@@ -42,7 +43,8 @@ class Entry:
     def info(self) -> EntryInfo:
         return EntryInfo(id=self.id, path=self.path, device=self.device, layout=self.layout,
                          nbytes=self.nbytes, leases=self.leases, pinned=self.pinned,
-                         idle_s=time.monotonic() - self.last_used if self.idle else 0.0)
+                         idle_s=time.monotonic() - self.last_used if self.idle else 0.0,
+                         file=self.file)
 
 
 class LoadTimes:

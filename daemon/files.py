@@ -29,6 +29,11 @@ class FileIdentity(NamedTuple):
     def of(cls, path: str, st: os.stat_result) -> "FileIdentity":
         return cls(path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
+    @property
+    def token(self) -> str:
+        """What clients compare to tell whether a restarted daemon serves the same file."""
+        return f"{self.st_dev}:{self.st_ino}:{self.size}:{self.mtime_ns}"
+
 
 def confine(requested: str, roots: tuple[Path, ...]) -> str:
     """Resolve ``requested`` (absolute, or relative to a root) to a real path under a root.

@@ -266,7 +266,8 @@ class CacheService:
         finally:
             plan.file.close()
         entry = Entry(id=entry_id, key=key, path=identity.path, device=cache.device,
-                      layout=layout, buffer=buffer, tensors=plan.layout.specs)
+                      layout=layout, buffer=buffer, tensors=plan.layout.specs,
+                      file=identity.token)
         cache.add(entry)
         cache.loads += 1
         seconds = time.monotonic() - started

@@ -170,6 +170,7 @@ class EntryInfo:
     leases: int = 0
     pinned: bool = False
     idle_s: float = 0.0
+    file: str = ""  # the file's identity (device:inode:size:mtime_ns): same file, same tensors
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,18 +5,42 @@ a real worker process does.
 """
 
 import json
+import logging
 import sys
 
 import torch
 from safetensors.torch import load_file
 
-from loracache.client import LoraCacheClient, LoraCacheError
+from loracache.client import (LoraCacheClient, LoraCacheError, delete_adapters,
+                              load_and_fuse_lora, unfuse_lora)
 from loracache.shared.procmem import mapping_pss_bytes, pss_bytes
 from tests.support import digest
+from tests.tiny import tiny_sd_pipeline
 
+
+class Remember(logging.Handler):
+    """Keeps the client library's warnings, for the tests to read ("warnings" op)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+warnings = Remember()
+logging.getLogger("loracache").addHandler(warnings)
 client = None
 leases = {}
 loaded = {}
+pipelines = {}
+
+
+def _weights(name):
+    pipe = pipelines[name]
+    return torch.cat([v.detach().flatten().float() for part in ("unet", "text_encoder")
+                      for v in getattr(pipe, part).state_dict().values()])
 
 
 def run(op, args):
@@ -46,6 +70,29 @@ def run(op, args):
         return torch.cuda.memory_allocated()
     if op == "stats":
         return client.stats()
+    if op == "pipeline":  # a tiny SD pipeline, the same weights for the same seed
+        pipelines[args["name"]] = tiny_sd_pipeline(seed=args.get("seed", 0), smallest=True)
+        return {}
+    if op == "fuse":
+        load_and_fuse_lora(pipelines[args["name"]], args["path"], args["adapter"], client=client,
+                           fallback=args.get("fallback", "local"))
+        return {}
+    if op == "unfuse":
+        unfuse_lora(pipelines[args["name"]])
+        return {}
+    if op == "delete":
+        delete_adapters(pipelines[args["name"]], args.get("adapters"))
+        return {}
+    if op == "weights":  # a digest of every weight LoRAs may touch
+        return digest(_weights(args["name"]))
+    if op == "max_diff":  # how far two pipelines' weights are apart, and how large they are
+        a, b = _weights(args["a"]), _weights(args["b"])
+        return {"diff": float((a - b).abs().max()), "scale": float(a.abs().max())}
+    if op == "lease_generations":
+        return [a.lease.generation for a in pipelines[args["name"]]._loracache.adapters.values()
+                if a.lease is not None]
+    if op == "warnings":
+        return warnings.messages
     if op == "exit":
         if client is not None:
             client.close()
