@@ -292,8 +292,10 @@ class LoraCacheClient:
                                             "stopped)")
                 continue
             reply_id, result = decode_reply(sock.recv())
-            if reply_id != request_id:
-                continue
+            if reply_id not in (request_id, 0):
+                continue  # a late reply to an earlier request of this thread
+            # Id 0: the daemon could not read the request's id (e.g. a field over the size
+            # limits); with one request in flight per socket, the reply is this request's.
             if isinstance(result, LoraCacheError):
                 raise result
             return result

@@ -9,6 +9,7 @@ CLI turns that into an exit.
 from __future__ import annotations
 
 import dataclasses
+import grp
 import json
 import os
 import re
@@ -97,6 +98,10 @@ class DaemonConfig:
     shm_dir: Path
     log_level: str
     metrics_addr: tuple[str, int] | None
+    session_max_leases: int
+    session_max_bytes: SizeSpec | None  # per device; None: only the budget limits a session
+    admin_socket: Path | None  # when set, evict, clear and pinned preloads are served only there
+    admin_group: str | None  # the group owning the admin socket
     device: Mapping[str, DeviceOverride]  # by device name: "cpu" or "cuda:GPU-<uuid>"
     preload: tuple[PreloadSpec, ...]
     file: Path | None = None  # the configuration file read, if any
@@ -131,6 +136,21 @@ def _socket(value: Any) -> Path:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     return path
+
+
+def _optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``parse``, with an empty string meaning "not set"."""
+    return lambda value: None if value == "" else parse(value)
+
+
+def _group(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError("must be a group name")
+    try:
+        grp.getgrnam(value)
+    except KeyError:
+        raise ConfigError(f"there is no group {value!r} on this host (see getent group)") from None
+    return value
 
 
 def _directory(value: Any) -> Path:
@@ -170,6 +190,13 @@ def _count(value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise ConfigError("must be a whole number >= 0")
     return value
+
+
+def _positive_count(value: Any) -> int:
+    count = _count(value)
+    if count == 0:
+        raise ConfigError("must be a whole number >= 1")
+    return count
 
 
 def _number(value: Any) -> float:
@@ -293,7 +320,7 @@ class Setting:
 
     @property
     def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
+        return "--lora-dir" if self.name == "lora_dirs" else "--" + self.name.replace("_", "-")
 
 
 SETTINGS = (
@@ -313,6 +340,16 @@ SETTINGS = (
     Setting("log_level", _log_level, lambda: "info", "debug, info, warning or error"),
     Setting("metrics_addr", _metrics_addr, lambda: None,
             "HOST:PORT for Prometheus metrics (off when empty)", reloadable=False),
+    Setting("session_max_leases", _positive_count, lambda: 1024,
+            "leases one client session may hold at once"),
+    Setting("session_max_bytes", _optional(parse_size), lambda: None,
+            "bytes one session may hold leased per device: bytes, 4GiB or 10% (empty: no limit)"),
+    Setting("admin_socket", _optional(_socket), lambda: None,
+            "a second socket for evict, clear and pinned preloads; when set, the main socket "
+            "refuses them", reloadable=False),
+    Setting("admin_group", _optional(_group), lambda: None,
+            "group owning the admin socket (the daemon's user must be a member)",
+            reloadable=False),
     Setting("device", _device_overrides, dict, "per-device max_bytes and cache_size",
             from_file_only=True),
     Setting("preload", _preloads, tuple, "LoRAs loaded at start and after each reload",

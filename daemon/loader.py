@@ -8,17 +8,20 @@ header, converts the tensors when the layout asks for it, and computes the packe
 from __future__ import annotations
 
 import dataclasses
-from typing import BinaryIO
+import mmap
+import warnings
+from typing import BinaryIO, Iterable
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
 from loracache.shared.canonical import canonical_tensors
 from loracache.shared.families import LAYOUTS, RAW
-from loracache.shared.dtypes import SAFETENSORS_NAMES
+from loracache.shared.dtypes import SAFETENSORS_NAMES, TORCH_DTYPES
 from loracache.shared.errors import ErrorCode, LoraCacheError
 from loracache.shared.packing import PackedLayout, TensorItem, pack
-from loracache.shared.safetensors_header import read_header
+from loracache.shared.safetensors_header import SafetensorsHeader, read_header
 from loracache.shared.transport import DeviceBuffer, Segment, Transport
 
 from .files import FileIdentity, open_identified
@@ -47,18 +50,55 @@ def plan_load(identity: FileIdentity, layout: str) -> LoadPlan:
     try:
         header = read_header(f, identity.path)
         if layout == RAW:
+            check_finite(identity.path, file_tensors(f, header))
             packed = pack(header.tensors)
             segments = [Segment(src=record.begin, dst=spec.offset, nbytes=record.nbytes)
                         for record, spec in zip(header.tensors, packed.specs)]
             return LoadPlan(identity.path, f, packed, coalesce(segments), [])
         f.seek(0)
-        converted = canonical_tensors(load_safetensors(f.read()), layout, header.metadata)
+        try:
+            tensors = load_safetensors(f.read())
+        except SafetensorError as exc:  # stricter than our reader: gaps, trailing bytes
+            raise LoraCacheError(ErrorCode.INVALID_LORA,
+                                 f"{identity.path}: safetensors refuses the file: {exc}") from exc
+        check_finite(identity.path, tensors.items())
+        converted = canonical_tensors(tensors, layout, header.metadata)
         packed = pack([_item(name, tensor) for name, tensor in converted.items()])
         tensors = [(spec.offset, converted[spec.name]) for spec in packed.specs]
         return LoadPlan(identity.path, f, packed, [], tensors)
     except BaseException:
         f.close()
         raise
+
+
+FINITE_CHUNK = 1 << 24  # elements checked at once: bounds the boolean temporary to 16 MiB
+
+
+def check_finite(path: str, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Refuse a file with NaN or Inf in a floating tensor: fused, it would poison every weight
+    it touches, and nothing downstream would say why."""
+    for name, tensor in tensors:
+        if not tensor.is_floating_point() or tensor.element_size() == 1:
+            continue  # integers have no NaN; float8 has no isfinite kernel on every device
+        for chunk in tensor.reshape(-1).split(FINITE_CHUNK):
+            if not bool(torch.isfinite(chunk).all()):
+                raise LoraCacheError(ErrorCode.INVALID_LORA,
+                                     f"{path}: tensor {name!r} holds NaN or Inf values; fix or "
+                                     "re-export the LoRA")
+
+
+def file_tensors(f: BinaryIO, header: SafetensorsHeader) -> Iterable[tuple[str, torch.Tensor]]:
+    """The file's tensors as read-only views of its pages (nothing is copied)."""
+    mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    with warnings.catch_warnings():  # read-only is the point: nothing writes through them
+        warnings.simplefilter("ignore", UserWarning)
+        data = torch.frombuffer(mapped, dtype=torch.uint8)
+    for record in header.tensors:
+        raw = data[record.begin:record.end]
+        dtype = TORCH_DTYPES[record.dtype]
+        if record.begin % dtype.itemsize:
+            raw = raw.clone()  # an unaligned tensor: a copy of this one only
+        yield record.name, raw.view(dtype)
 
 
 def _item(name: str, tensor: torch.Tensor) -> TensorItem:
@@ -93,6 +133,9 @@ def fill_buffer(transport: Transport, plan: LoadPlan, name: str) -> DeviceBuffer
         buffer.free()
         raise LoraCacheError(ErrorCode.INVALID_LORA,
                              f"reading {plan.path} failed: {exc.strerror}") from exc
+    except LoraCacheError as exc:  # the transport found the file short: name the file
+        buffer.free()
+        raise LoraCacheError(exc.code, f"{plan.path}: {exc.message}") from exc
     except BaseException:
         buffer.free()
         raise

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import grp
 import inspect
 import logging
 import os
@@ -119,12 +120,15 @@ class DaemonServer:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.should_exit.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
-        _claim_socket_path(self.config.socket)
         with contextlib.ExitStack() as cleanup:  # undone in reverse, also when startup fails
             shm_dir = instance_shm_dir(self.config.shm_dir)
             self.service = CacheService(self.config, make_transports(self.config, shm_dir))
             cleanup.callback(self.service.close)
-            self._sock = sock = self._bind(cleanup)
+            # socket -> whether it serves admin ops (all of them unless there is an admin socket)
+            sockets = {self._bind(cleanup, self.config.socket): self.config.admin_socket is None}
+            if self.config.admin_socket is not None:
+                sockets[self._bind(cleanup, self.config.admin_socket,
+                                   self.config.admin_group)] = True
             metrics = self._start_metrics(loop)
             if metrics is not None:
                 cleanup.callback(metrics.close)
@@ -135,9 +139,10 @@ class DaemonServer:
             log.info("loracache daemon %s serving on %s (pid %d, configuration %s)",
                      self.service.instance, self.config.socket, os.getpid(),
                      self.config.file or "from flags and environment")
-            loop.add_reader(sock.getsockopt(zmq.FD), self._drain)
-            cleanup.callback(loop.remove_reader, sock.getsockopt(zmq.FD))
-            self._drain()  # requests that arrived before the reader was registered
+            for sock, admin in sockets.items():
+                loop.add_reader(sock.getsockopt(zmq.FD), self._drain, sock, admin)
+                cleanup.callback(loop.remove_reader, sock.getsockopt(zmq.FD))
+                self._drain(sock, admin)  # requests that arrived before the reader was added
             self._spawn(self._expire())
             self._spawn(self.service.preload(self.config.preload))
             if self.notifier.enabled:
@@ -153,8 +158,10 @@ class DaemonServer:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
         log.info("stopped")
 
-    def _bind(self, cleanup: contextlib.ExitStack) -> zmq.Socket:
-        """The ROUTER socket on the configured path, mode 0660."""
+    def _bind(self, cleanup: contextlib.ExitStack, path: Path,
+              group: str | None = None) -> zmq.Socket:
+        """A ROUTER socket on ``path``, mode 0660 (and owned by ``group`` if given)."""
+        _claim_socket_path(path)
         context = zmq.Context()
         cleanup.callback(context.term)
         sock = context.socket(zmq.ROUTER)
@@ -163,11 +170,13 @@ class DaemonServer:
         sock.setsockopt(zmq.MAXMSGSIZE, ZMQ_MAX_MESSAGE)
         old_umask = os.umask(0o117)
         try:
-            sock.bind(endpoint(self.config.socket))
+            sock.bind(endpoint(path))
         finally:
             os.umask(old_umask)
-        cleanup.callback(self.config.socket.unlink, missing_ok=True)
-        os.chmod(self.config.socket, SOCKET_MODE)
+        cleanup.callback(path.unlink, missing_ok=True)
+        os.chmod(path, SOCKET_MODE)
+        if group is not None:
+            os.chown(path, -1, grp.getgrnam(group).gr_gid)
         return sock
 
     def reload(self) -> None:
@@ -225,39 +234,41 @@ class DaemonServer:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _drain(self) -> None:
+    def _drain(self, sock: zmq.Socket, admin: bool) -> None:
         # ZeroMQ's descriptor is edge-triggered: read until the socket says nothing is left.
-        while self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            frames = self._sock.recv_multipart(zmq.NOBLOCK)
+        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            frames = sock.recv_multipart(zmq.NOBLOCK)
             if len(frames) >= 2:
-                self._answer(frames[:-1], frames[-1])
+                self._answer(sock, admin, frames[:-1], frames[-1])
 
-    def _answer(self, route: list[bytes], payload: bytes) -> None:
+    def _answer(self, sock: zmq.Socket, admin: bool, route: list[bytes], payload: bytes) -> None:
         request_id, op = 0, "request"
         try:
             frame = decode_request(payload)
             request_id, op = frame.id, frame.request.op
-            outcome = self.service.handle(frame)
+            outcome = self.service.handle(frame, admin=admin)
         except Exception as exc:
-            self._send(route, self._error_reply(request_id, op, exc))
+            self._send(sock, route, self._error_reply(request_id, op, exc))
             return
         if inspect.isawaitable(outcome):
-            self._spawn(self._finish(route, request_id, op, outcome))
+            self._spawn(self._finish(sock, admin, route, request_id, op, outcome))
         else:
-            self._send(route, encode_reply(request_id, outcome))
+            self._send(sock, route, encode_reply(request_id, outcome))
 
-    async def _finish(self, route: list[bytes], request_id: int, op: str, outcome: Any) -> None:
+    async def _finish(self, sock: zmq.Socket, admin: bool, route: list[bytes], request_id: int,
+                      op: str, outcome: Any) -> None:
         try:
             reply = encode_reply(request_id, await outcome)
         except Exception as exc:
             reply = self._error_reply(request_id, op, exc)
-        self._send(route, reply)
+        self._send(sock, route, reply)
         # Sending may have consumed the descriptor's edge for requests queued meanwhile.
-        asyncio.get_running_loop().call_soon(self._drain)
+        asyncio.get_running_loop().call_soon(self._drain, sock, admin)
 
-    def _send(self, route: list[bytes], reply: bytes) -> None:
+    @staticmethod
+    def _send(sock: zmq.Socket, route: list[bytes], reply: bytes) -> None:
         # ROUTER never blocks: a reply to a client that is gone (or far behind) is dropped.
-        self._sock.send_multipart([*route, reply], zmq.NOBLOCK)
+        sock.send_multipart([*route, reply], zmq.NOBLOCK)
 
     def _error_reply(self, request_id: int, op: str, exc: Exception) -> bytes:
         if not isinstance(exc, LoraCacheError):

@@ -83,12 +83,18 @@ class CacheService:
 
     # ------------------------------------------------------------------------------ dispatch
 
-    def handle(self, frame: RequestFrame) -> Any:
+    def handle(self, frame: RequestFrame, admin: bool = True) -> Any:
         """Run the handler of ``frame``'s request type.
 
         Returns the result, or an awaitable of it when the request has to wait (for a load, or
         for room in the cache). Everything else, every hit included, is answered at once.
+        ``admin``: whether it came on a socket that may evict, clear and pin.
         """
+        if not admin and _is_admin_op(frame.request):
+            raise LoraCacheError(ErrorCode.NOT_ALLOWED,
+                                 f"{frame.request.op}{' --pin' if _is_pin(frame.request) else ''}"
+                                 f" is served on the admin socket {self.config.admin_socket} "
+                                 "only; use it (loracache --socket ...) as a member of its group")
         session = None
         if isinstance(frame.request, SESSION_OPS):
             session = self.sessions.get(frame.session)
@@ -130,11 +136,31 @@ class CacheService:
 
     def _lend(self, cache: DeviceCache, entry: Entry, req: Acquire,
               session: Session) -> AcquireResult:
+        self._check_quota(cache, entry, session)
         handle = entry.buffer.export()
         lease = self.sessions.add_lease(session, entry, handle)
         cache.lend(entry)
         return AcquireResult(lease=lease.id, entry=entry.info(), handle=handle,
                              tensors=None if req.known_entry == entry.id else entry.tensors)
+
+    def _check_quota(self, cache: DeviceCache, entry: Entry, session: Session) -> None:
+        """Refuse a lease beyond the session's quotas (so one client cannot hold the cache)."""
+        limit = self.config.session_max_leases
+        if len(session.leases) >= limit:
+            raise LoraCacheError(ErrorCode.NOT_ALLOWED,
+                                 f"this session holds {len(session.leases)} leases, the most "
+                                 f"one session may hold (session_max_leases = {limit}); release "
+                                 "some first")
+        if self.config.session_max_bytes is None or session.holds(entry):
+            return
+        max_bytes = self.config.session_max_bytes.resolve(self.total_memory[cache.device])
+        held = session.leased_bytes[cache.device]
+        if held + entry.nbytes > max_bytes:
+            self._trim(cache)  # a fresh load nobody holds must not stay beyond the cache size
+            raise LoraCacheError(ErrorCode.NOT_ALLOWED,
+                                 f"leasing {entry.path} ({entry.nbytes} bytes) would make this "
+                                 f"session hold {held + entry.nbytes} bytes on {cache.device}, "
+                                 f"over session_max_bytes ({max_bytes}); release leases first")
 
     def _release(self, req: Release, session: Session) -> dict[str, Any]:
         self._released([self.sessions.release(session, req.lease)])
@@ -418,6 +444,15 @@ class CacheService:
             pool.shutdown(wait=True)
         for transport in self.transports.values():
             transport.close()
+
+
+def _is_pin(request: Request) -> bool:
+    return isinstance(request, Preload) and request.pin
+
+
+def _is_admin_op(request: Request) -> bool:
+    """Evicting and pinning change what every worker gets: an operator's decision."""
+    return isinstance(request, (Evict, Clear)) or _is_pin(request)
 
 
 def _free_all(transport: Transport, buffers: list) -> None:

@@ -1,11 +1,13 @@
 """Sessions and their leases. A lease pins one entry for one session until released.
 
 A session is refreshed by every message it sends; one silent for its TTL expires and gives
-its leases back. Lease ids are random, so a client cannot name another session's lease.
+its leases back. Lease ids are random, so a client cannot name another session's lease. Each
+session counts what it holds, so quotas cost nothing per request.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 import secrets
@@ -43,6 +45,14 @@ class Session:
     pid: int
     last_seen: float
     leases: dict[str, Lease] = dataclasses.field(default_factory=dict)
+    # Distinct entries leased (leasing one entry twice costs no more memory) and their bytes.
+    entry_leases: collections.Counter[str] = dataclasses.field(
+        default_factory=collections.Counter)
+    leased_bytes: collections.Counter[str] = dataclasses.field(
+        default_factory=collections.Counter)  # by device
+
+    def holds(self, entry: Entry) -> bool:
+        return self.entry_leases[entry.id] > 0
 
     def process_alive(self) -> bool:
         """Whether the client's process still exists (same PID namespace as the daemon)."""
@@ -73,6 +83,9 @@ class SessionTable:
     def add_lease(self, session: Session, entry: Entry, handle: dict[str, Any]) -> Lease:
         lease = Lease(id=secrets.token_urlsafe(16), entry=entry, handle=handle)
         session.leases[lease.id] = lease
+        if session.entry_leases[entry.id] == 0:
+            session.leased_bytes[entry.device] += entry.nbytes
+        session.entry_leases[entry.id] += 1
         return lease
 
     def release(self, session: Session, lease_id: str) -> Lease:
@@ -81,6 +94,11 @@ class SessionTable:
             raise LoraCacheError(ErrorCode.UNKNOWN_LEASE,
                                  f"this session holds no lease {lease_id!r:.40}; it was released "
                                  "already or belongs to another session")
+        entry = lease.entry
+        session.entry_leases[entry.id] -= 1
+        if session.entry_leases[entry.id] == 0:
+            del session.entry_leases[entry.id]
+            session.leased_bytes[entry.device] -= entry.nbytes
         return lease
 
     def expired(self) -> list[Session]:
@@ -92,4 +110,6 @@ class SessionTable:
         del self.sessions[session.token]
         leases = list(session.leases.values())
         session.leases.clear()
+        session.entry_leases.clear()
+        session.leased_bytes.clear()
         return leases
