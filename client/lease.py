@@ -135,12 +135,14 @@ class Lease:
         return self._released
 
     def release(self) -> None:
-        """Give the entry back to the daemon. Idempotent."""
+        """Give the entry back to the daemon. Idempotent. The lease lets go of its views, so
+        the memory goes once the caller drops those it kept."""
         with self._lock:
             if self._released:
                 return
             self._released = True
         self._on_release(self)
+        self.tensors = {}
 
     def __enter__(self) -> "Lease":
         return self

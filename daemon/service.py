@@ -38,12 +38,12 @@ from loracache.shared.protocol import (
     RequestFrame,
     Stats,
 )
-from loracache.shared.transport import Transport
+from loracache.shared.transport import DeviceBuffer, Transport
 
 from .cache import DeviceCache, Entry
 from .config import DaemonConfig, PreloadSpec
 from .files import FileIdentity, confine, identify
-from .loader import fill_buffer, plan_load
+from .loader import LoadPlan, fill_buffer, plan_load
 from .sessions import Lease, Session, SessionTable
 
 log = logging.getLogger("loracache.daemon")
@@ -284,8 +284,7 @@ class CacheService:
             await self._reserve(cache, plan.nbytes)
             entry_id = f"{next(self._entry_ids):x}"
             try:
-                buffer = await self._run(self._device_pools[cache.device], fill_buffer,
-                                         self.transports[cache.device], plan, entry_id)
+                buffer = await self._fill(cache, plan, entry_id)
             finally:
                 cache.reserved -= plan.nbytes
                 self._room_changed(cache)
@@ -302,6 +301,22 @@ class CacheService:
                  cache.device, human_bytes(entry.nbytes), entry.nbytes, len(entry.tensors),
                  seconds)
         return entry
+
+    async def _fill(self, cache: DeviceCache, plan: LoadPlan, entry_id: str) -> DeviceBuffer:
+        """Allocate and fill the entry's buffer. When the device (or the tmpfs) has less room
+        than the budget promised, evict idle entries one by one and retry, then CACHE_FULL."""
+        pool, transport = self._device_pools[cache.device], self.transports[cache.device]
+        while True:
+            try:
+                return await self._run(pool, fill_buffer, transport, plan, entry_id)
+            except LoraCacheError as exc:
+                if exc.code is not ErrorCode.CACHE_FULL or not cache.idle:
+                    raise
+                victim = next(iter(cache.idle.values()))
+                log.warning("%s has no room for %s (%s): evicting %s and retrying", cache.device,
+                            plan.path, human_bytes(plan.nbytes), victim.path)
+                cache.remove(victim)
+                await self._run(pool, _free_all, transport, [victim.buffer])
 
     async def _reserve(self, cache: DeviceCache, nbytes: int) -> None:
         """Make room for ``nbytes`` by evicting, waiting for releases up to the timeout."""
