@@ -71,7 +71,8 @@ def run(op, args):
     if op == "stats":
         return client.stats()
     if op == "pipeline":  # a tiny SD pipeline, the same weights for the same seed
-        pipelines[args["name"]] = tiny_sd_pipeline(seed=args.get("seed", 0), smallest=True)
+        pipe = tiny_sd_pipeline(seed=args.get("seed", 0), smallest=True)
+        pipelines[args["name"]] = pipe.to(args.get("device", "cpu"))
         return {}
     if op == "fuse":
         load_and_fuse_lora(pipelines[args["name"]], args["path"], args["adapter"], client=client,

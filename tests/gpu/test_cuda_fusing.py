@@ -37,3 +37,30 @@ def test_fusing_from_a_cuda_lease_equals_diffusers(start_daemon, lora_dir, dtype
         assert all(torch.equal(pipe.unet.state_dict()[k], v) for k, v in original.items())
         delete_adapters(pipe)
         assert daemon.stats()["leases"] == 0
+
+
+def test_unfuse_after_the_daemon_restarts_uses_the_new_copy(start_daemon, lora_dir):
+    """A daemon killed under a GPU worker takes its device memory with it; the worker leases
+    the file again from the new daemon and unfuses from that copy, exactly."""
+    import signal
+
+    from tests.support import Worker
+
+    pipe = tiny_sd_pipeline(smallest=True)
+    save(sd_lora_peft(pipe), lora_dir / "a.safetensors")
+    first = start_daemon("--devices", "cpu,cuda:0", "--max-bytes", "1GiB")
+    worker = Worker(first.socket)
+    try:
+        for name in ("restarted", "original"):
+            worker.call("pipeline", name=name, device="cuda:0")
+        worker.call("fuse", name="restarted", path=str(lora_dir / "a.safetensors"),
+                    adapter="a")
+        first.stop(signal.SIGKILL)
+        second = start_daemon("--devices", "cpu,cuda:0", "--max-bytes", "1GiB", reuse=first)
+        worker.call("unfuse", name="restarted")
+        assert worker.call("lease_generations", name="restarted") == [1]
+        distance = worker.call("max_diff", a="restarted", b="original")
+        assert distance["diff"] <= 1e-5 * max(1.0, distance["scale"])
+        assert second.stats()["leases"] == 1
+    finally:
+        worker.kill()

@@ -82,3 +82,28 @@ def test_unknown_device_uuid_is_refused(gpu_daemon, lora_dir):
     with gpu_daemon.client() as client, pytest.raises(LoraCacheError) as error:
         client.acquire(path, device="cuda:GPU-00000000-0000-0000-0000-000000000000")
     assert error.value.code is ErrorCode.UNKNOWN_DEVICE
+
+
+def test_dead_sessions_ipc_counters_are_released(gpu_daemon, lora_dir):
+    """Three workers die holding leases of one entry (three export counter slots): the daemon
+    releases each slot for them, so evicting the entry gives its memory back to the device."""
+    path = sized_lora(lora_dir / "big.safetensors", 256 * MiB)
+    torch.cuda.init()
+    free_before, _ = torch.cuda.mem_get_info(0)
+    workers = [Worker(gpu_daemon.socket) for _ in range(3)]
+    for worker in workers:
+        worker.call("acquire", path=str(path), device="cuda:0")
+    assert device_stats(gpu_daemon)["leases"] == 3
+    for worker in workers:
+        worker.kill()
+    deadline = time.monotonic() + 20
+    while device_stats(gpu_daemon)["leases"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert device_stats(gpu_daemon)["leases"] == 0
+    assert "expired" in gpu_daemon.read_log()
+    with gpu_daemon.client() as client:
+        assert client.evict(path) == {"evicted": 1, "busy": 0}
+    deadline = time.monotonic() + 20
+    while torch.cuda.mem_get_info(0)[0] < free_before - 64 * MiB and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert torch.cuda.mem_get_info(0)[0] >= free_before - 64 * MiB
