@@ -285,7 +285,10 @@ class DaemonServer:
     async def _expire(self) -> None:
         while True:
             await asyncio.sleep(min(1.0, self.config.session_ttl / 4))
-            self.service.expire_sessions()
+            try:
+                self.service.expire_sessions()
+            except Exception:  # a bug here must not stop every later expiry
+                log.exception("expiring sessions failed; retrying at the next tick")
 
 
 def run(config: DaemonConfig, load_config: Callable[[], DaemonConfig] | None = None) -> None:

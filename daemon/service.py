@@ -51,6 +51,7 @@ log = logging.getLogger("loracache.daemon")
 # Ops that need a session; the others (stats, list, preload, ...) also serve tools like the CLI.
 SESSION_OPS = (Acquire, Release, Heartbeat, Bye)
 CPU_LOAD_THREADS = 4
+MAX_PID = 2**22  # the kernel's PID_MAX_LIMIT
 
 
 class CacheService:
@@ -105,6 +106,10 @@ class CacheService:
     # ------------------------------------------------------------------------------ handlers
 
     def _hello(self, req: Hello, _: Session | None) -> HelloResult:
+        if not 0 <= req.pid <= MAX_PID:
+            raise LoraCacheError(ErrorCode.BAD_REQUEST,
+                                 f"pid {req.pid} is not a process id (0 to {MAX_PID}); send the "
+                                 "client's os.getpid(), or 0 if unknown")
         session = self.sessions.open(req.pid)
         log.debug("session opened for pid %d (%s)", req.pid, req.client or "client")
         return HelloResult(instance=self.instance, session=session.token,

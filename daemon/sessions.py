@@ -23,8 +23,8 @@ def pid_alive(pid: int) -> bool:
     """Whether process ``pid`` exists (in this PID namespace)."""
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
+    except (ProcessLookupError, OverflowError):
+        return False  # OverflowError: beyond any pid the kernel hands out
     except PermissionError:
         return True  # it exists, it is just not ours
     return True

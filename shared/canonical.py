@@ -89,6 +89,22 @@ def canonical_tensors(state_dict: dict[str, torch.Tensor], family_name: str,
     return canonical
 
 
+MAX_RANK = 4096  # beyond the width of every layer of the families served
+
+
+def _check_factors(name: str, down: torch.Tensor, up: torch.Tensor) -> None:
+    """A pair of LoRA factors: down (rank, in, ...) and up (out, rank, 1, ...) with one rank."""
+    if down.dim() not in (2, 4) or up.dim() != down.dim():
+        raise LoraCacheError(ErrorCode.INVALID_LORA,
+                             f"{name}: factors of {down.dim()} and {up.dim()} dimensions; a LoRA "
+                             "layer has 2 (linear) or 4 (convolution) on both")
+    rank = down.shape[0]
+    if up.shape[1] != rank or not 0 < rank <= MAX_RANK:
+        raise LoraCacheError(ErrorCode.INVALID_LORA,
+                             f"{name}: down has rank {rank} and up {up.shape[1]}; they must be "
+                             f"equal and between 1 and {MAX_RANK}")
+
+
 def _refuse_unsupported(state_dict: dict[str, torch.Tensor]) -> None:
     keys = list(state_dict)
     peft_file = next((k for k in keys if k.startswith("base_model.model.")), None)
@@ -193,6 +209,7 @@ def _component_layers(component: str, part: dict[str, torch.Tensor], alphas: dic
             raise LoraCacheError(ErrorCode.INVALID_LORA,
                                  f"{component}.{module} has a down (A) matrix but no up (B)")
         name = f"{component}.{module}"
+        _check_factors(name, down, up)
         layers[name + DOWN], layers[name + UP] = down, up
         if module in module_alphas:
             layers[name + ALPHA] = torch.tensor(module_alphas[module], dtype=torch.float32)

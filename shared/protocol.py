@@ -314,8 +314,11 @@ def _unpack(data: bytes, limits: UnpackLimits) -> Any:
             max_ext_len=0,
             ext_hook=_refuse_ext,
         )
+    except msgpack.StackError as exc:  # msgpack's own 1024-level guard, which says nothing
+        raise _bad(f"not a valid msgpack message: nested deeper than {limits.max_depth} "
+                   "levels") from exc
     except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError,
-            msgpack.StackError, UnicodeDecodeError) as exc:
+            UnicodeDecodeError) as exc:
         raise _bad(f"not a valid msgpack message: {exc}") from exc
     _check_depth(body, limits.max_depth)
     return body

@@ -145,3 +145,20 @@ def test_bad_paths_and_files_get_their_codes(daemon, lora_dir, tmp_path):
         assert stats["entries"] == 0 and stats["used"] == 0 and stats["reserved"] == 0
         assert daemon.stats()["leases"] == 0 and daemon.shm_files() == []
     assert_still_serving(daemon, lora_dir)
+
+
+@pytest.mark.parametrize("down_shape, up_shape, problem", [
+    ((4, 32), (32, 8), "rank 4 and up 8"),
+    ((5000, 8), (8, 5000), "between 1 and 4096"),
+    ((4, 32, 1), (32, 4, 1), "3 and 3 dimensions"),
+], ids=["ranks-differ", "rank-too-large", "three-dims"])
+def test_lora_factors_with_bad_ranks_or_dims_are_invalid(daemon, lora_dir, down_shape, up_shape,
+                                                         problem):
+    """The family layouts pair each layer's factors: their rank must agree and be bounded."""
+    module = "unet.down_blocks.0.attentions.0.proj_in"
+    write_lora(lora_dir / "bad.safetensors", {f"{module}.lora_A.weight": torch.ones(down_shape),
+                                              f"{module}.lora_B.weight": torch.ones(up_shape)})
+    with daemon.client() as client, pytest.raises(LoraCacheError) as error:
+        client.acquire("bad.safetensors", layout="sd")
+    assert error.value.code is ErrorCode.INVALID_LORA
+    assert problem in error.value.message and "proj_in" in error.value.message
