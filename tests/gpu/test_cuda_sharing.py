@@ -26,6 +26,21 @@ def device_stats(daemon) -> dict:
     return next(d for d in daemon.stats()["devices"] if d["device"] == name)
 
 
+def evict_after_the_leases_expire(daemon, path, free_before: int) -> None:
+    """Wait for dead clients' leases to expire, evict ``path``, and wait for the device to
+    have its memory back (within 64 MiB of ``free_before``)."""
+    deadline = time.monotonic() + 20
+    while daemon.stats()["leases"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert daemon.stats()["leases"] == 0
+    with daemon.client() as client:
+        assert client.evict(path) == {"evicted": 1, "busy": 0}
+    deadline = time.monotonic() + 20
+    while torch.cuda.mem_get_info(0)[0] < free_before - 64 * MiB and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert torch.cuda.mem_get_info(0)[0] >= free_before - 64 * MiB
+
+
 def test_daemon_serves_the_gpu_by_uuid(gpu_daemon):
     with gpu_daemon.client() as client:
         assert f"cuda:{device_uuid(0)}" in client.devices
@@ -65,16 +80,7 @@ def test_memory_returns_after_eviction_even_when_a_client_died(gpu_daemon, lora_
     worker = Worker(gpu_daemon.socket)
     worker.call("acquire", path=str(path), device="cuda:0")
     worker.kill()  # dies holding the lease and the IPC mapping
-    deadline = time.monotonic() + 20
-    while gpu_daemon.stats()["leases"] and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert gpu_daemon.stats()["leases"] == 0
-    with gpu_daemon.client() as client:
-        assert client.evict(path) == {"evicted": 1, "busy": 0}
-    deadline = time.monotonic() + 20
-    while torch.cuda.mem_get_info(0)[0] < free_before - 64 * MiB and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert torch.cuda.mem_get_info(0)[0] >= free_before - 64 * MiB
+    evict_after_the_leases_expire(gpu_daemon, path, free_before)
 
 
 def test_unknown_device_uuid_is_refused(gpu_daemon, lora_dir):
@@ -96,14 +102,5 @@ def test_dead_sessions_ipc_counters_are_released(gpu_daemon, lora_dir):
     assert device_stats(gpu_daemon)["leases"] == 3
     for worker in workers:
         worker.kill()
-    deadline = time.monotonic() + 20
-    while device_stats(gpu_daemon)["leases"] and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert device_stats(gpu_daemon)["leases"] == 0
+    evict_after_the_leases_expire(gpu_daemon, path, free_before)
     assert "expired" in gpu_daemon.read_log()
-    with gpu_daemon.client() as client:
-        assert client.evict(path) == {"evicted": 1, "busy": 0}
-    deadline = time.monotonic() + 20
-    while torch.cuda.mem_get_info(0)[0] < free_before - 64 * MiB and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert torch.cuda.mem_get_info(0)[0] >= free_before - 64 * MiB
