@@ -405,12 +405,20 @@ def device_name(device: str | torch.device) -> str:
         return str(device)
     import torch
 
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise LoraCacheError(ErrorCode.UNKNOWN_DEVICE, f"{device!r} is not a device name; use "
+                                                       "cpu, cuda:<index> or cuda:<GPU-uuid>") from None
     if device.type == "cpu":
         return "cpu"
     if device.type == "cuda":
         from loracache.shared.transport.cuda_ipc import device_uuid
 
+        if not torch.cuda.is_available():
+            raise LoraCacheError(ErrorCode.UNKNOWN_DEVICE,
+                                 f"{device} asked for, but this process sees no CUDA device; "
+                                 "name it by UUID (cuda:GPU-...) or check CUDA_VISIBLE_DEVICES")
         index = device.index if device.index is not None else torch.cuda.current_device()
         return f"cuda:{device_uuid(index)}"
     raise LoraCacheError(ErrorCode.UNKNOWN_DEVICE, f"loracache serves cpu and cuda devices, "

@@ -368,7 +368,7 @@ def load_config(flags: Mapping[str, Any] | None = None, *, config_file: str | No
     """
     flags = flags or {}
     environ = os.environ if environ is None else environ
-    path = config_file_path(config_file or environ.get("LORACACHE_CONFIG") or None)
+    path = config_file_path(config_file, environ)
     table: dict[str, Any] = {}
     if path is not None:
         try:
@@ -445,7 +445,8 @@ def _toml(value: Any) -> str:
         return json.dumps(f"{value[0]}:{value[1]}")  # metrics_addr
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml(v) for v in value) + "]"
-    return json.dumps(str(value))  # paths, sizes, names
+    # Paths, sizes, names. A JSON string is a TOML basic string once DEL is escaped too.
+    return json.dumps(str(value), ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 def _show(raw: Any) -> str:

@@ -8,8 +8,6 @@ header, converts the tensors when the layout asks for it, and computes the packe
 from __future__ import annotations
 
 import dataclasses
-import mmap
-import warnings
 from typing import BinaryIO, Iterable
 
 import torch
@@ -18,10 +16,10 @@ from safetensors.torch import load as load_safetensors
 
 from loracache.shared.canonical import canonical_tensors
 from loracache.shared.families import LAYOUTS, RAW
-from loracache.shared.dtypes import SAFETENSORS_NAMES, TORCH_DTYPES
+from loracache.shared.dtypes import SAFETENSORS_NAMES
 from loracache.shared.errors import ErrorCode, LoraCacheError
 from loracache.shared.packing import PackedLayout, TensorItem, pack
-from loracache.shared.safetensors_header import SafetensorsHeader, read_header
+from loracache.shared.safetensors_header import read_header
 from loracache.shared.transport import DeviceBuffer, Segment, Transport
 
 from .files import FileIdentity, open_identified
@@ -49,8 +47,7 @@ def plan_load(identity: FileIdentity, layout: str) -> LoadPlan:
     f = open_identified(identity)
     try:
         header = read_header(f, identity.path)
-        if layout == RAW:
-            check_finite(identity.path, file_tensors(f, header))
+        if layout == RAW:  # the bytes as they are, like safetensors.load_file
             packed = pack(header.tensors)
             segments = [Segment(src=record.begin, dst=spec.offset, nbytes=record.nbytes)
                         for record, spec in zip(header.tensors, packed.specs)]
@@ -76,7 +73,8 @@ FINITE_CHUNK = 1 << 24  # elements checked at once: bounds the boolean temporary
 
 def check_finite(path: str, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
     """Refuse a file with NaN or Inf in a floating tensor: fused, it would poison every weight
-    it touches, and nothing downstream would say why."""
+    it touches, and nothing downstream would say why. (Family layouts only: the raw layout
+    never brings the data into Python, and checking it would double the cost of a miss.)"""
     for name, tensor in tensors:
         if not tensor.is_floating_point() or tensor.element_size() == 1:
             continue  # integers have no NaN; float8 has no isfinite kernel on every device
@@ -85,20 +83,6 @@ def check_finite(path: str, tensors: Iterable[tuple[str, torch.Tensor]]) -> None
                 raise LoraCacheError(ErrorCode.INVALID_LORA,
                                      f"{path}: tensor {name!r} holds NaN or Inf values; fix or "
                                      "re-export the LoRA")
-
-
-def file_tensors(f: BinaryIO, header: SafetensorsHeader) -> Iterable[tuple[str, torch.Tensor]]:
-    """The file's tensors as read-only views of its pages (nothing is copied)."""
-    mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    with warnings.catch_warnings():  # read-only is the point: nothing writes through them
-        warnings.simplefilter("ignore", UserWarning)
-        data = torch.frombuffer(mapped, dtype=torch.uint8)
-    for record in header.tensors:
-        raw = data[record.begin:record.end]
-        dtype = TORCH_DTYPES[record.dtype]
-        if record.begin % dtype.itemsize:
-            raw = raw.clone()  # an unaligned tensor: a copy of this one only
-        yield record.name, raw.view(dtype)
 
 
 def _item(name: str, tensor: torch.Tensor) -> TensorItem:

@@ -10,7 +10,7 @@ import os
 import tempfile
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 SOCKET_ENV = "LORACACHE_SOCKET"
 CONFIG_ENV = "LORACACHE_CONFIG"
@@ -20,12 +20,14 @@ SOCKET_NAME = "daemon.sock"
 MAX_IPC_PATH = 107  # sun_path is 108 bytes with the terminating NUL
 
 
-def config_file_path(explicit: str | os.PathLike[str] | None = None) -> Path | None:
+def config_file_path(explicit: str | os.PathLike[str] | None = None,
+                     environ: Mapping[str, str] | None = None) -> Path | None:
     """``--config``, else ``$LORACACHE_CONFIG``, else ``/etc/loracache/config.toml`` if present."""
+    environ = os.environ if environ is None else environ
     if explicit:
         return Path(explicit)
-    if os.environ.get(CONFIG_ENV):
-        return Path(os.environ[CONFIG_ENV])
+    if environ.get(CONFIG_ENV):
+        return Path(environ[CONFIG_ENV])
     return SYSTEM_CONFIG if SYSTEM_CONFIG.is_file() else None
 
 
