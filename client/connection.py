@@ -63,6 +63,7 @@ BYE_TIMEOUT = 1.0  # closing must not hang on a daemon that is gone
 RELEASE_TIMEOUT = 5.0  # a release is bookkeeping only: never wait on it as long as on a load
 TABLE_CACHE_SIZE = 256  # tensor tables kept per client, so hits need not carry them
 PROBE_INTERVAL = 1.0  # seconds without a reply before checking that the daemon still listens
+VERIFY_TIMEOUT = 30.0  # a busy host may be slow to answer; a dead daemon is found in PROBE_INTERVAL
 
 
 class LoraCacheClient:
@@ -174,7 +175,7 @@ class LoraCacheClient:
         """Check that the daemon still knows this session; if it restarted, renew the session
         and the leases now (not at the next heartbeat). False when no daemon answers."""
         try:
-            self._request(Heartbeat(), timeout=RELEASE_TIMEOUT)
+            self._request(Heartbeat(), timeout=VERIFY_TIMEOUT)
         except LoraCacheError as exc:
             if exc.code not in (ErrorCode.DAEMON_UNAVAILABLE, ErrorCode.TIMEOUT):
                 raise

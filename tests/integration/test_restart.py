@@ -76,7 +76,8 @@ def test_a_file_changed_while_the_daemon_was_down_is_not_swapped_in(start_daemon
 
     second = start_daemon(reuse=first)
     worker.call("unfuse", name="restarted")
-    assert any("changed on disk" in w for w in worker.call("warnings"))
+    warnings = worker.call("warnings")
+    assert any("changed on disk" in w for w in warnings), warnings
     assert worker.call("lease_generations", name="restarted") == [0]  # the old copy stays
     distance = worker.call("max_diff", a="restarted", b="original")
     assert distance["diff"] <= 1e-5 * max(1.0, distance["scale"])
