@@ -122,22 +122,24 @@ class CacheService:
         entry = self._cached(cache, identity, req.layout)
         if entry is None:
             return self._acquire_loading(cache, identity, req, session)
-        cache.hits += 1
-        return self._lend(cache, entry, req, session)
+        result = self._lend(cache, entry, req, session)
+        cache.hits += 1  # counted once lent: hits + misses = acquires that succeeded
+        return result
 
     async def _acquire_loading(self, cache: DeviceCache, identity: FileIdentity, req: Acquire,
                                session: Session) -> AcquireResult:
         entry, loaded = await self._entry(cache, identity, req.layout)
-        if loaded:
-            cache.misses += 1
-        else:
-            cache.hits += 1
         if self.sessions.sessions.get(session.token) is not session:
             self._trim(cache)  # the session expired while the entry was loading
             raise LoraCacheError(ErrorCode.UNKNOWN_SESSION,
                                  "the session expired while the entry was loading; send hello "
                                  "again and keep heartbeating (the client library does)")
-        return self._lend(cache, entry, req, session)
+        result = self._lend(cache, entry, req, session)
+        if loaded:
+            cache.misses += 1
+        else:
+            cache.hits += 1
+        return result
 
     def _lend(self, cache: DeviceCache, entry: Entry, req: Acquire,
               session: Session) -> AcquireResult:

@@ -27,6 +27,8 @@ def test_lease_count_quota_per_session(start_daemon, lora_dir):
         assert refused.value.code is ErrorCode.NOT_ALLOWED
         assert "session_max_leases = 2" in refused.value.message
         other.acquire("c.safetensors").release()  # other sessions are not affected
+        cpu = daemon.cpu_stats()
+        assert cpu["hits"] + cpu["misses"] == 3  # the refused acquire is not counted
         held.pop().release()
         greedy.acquire("c.safetensors").release()
     assert daemon.stats()["leases"] == 0
