@@ -104,3 +104,27 @@ def test_dead_sessions_ipc_counters_are_released(gpu_daemon, lora_dir):
         worker.kill()
     evict_after_the_leases_expire(gpu_daemon, path, free_before)
     assert "expired" in gpu_daemon.read_log()
+
+
+def test_device_out_of_memory_evicts_and_retries_then_cache_full(start_daemon, lora_dir):
+    """A budget larger than the memory the GPU has free: a load that meets an out-of-memory
+    error evicts idle entries and retries, then answers CACHE_FULL; the daemon keeps serving."""
+    paths = [sized_lora(lora_dir / f"{name}.safetensors", 512 * MiB, seed=i)
+             for i, name in enumerate("abcd")]
+    gpu_daemon = start_daemon("--devices", "cpu,cuda:0", "--max-bytes", "64GiB",
+                              "--acquire-timeout", "0")
+    with gpu_daemon.client() as client:
+        client.preload(paths[0], device="cuda:0")  # the daemon's CUDA context exists now
+        torch.cuda.init()
+        free, _ = torch.cuda.mem_get_info(0)
+        blocker = torch.empty(max(0, free - 1300 * MiB), dtype=torch.uint8, device="cuda:0")
+        held = client.acquire(paths[1], device="cuda:0")  # a idle, b leased: ~1 GiB used
+        with client.acquire(paths[2], device="cuda:0"):  # no room: a is evicted, c loads
+            assert device_stats(gpu_daemon)["evictions"] >= 1
+            with pytest.raises(LoraCacheError) as full:  # b and c leased, nothing to evict
+                client.acquire(paths[3], device="cuda:0")
+            assert full.value.code is ErrorCode.CACHE_FULL
+        held.release()
+        client.acquire(paths[3], device="cuda:0").release()  # serving on, room made again
+        del blocker
+    assert "evicting" in gpu_daemon.read_log()
