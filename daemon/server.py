@@ -119,15 +119,18 @@ class DaemonServer:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.should_exit.set)
-        loop.add_signal_handler(signal.SIGHUP, self.reload)
         with contextlib.ExitStack() as cleanup:  # undone in reverse, also when startup fails
             shm_dir = instance_shm_dir(self.config.shm_dir)
             self.service = CacheService(self.config, make_transports(self.config, shm_dir))
             cleanup.callback(self.service.close)
+            loop.add_signal_handler(signal.SIGHUP, self.reload)
+            context = zmq.Context()
+            cleanup.callback(context.term)
             # socket -> whether it serves admin ops (all of them unless there is an admin socket)
-            sockets = {self._bind(cleanup, self.config.socket): self.config.admin_socket is None}
+            sockets = {self._bind(context, cleanup, self.config.socket):
+                       self.config.admin_socket is None}
             if self.config.admin_socket is not None:
-                sockets[self._bind(cleanup, self.config.admin_socket,
+                sockets[self._bind(context, cleanup, self.config.admin_socket,
                                    self.config.admin_group)] = True
             metrics = self._start_metrics(loop)
             if metrics is not None:
@@ -158,12 +161,11 @@ class DaemonServer:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
         log.info("stopped")
 
-    def _bind(self, cleanup: contextlib.ExitStack, path: Path,
+    @staticmethod
+    def _bind(context: zmq.Context, cleanup: contextlib.ExitStack, path: Path,
               group: str | None = None) -> zmq.Socket:
         """A ROUTER socket on ``path``, mode 0660 (and owned by ``group`` if given)."""
         _claim_socket_path(path)
-        context = zmq.Context()
-        cleanup.callback(context.term)
         sock = context.socket(zmq.ROUTER)
         cleanup.callback(sock.close, 0)
         sock.setsockopt(zmq.LINGER, 0)
