@@ -2,8 +2,10 @@
 
 Every command finds the daemon the same way: ``--socket``, else ``$LORACACHE_SOCKET``, else the
 ``socket`` of the configuration file (``--config``, ``$LORACACHE_CONFIG``, or
-/etc/loracache/config.toml), else the system socket or the per-user one. Exit codes: 0 done,
-1 the daemon refused (the message has its error code), 2 no daemon answered or bad usage.
+/etc/loracache/config.toml), else the system socket or the per-user one. ``evict``, ``clear``
+and ``preload --pin`` first look for an admin socket the same way (``$LORACACHE_ADMIN_SOCKET``,
+``admin_socket``). Exit codes: 0 done, 1 the daemon refused (the message has its error code),
+2 no daemon answered or bad usage.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import time
 from datetime import datetime
 from typing import Any, Callable
 
-from loracache.shared.endpoints import default_socket_path
+from loracache.shared.endpoints import admin_socket_path, default_socket_path
 from loracache.shared.errors import ErrorCode, LoraCacheError
 from loracache.shared.humanize import human_bytes, human_duration
 
@@ -31,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return serve(args)
     try:
-        socket = args.socket or default_socket_path(args.config)
+        socket = args.socket or (admin_socket_path(args.config) if _is_admin(args) else None) \
+            or default_socket_path(args.config)
     except ValueError as exc:
         print(f"loracache: {exc}", file=sys.stderr)
         return UNREACHABLE
@@ -43,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
         return UNREACHABLE if exc.code in (ErrorCode.DAEMON_UNAVAILABLE, ErrorCode.TIMEOUT) else 1
     except KeyboardInterrupt:  # the way out of --watch
         return 0
+
+
+def _is_admin(args: argparse.Namespace) -> bool:
+    """Commands that go to the admin socket when one is configured."""
+    return args.command in ("evict", "clear") or (args.command == "preload" and args.pin)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,7 +12,6 @@ import tomllib
 from pathlib import Path
 from typing import Any, Mapping
 
-SOCKET_ENV = "LORACACHE_SOCKET"
 CONFIG_ENV = "LORACACHE_CONFIG"
 SYSTEM_SOCKET = Path("/run/loracache/daemon.sock")
 SYSTEM_CONFIG = Path("/etc/loracache/config.toml")
@@ -50,16 +49,27 @@ def default_socket_path(config_file: str | os.PathLike[str] | None = None) -> Pa
     Raises ValueError when the configuration file cannot be read or its ``socket`` is not a
     string.
     """
-    if os.environ.get(SOCKET_ENV):
-        return Path(os.environ[SOCKET_ENV])
+    return _configured_socket("socket", config_file) or fallback_socket_path()
+
+
+def admin_socket_path(config_file: str | os.PathLike[str] | None = None) -> Path | None:
+    """The admin socket, if one is configured: ``$LORACACHE_ADMIN_SOCKET``, else the
+    ``admin_socket`` of the configuration file."""
+    return _configured_socket("admin_socket", config_file)
+
+
+def _configured_socket(key: str, config_file: str | os.PathLike[str] | None) -> Path | None:
+    """``$LORACACHE_<KEY>``, else ``key`` in the configuration file, else None."""
+    env = f"LORACACHE_{key.upper()}"
+    if os.environ.get(env):
+        return Path(os.environ[env])
     path = config_file_path(config_file)
-    if path is not None:
-        socket = read_config_file(path).get("socket")
-        if socket is not None and not isinstance(socket, str):
-            raise ValueError(f"configuration file {path}: socket = {socket!r} is not a path")
-        if socket:
-            return Path(socket)
-    return fallback_socket_path()
+    if path is None:
+        return None
+    value = read_config_file(path).get(key)
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"configuration file {path}: {key} = {value!r} is not a path")
+    return Path(value) if value else None
 
 
 def fallback_socket_path() -> Path:

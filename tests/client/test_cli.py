@@ -199,6 +199,14 @@ def test_with_an_admin_socket_evict_clear_and_pin_are_served_only_there(start_da
     assert listed(admin)["a.safetensors"]["pinned"] is True
     assert cli("clear", "--socket", str(admin)).stdout == "evicted 1, still leased 0\n"
     assert daemon.cpu_stats()["entries"] == 0
+    # Without --socket, the admin commands find the admin socket as the others find theirs.
+    config = tmp_path / "config.toml"
+    config.write_text(f'socket = "{daemon.socket}"\nadmin_socket = "{admin}"\n')
+    assert cli("--config", str(config), "preload", "a.safetensors", "--pin").returncode == 0
+    assert cli("--config", str(config), "evict", "--all").stdout == "evicted 1, still leased 0\n"
+    assert cli("--config", str(config), "ping").returncode == 0  # the main socket
+    by_env = cli("clear", socket=daemon.socket, env={"LORACACHE_ADMIN_SOCKET": str(admin)})
+    assert by_env.returncode == 0, by_env.stderr
 
 
 @pytest.mark.parametrize("args, message", [
