@@ -63,6 +63,7 @@ BYE_TIMEOUT = 1.0  # closing must not hang on a daemon that is gone
 RELEASE_TIMEOUT = 5.0  # a release is bookkeeping only: never wait on it as long as on a load
 TABLE_CACHE_SIZE = 256  # tensor tables kept per client, so hits need not carry them
 PROBE_INTERVAL = 1.0  # seconds without a reply before checking that the daemon still listens
+SUSPECT_PROBE = 0.05  # the same, once a probe has found the daemon gone
 VERIFY_TIMEOUT = 30.0  # a busy host may be slow to answer; a dead daemon is found in PROBE_INTERVAL
 
 
@@ -98,9 +99,11 @@ class LoraCacheClient:
         self._leases: set[Lease] = set()
         self._tables: OrderedDict[tuple[str, str], list[TensorSpec]] = OrderedDict()
         self._hints: dict[tuple[str, str, str], str] = {}  # (path, device, layout) -> entry id
+        self.instance = self.session = ""  # set by hello
         self._closed = threading.Event()
         self._recovering = threading.Lock()
         self._down_reported = False  # log one warning per outage, not one per heartbeat
+        self._suspect_down = False  # the last probe found no daemon: probe again at once
         try:
             self._hello(connect_timeout)
         except BaseException:
@@ -123,7 +126,7 @@ class LoraCacheClient:
         known = self._known_entry(path, device, layout)
         result = AcquireResult.from_wire(
             self._request(Acquire(path=path, device=device, layout=layout, known_entry=known)))
-        instance = self.instance
+        instance = self._local.instance  # of the daemon that answered, even if one restarted
         key = (instance, result.entry.id)
         with self._lock:
             if result.tensors is not None:
@@ -135,6 +138,7 @@ class LoraCacheClient:
                 while len(self._tables) > TABLE_CACHE_SIZE:
                     self._tables.popitem(last=False)
         if table is None:  # the table was dropped between asking and the reply: ask again
+            _discard(result.handle)
             self._request(Release(lease=result.lease))
             with self._lock:
                 self._hints.pop((path, device, layout), None)
@@ -170,6 +174,10 @@ class LoraCacheClient:
     def clear(self, device: str = "") -> dict[str, int]:
         """Evict every unleased entry, pinned ones included."""
         return self._request(Clear(device=device_name(device) if device else ""))
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
 
     def verify_session(self) -> bool:
         """Check that the daemon still knows this session; if it restarted, renew the session
@@ -231,16 +239,16 @@ class LoraCacheClient:
     def _release(self, lease: Lease) -> None:
         with self._lock:
             self._leases.discard(lease)
-            current = lease.instance == self.instance
+            current = lease.instance == self.instance and not lease.orphaned
         from .lease import MAPPINGS
 
         MAPPINGS.detach(lease.instance, lease.entry.id)
         if not current:
-            return  # lent by a daemon instance that is gone: nothing to give back
+            return  # lent by a daemon (or a session) that is gone: nothing to give back
         try:
             self._request(Release(lease=lease.id), timeout=RELEASE_TIMEOUT, recover=False)
         except LoraCacheError as exc:
-            if exc.code is ErrorCode.UNKNOWN_SESSION:
+            if exc.code in (ErrorCode.UNKNOWN_SESSION, ErrorCode.UNKNOWN_LEASE):
                 return  # the session expired: the daemon already took the lease back
             if exc.code in (ErrorCode.TIMEOUT, ErrorCode.DAEMON_UNAVAILABLE):
                 # The daemon is gone or stuck; it releases the lease itself once this session
@@ -260,14 +268,19 @@ class LoraCacheClient:
                                  "create a new one in each process after fork()")
         if self._closed.is_set():
             raise LoraCacheError(ErrorCode.NOT_ALLOWED, "this LoraCacheClient is closed")
-        sent_session = self.session if session is None else session
+        with self._lock:
+            sent_session, instance = self.session if session is None else session, self.instance
         try:
-            return self._round_trip(request, sent_session, timeout)
+            result = self._round_trip(request, sent_session, timeout)
         except LoraCacheError as exc:
             if not (recover and session is None and exc.code is ErrorCode.UNKNOWN_SESSION):
                 raise
-        self._recover(sent_session)
-        return self._round_trip(request, self.session, timeout)
+            self._recover(sent_session)
+            with self._lock:
+                sent_session, instance = self.session, self.instance
+            result = self._round_trip(request, sent_session, timeout)
+        self._local.instance = instance  # who answered, for acquire to tag its lease
+        return result
 
     def _round_trip(self, request: Request, session: str, timeout: float | None) -> Any:
         timeout = self.request_timeout if timeout is None else timeout
@@ -286,12 +299,16 @@ class LoraCacheClient:
                     f"the daemon on {self.socket_path} did not answer {request.op} within "
                     f"{timeout:g} s; raise request_timeout if loads are this slow, or check the "
                     "daemon's log")
-            if not sock.poll(int(min(remaining, PROBE_INTERVAL) * 1000) + 1):
+            # Probe soon when the daemon was found gone lately, else after a quiet second.
+            wait = min(remaining, SUSPECT_PROBE if self._suspect_down else PROBE_INTERVAL)
+            if not sock.poll(int(wait * 1000) + 1):
                 if not self._daemon_listening():
+                    self._suspect_down = True
                     self._drop_socket()  # the request must not reach a daemon started later
                     raise self._unavailable("the socket accepts no connections (the daemon "
                                             "stopped)")
                 continue
+            self._suspect_down = False
             reply_id, result = decode_reply(sock.recv())
             if reply_id not in (request_id, 0):
                 continue  # a late reply to an earlier request of this thread
@@ -327,31 +344,50 @@ class LoraCacheClient:
                             "leasing %d file(s) again", self.socket_path, self.instance,
                             old_instance, len(leases))
             for lease in leases:
-                self._renew(lease)
+                try:
+                    self._renew(lease)
+                except Exception:  # one lease must not keep the others from renewing
+                    log.exception("renewing %s failed; keeping its old mapping", lease)
+                    lease.orphan()
 
     def _renew(self, lease: Lease) -> None:
-        """Lease ``lease``'s file again under the new session, if it is still the same file."""
+        """Lease ``lease``'s file again under the new session, if it is still the same file;
+        otherwise keep the old mapping and let the lease end locally (``orphan``)."""
         from .lease import MAPPINGS
 
+        if lease.released:
+            return
         path, device, layout = lease.request
         try:
             result = AcquireResult.from_wire(self._round_trip(
                 Acquire(path=path, device=device, layout=layout), self.session, None))
         except LoraCacheError as exc:
-            log.warning("could not lease %s again after the daemon restarted: %s; keeping the "
-                        "old mapping", path, exc)
+            log.warning("could not lease %s again from the daemon: %s; keeping the old "
+                        "mapping", path, exc)
+            lease.orphan()
             return
         if result.entry.file != lease.entry.file:
-            log.warning("%s changed on disk (%s, was %s); keeping the copy leased before the "
-                        "restart, so unfusing stays exact", path, result.entry.file,
-                        lease.entry.file)
-            self._round_trip(Release(lease=result.lease), self.session, RELEASE_TIMEOUT)
+            log.warning("%s changed on disk (%s, was %s); keeping the copy leased before, so "
+                        "unfusing stays exact", path, result.entry.file, lease.entry.file)
+            lease.orphan()
+            _discard(result.handle)
+            self._give_back(result.lease)
             return
         with self._lock:
             self._tables[(self.instance, result.entry.id)] = result.tensors
         tensors = MAPPINGS.attach(self.instance, result, result.tensors)
-        MAPPINGS.detach(lease.instance, lease.entry.id)
-        lease.renewed(result.lease, result.entry, tensors, self.instance)
+        old = lease.renewed(result.lease, result.entry, tensors, self.instance)
+        if old is None:  # released while this renewal was under way
+            MAPPINGS.detach(self.instance, result.entry.id)
+            self._give_back(result.lease)
+        else:
+            MAPPINGS.detach(*old)
+
+    def _give_back(self, lease_id: str) -> None:
+        try:
+            self._round_trip(Release(lease=lease_id), self.session, RELEASE_TIMEOUT)
+        except LoraCacheError as exc:  # the daemon expires the session's leases anyway
+            log.debug("giving back lease %s failed: %s", lease_id, exc)
 
     def _socket(self) -> zmq.Socket:
         sock = getattr(self._local, "socket", None)
@@ -382,7 +418,7 @@ class LoraCacheClient:
         while not self._closed.wait(max(0.05, self.session_ttl / 3)):
             try:
                 self._request(Heartbeat(), timeout=max(0.05, self.session_ttl / 3))
-            except LoraCacheError as exc:
+            except Exception as exc:  # the heartbeat must outlive any one failure
                 if self._closed.is_set():
                     break
                 level = logging.DEBUG if self._down_reported else logging.WARNING
@@ -398,6 +434,13 @@ class LoraCacheClient:
             f"no loracache daemon at {self.socket_path}: {why}. Is it running (`loracache serve`, "
             "or `systemctl status loracache`), and may this user open the socket (group "
             "loracache)? Point LORACACHE_SOCKET or socket_path at the right socket.")
+
+
+def _discard(handle: dict[str, Any]) -> None:
+    """Undo an export this process will not open (imports torch, so only when needed)."""
+    from loracache.shared.transport import discard_handle
+
+    discard_handle(handle)
 
 
 def device_name(device: str | torch.device) -> str:

@@ -187,7 +187,8 @@ def _state(pipeline: Any, restore: str) -> PipelineLoras:
 
 def _refuse(state: PipelineLoras, wanted: dict[str, float]) -> None:
     """Make ``wanted`` (name -> weight) the fused set, rewriting each touched weight once."""
-    lenders = {id(a.lender): a.lender for a in state.adapters.values() if a.lease is not None}
+    lenders = {id(a.lender): a.lender for a in state.adapters.values()
+               if a.lease is not None and a.lender is not None and not a.lender.closed}
     for lender in lenders.values():
         lender.verify_session()  # a restarted daemon: lease again before using the factors
     for adapter in state.adapters.values():

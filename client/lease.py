@@ -120,15 +120,27 @@ class Lease:
         self.instance = instance  # the daemon instance that lent it
         self.request = request  # (path, device, layout) as acquired, to lease it again
         self.generation = 0
+        self.orphaned = False
         self._on_release = on_release
         self._released = False
         self._lock = threading.Lock()
 
     def renewed(self, lease_id: str, entry: EntryInfo, tensors: Mapping[str, torch.Tensor],
-                instance: str) -> None:
-        """Point this lease at the same file's entry in a new daemon instance."""
-        self.id, self.entry, self.tensors, self.instance = lease_id, entry, tensors, instance
-        self.generation += 1
+                instance: str) -> tuple[str, str] | None:
+        """Point this lease at the same file's entry in a new daemon instance; returns the
+        (instance, entry id) of the mapping it used before, or None if it was released."""
+        with self._lock:
+            if self._released:
+                return None
+            old = (self.instance, self.entry.id)
+            self.id, self.entry, self.tensors, self.instance = lease_id, entry, tensors, instance
+            self.generation += 1
+            return old
+
+    def orphan(self) -> None:
+        """The daemon no longer knows this lease (it restarted, or the session expired, and the
+        file could not be leased again): releasing it only lets go of the mapping."""
+        self.orphaned = True
 
     @property
     def released(self) -> bool:

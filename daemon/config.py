@@ -397,6 +397,10 @@ def load_config(flags: Mapping[str, Any] | None = None, *, config_file: str | No
             except ConfigError as exc:
                 raise ConfigError(f"{setting.name} = {_show(raw)} (from {source}): {exc}") from None
         sources[setting.name] = source
+    if values["admin_socket"] is not None and values["admin_group"] is None:
+        raise ConfigError("admin_socket is set but admin_group is not: the admin socket would "
+                          "belong to the daemon's group, so every client could evict and clear; "
+                          "set admin_group to the operators' group")
     if not values["lora_dirs"]:
         raise ConfigError("lora_dirs is not set: give --lora-dir DIR, LORACACHE_LORA_DIRS or "
                           "lora_dirs in the configuration file; the daemon reads LoRA files "

@@ -19,8 +19,9 @@ class JournalFormatter(logging.Formatter):
     """``<priority>logger: message``: journald reads the prefix as the line's priority."""
 
     def format(self, record: logging.LogRecord) -> str:
-        priority = SYSLOG_PRIORITY.get(record.levelno, 6)
-        return f"<{priority}>{super().format(record)}"
+        # journald reads each line on its own: every line of a traceback gets the priority.
+        prefix = f"<{SYSLOG_PRIORITY.get(record.levelno, 6)}>"
+        return "\n".join(prefix + line for line in super().format(record).splitlines())
 
 
 def stderr_is_journal() -> bool:

@@ -56,9 +56,14 @@ def make_transports(config: DaemonConfig, shm_dir: Path) -> list[Transport]:
             transport = CudaIpcTransport(index)
             if cuda_wanted & {"all", "cuda", f"cuda:{index}", transport.device}:
                 transports.append(transport)
-        if not any(t.device != "cpu" for t in transports) and wanted - {"all", "cpu"}:
-            raise ConfigError(f"devices {sorted(cuda_wanted)} asked for CUDA, but this process "
-                              "sees no CUDA device")
+        if not any(t.device != "cpu" for t in transports):
+            if wanted - {"all", "cpu"}:
+                raise ConfigError(f"devices {sorted(cuda_wanted)} asked for CUDA, but this "
+                                  "process sees no CUDA device")
+            if os.path.exists("/dev/nvidiactl"):  # a GPU host whose GPUs are not usable
+                log.warning("devices = all, but no CUDA device is usable although this host has "
+                            "NVIDIA devices (is /dev/nvidia-uvm there? see systemd/README.md); "
+                            "serving the CPU only")
     return transports
 
 
@@ -238,7 +243,7 @@ class DaemonServer:
 
     def _drain(self, sock: zmq.Socket, admin: bool) -> None:
         # ZeroMQ's descriptor is edge-triggered: read until the socket says nothing is left.
-        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        while not sock.closed and sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             frames = sock.recv_multipart(zmq.NOBLOCK)
             if len(frames) >= 2:
                 self._answer(sock, admin, frames[:-1], frames[-1])

@@ -439,7 +439,7 @@ class CacheService:
                 for lease in leases:  # the client cannot undo its exports any more
                     lease.entry.buffer.forget_export(lease.handle)
             log.info("session of pid %d expired after %.0f s without a message; released %d "
-                     "lease(s)", session.pid, self.sessions.ttl, len(leases))
+                     "lease(s)", session.pid, session.ttl, len(leases))
             self._released(leases)
 
     # ------------------------------------------------------------------------------- helpers

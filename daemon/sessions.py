@@ -44,6 +44,7 @@ class Session:
     token: str
     pid: int
     last_seen: float
+    ttl: float  # as told to the client at hello: it heartbeats by it, so a reload keeps it
     leases: dict[str, Lease] = dataclasses.field(default_factory=dict)
     # Distinct entries leased (leasing one entry twice costs no more memory) and their bytes.
     entry_leases: collections.Counter[str] = dataclasses.field(
@@ -62,11 +63,12 @@ class Session:
 
 class SessionTable:
     def __init__(self, ttl: float) -> None:
-        self.ttl = ttl
+        self.ttl = ttl  # for sessions opened from now on
         self.sessions: dict[str, Session] = {}
 
     def open(self, pid: int) -> Session:
-        session = Session(token=secrets.token_urlsafe(16), pid=pid, last_seen=time.monotonic())
+        session = Session(token=secrets.token_urlsafe(16), pid=pid, last_seen=time.monotonic(),
+                          ttl=self.ttl)
         self.sessions[session.token] = session
         return session
 
@@ -102,8 +104,8 @@ class SessionTable:
         return lease
 
     def expired(self) -> list[Session]:
-        deadline = time.monotonic() - self.ttl
-        return [s for s in self.sessions.values() if s.last_seen < deadline]
+        now = time.monotonic()
+        return [s for s in self.sessions.values() if s.last_seen < now - s.ttl]
 
     def close(self, session: Session) -> list[Lease]:
         """Forget ``session`` and return the leases it still held."""

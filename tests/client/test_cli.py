@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import grp
 import json
 import os
 import re
@@ -186,7 +187,8 @@ def test_with_an_admin_socket_evict_clear_and_pin_are_served_only_there(start_da
                                                                         tmp_path):
     """The main socket refuses them naming the admin socket; --socket ADMIN reaches it."""
     admin = tmp_path / "admin.sock"
-    daemon = start_daemon("--admin-socket", str(admin))
+    daemon = start_daemon("--admin-socket", str(admin),
+                          "--admin-group", grp.getgrgid(os.getgid()).gr_name)
     write_lora(lora_dir / "a.safetensors", {"w": torch.ones(16)})
     for args in (["preload", "a.safetensors", "--pin"], ["evict", "a.safetensors"],
                  ["evict", "--all"], ["clear"]):

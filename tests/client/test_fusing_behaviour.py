@@ -204,3 +204,18 @@ def test_contract_errors(daemon, lora_dir):
         assert get_active_adapters(pipe) == ["a"]
         delete_adapters(pipe, "a")
         assert get_active_adapters(pipe) == [] and daemon.stats()["leases"] == 0
+
+
+def test_unfusing_needs_no_daemon_after_the_client_is_closed(daemon, lora_dir):
+    """clear_lora_cache() (or closing the client) leaves fused adapters that can still be taken
+    out: the lease's mapping outlives the client, and unfusing asks nothing of the daemon."""
+    pipe = tiny_sd_pipeline(smallest=True)
+    original = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    path = save(sd_lora_peft(pipe), lora_dir / "a.safetensors")
+    client = daemon.client()
+    load_and_fuse_lora(pipe, path, "a", client=client)
+    client.close()
+    unfuse_lora(pipe)
+    delete_adapters(pipe)
+    for key, weight in pipe.unet.state_dict().items():
+        assert torch.allclose(weight, original[key], atol=1e-6), key

@@ -98,6 +98,8 @@ def test_default_file_environment_flag_precedence_and_sources(tmp_path, name, fl
         (tmp / directory).mkdir()
     # lora_dirs has no default, so the other settings get it from a flag.
     base = {} if name == "lora_dirs" else {"lora_dirs": [str(tmp / "loras")]}
+    if name == "admin_socket":  # an admin socket needs the group that owns it
+        base["admin_group"] = GROUPS[0]
     config_file = tmp / "config.toml"
     env_name = f"LORACACHE_{name.upper()}"
     stages = [  # (file table, environment, flags, expected value, expected source)
@@ -428,7 +430,7 @@ def test_reload_keeps_what_cannot_change_and_takes_the_rest(tmp_path):
     def config(which: str, port: int, size: str, cache: int) -> DaemonConfig:
         return load_config({
             "socket": str(tmp_path / f"{which}.sock"), "lora_dirs": [str(tmp_path / which)],
-            "admin_socket": str(tmp_path / f"{which}.admin"),
+            "admin_socket": str(tmp_path / f"{which}.admin"), "admin_group": GROUPS[0],
             "shm_dir": str(tmp_path / which), "metrics_addr": f"127.0.0.1:{port}",
             "max_bytes": size, "cache_size": cache,
             "devices": "cpu" if which == "old" else "cpu,cuda"}, environ={})
@@ -503,3 +505,10 @@ def test_shipped_example_with_its_examples_uncommented_loads(tmp_path, section, 
     text = uncomment_examples(EXAMPLE.read_text(), section)
     assert text != EXAMPLE.read_text()
     assert check(load_example(tmp_path, text, admin_group=GROUPS[0]))
+
+
+def test_an_admin_socket_without_its_group_is_refused(tmp_path):
+    """Owned by the daemon's own group, the admin socket would let every client evict."""
+    with pytest.raises(ConfigError, match="admin_group is not"):
+        load_config({"lora_dirs": [str(tmp_path)], "admin_socket": str(tmp_path / "a.sock")},
+                    environ={})

@@ -83,3 +83,27 @@ def test_closing_a_client_releases_its_leases(daemon, lora_dir):
     with pytest.raises(LoraCacheError) as error:
         client.acquire("a.safetensors")
     assert error.value.code is ErrorCode.NOT_ALLOWED
+
+
+def test_an_expired_session_is_renewed_with_its_leases(start_daemon, lora_dir):
+    """A client silent past the TTL (no heartbeat thread here) finds its session gone: it opens
+    a new one and leases its files again; a file that is gone by then leaves the lease to end
+    locally, and releasing it is no error."""
+    daemon = start_daemon("--session-ttl", "1")
+    write_lora(lora_dir / "kept.safetensors", {"w": torch.arange(8.0)})
+    gone = write_lora(lora_dir / "gone.safetensors", {"w": torch.arange(8.0)})
+    with daemon.client(heartbeat=False) as client:
+        kept, lost = client.acquire("kept.safetensors"), client.acquire("gone.safetensors")
+        gone.unlink()
+        deadline = time.monotonic() + 10
+        while daemon.stats()["leases"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert client.verify_session()
+        assert (kept.generation, kept.orphaned, lost.generation, lost.orphaned) == (
+            1, False, 0, True)
+        assert torch.equal(kept.tensors["w"], torch.arange(8.0))
+        assert torch.equal(lost.tensors["w"], torch.arange(8.0))  # the old mapping stays
+        assert daemon.cpu_stats()["leases"] == 1
+        lost.release()
+        kept.release()
+        assert daemon.cpu_stats()["leases"] == 0

@@ -170,6 +170,25 @@ def test_sighup_applies_new_roots_to_new_loads(start_daemon, lora_dir, tmp_path)
     assert daemon.stop() == 0
 
 
+def test_sighup_with_a_shorter_session_ttl_keeps_live_sessions(start_daemon, lora_dir,
+                                                              tmp_path):
+    """Clients heartbeat by the TTL they were told at hello: a shorter TTL applies to sessions
+    opened after the reload, and a heartbeating client keeps its leases."""
+    write_lora(lora_dir / "a.safetensors", {"w": torch.ones(16)})
+    config = write_config(tmp_path / "config.toml", lora_dir)
+    config.write_text(config.read_text() + "session_ttl = 6\n")
+    daemon = start_daemon(config=config)
+    with daemon.client() as client, client.acquire("a.safetensors"):
+        config.write_text(config.read_text().replace("session_ttl = 6", "session_ttl = 0.5"))
+        daemon.proc.send_signal(signal.SIGHUP)
+        _wait_for_log(daemon, "configuration reloaded")
+        time.sleep(2.5)  # five new TTLs, less than one old one
+        assert daemon.cpu_stats()["leases"] == 1
+        with daemon.client() as newcomer:
+            assert newcomer.session_ttl == 0.5
+    assert "expired" not in daemon.read_log()
+
+
 def test_metrics_endpoint_matches_stats(start_daemon, lora_dir):
     """Scraped over HTTP, every metric equals what ``stats`` reports at the same moment."""
     write_lora(lora_dir / "a.safetensors", {"w": torch.ones(MIB // 4)})
