@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"loracache: {exc}", file=sys.stderr)
         return UNREACHABLE
     try:
-        with LoraCacheClient(socket, heartbeat=False) as client:
+        with LoraCacheClient(socket, heartbeat=False, session=False) as client:
             return COMMANDS[args.command](client, args)
     except LoraCacheError as exc:
         print(f"loracache: {exc}", file=sys.stderr)

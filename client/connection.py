@@ -78,7 +78,9 @@ class LoraCacheClient:
     def __init__(self, socket_path: str | Path | None = None, *,
                  connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
                  request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
-                 heartbeat: bool = True) -> None:
+                 heartbeat: bool = True, session: bool = True) -> None:
+        """``session=False``: only look and administer (stats, list, preload, evict, clear):
+        no session is opened, so no leases, and the daemon does not count this client."""
         try:
             self.socket_path = Path(socket_path) if socket_path else default_socket_path()
         except ValueError as exc:
@@ -100,6 +102,7 @@ class LoraCacheClient:
         self._tables: OrderedDict[tuple[str, str], list[TensorSpec]] = OrderedDict()
         self._hints: dict[tuple[str, str, str], str] = {}  # (path, device, layout) -> entry id
         self.instance = self.session = ""  # set by hello
+        self._wants_session = session
         self._closed = threading.Event()
         self._recovering = threading.Lock()
         self._down_reported = False  # log one warning per outage, not one per heartbeat
@@ -110,7 +113,7 @@ class LoraCacheClient:
             self._close_sockets()
             raise
         self._heartbeat = None
-        if heartbeat:
+        if heartbeat and session:
             self._heartbeat = threading.Thread(target=self._heartbeat_loop, daemon=True,
                                                name="loracache-heartbeat")
             self._heartbeat.start()
@@ -122,6 +125,9 @@ class LoraCacheClient:
         """Lease the LoRA file at ``path`` (absolute, or relative to a daemon LoRA directory)
         on ``device``, loading it into the daemon's cache on a miss. The lease's ``tensors``
         are zero-copy views of the shared copy."""
+        if not self._wants_session:
+            raise LoraCacheError(ErrorCode.NOT_ALLOWED, "this client was made with "
+                                 "session=False, which cannot hold leases")
         path, device = os.fspath(path), device_name(device)
         known = self._known_entry(path, device, layout)
         result = AcquireResult.from_wire(
@@ -139,7 +145,7 @@ class LoraCacheClient:
                     self._tables.popitem(last=False)
         if table is None:  # the table was dropped between asking and the reply: ask again
             _discard(result.handle)
-            self._request(Release(lease=result.lease))
+            self._give_back(result.lease)
             with self._lock:
                 self._hints.pop((path, device, layout), None)
             return self.acquire(path, device, layout)
@@ -204,7 +210,8 @@ class LoraCacheClient:
                 except LoraCacheError as exc:
                     log.debug("releasing %s at close failed: %s", lease, exc)
             try:
-                self._request(Bye(), timeout=BYE_TIMEOUT)
+                if self.session:
+                    self._request(Bye(), timeout=BYE_TIMEOUT, recover=False)
             except LoraCacheError as exc:  # the daemon expires the session after its TTL
                 log.debug("ending the session at close failed: %s", exc)
         self._closed.set()
@@ -224,7 +231,8 @@ class LoraCacheClient:
     def _hello(self, timeout: float) -> None:
         if not self.socket_path.exists():
             raise self._unavailable(f"the socket {self.socket_path} does not exist")
-        reply = self._request(Hello(pid=os.getpid(), client="loracache.client"), timeout=timeout,
+        reply = self._request(Hello(pid=os.getpid(), client="loracache.client",
+                                    open_session=self._wants_session), timeout=timeout,
                               session="")
         hello = from_map(HelloResult, reply)
         with self._lock:
@@ -301,7 +309,12 @@ class LoraCacheClient:
                     "daemon's log")
             # Probe soon when the daemon was found gone lately, else after a quiet second.
             wait = min(remaining, SUSPECT_PROBE if self._suspect_down else PROBE_INTERVAL)
-            if not sock.poll(int(wait * 1000) + 1):
+            try:
+                raw = sock.recv() if sock.poll(int(wait * 1000) + 1) else None
+            except zmq.ZMQError:  # close() from another thread closed this socket
+                raise LoraCacheError(ErrorCode.NOT_ALLOWED,
+                                     "this LoraCacheClient was closed while waiting") from None
+            if raw is None:
                 if not self._daemon_listening():
                     self._suspect_down = True
                     self._drop_socket()  # the request must not reach a daemon started later
@@ -309,7 +322,7 @@ class LoraCacheClient:
                                             "stopped)")
                 continue
             self._suspect_down = False
-            reply_id, result = decode_reply(sock.recv())
+            reply_id, result = decode_reply(raw)
             if reply_id not in (request_id, 0):
                 continue  # a late reply to an earlier request of this thread
             # Id 0: the daemon could not read the request's id (e.g. a field over the size
@@ -321,8 +334,11 @@ class LoraCacheClient:
     def _daemon_listening(self) -> bool:
         """Whether a process accepts connections on the socket (cheap: one connect())."""
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(0.5)  # a stopped daemon's full backlog must not block the probe
         try:
             probe.connect(str(self.socket_path))
+        except TimeoutError:
+            return True  # there, but not accepting yet: busy or stopped, not gone
         except OSError as exc:
             return exc.errno not in (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTSOCK)
         finally:

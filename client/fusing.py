@@ -51,12 +51,14 @@ class Adapter:
     def refresh(self) -> None:
         """Take the factors from the lease again if it was renewed (the daemon restarted and
         lent the same file from a new copy): the old copy may be gone."""
-        if self.lease is None or self.lease.generation == self.generation:
+        if self.lease is None or self.lease.released:
+            return  # released (the client was closed): the factors held keep their memory
+        generation, tensors = self.lease.snapshot()
+        if generation == self.generation:
             return
-        tensors = self.lease.tensors
         self.layers = {layer: fuser.Factors(tensors[layer + DOWN], tensors[layer + UP], f.alpha)
                        for layer, f in self.layers.items()}
-        self.generation = self.lease.generation
+        self.generation = generation
 
 
 @dataclasses.dataclass

@@ -135,7 +135,13 @@ class Lease:
             old = (self.instance, self.entry.id)
             self.id, self.entry, self.tensors, self.instance = lease_id, entry, tensors, instance
             self.generation += 1
+            self.orphaned = False  # the daemon knows it again
             return old
+
+    def snapshot(self) -> tuple[int, Mapping[str, torch.Tensor]]:
+        """``(generation, tensors)`` read together, as a renewal may change both."""
+        with self._lock:
+            return self.generation, self.tensors
 
     def orphan(self) -> None:
         """The daemon no longer knows this lease (it restarted, or the session expired, and the

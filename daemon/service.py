@@ -110,9 +110,11 @@ class CacheService:
             raise LoraCacheError(ErrorCode.BAD_REQUEST,
                                  f"pid {req.pid} is not a process id (0 to {MAX_PID}); send the "
                                  "client's os.getpid(), or 0 if unknown")
-        session = self.sessions.open(req.pid)
-        log.debug("session opened for pid %d (%s)", req.pid, req.client or "client")
-        return HelloResult(instance=self.instance, session=session.token,
+        token = ""
+        if req.open_session:
+            token = self.sessions.open(req.pid).token
+            log.debug("session opened for pid %d (%s)", req.pid, req.client or "client")
+        return HelloResult(instance=self.instance, session=token,
                            session_ttl=self.config.session_ttl, devices=list(self.caches))
 
     def _acquire(self, req: Acquire,

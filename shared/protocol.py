@@ -54,11 +54,14 @@ class Request:
 
 @dataclasses.dataclass(frozen=True)
 class Hello(Request):
-    """Opens a session. ``pid`` lets the daemon tell a dead client from a slow one."""
+    """Opens a session. ``pid`` lets the daemon tell a dead client from a slow one.
+    ``open_session=False``: a tool that only looks or administers (the CLI) gets no session,
+    so it does not count in the daemon's sessions."""
 
     op: ClassVar[str] = "hello"
     pid: int = 0
     client: str = ""
+    open_session: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

@@ -131,6 +131,8 @@ def test_stats_counts_a_known_sequence(daemon, lora_dir):
 
     after = cpu_stats(daemon.socket)  # the client said goodbye
     assert (after["leases"], after["sessions"], after["entries"]) == (0, 0, 1)
+    # The command itself opens no session: an idle daemon reports none.
+    assert cli_json("stats", socket=daemon.socket)["sessions"] == 0
 
 
 def test_ls_json_and_table(shared_daemon):

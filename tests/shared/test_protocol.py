@@ -81,13 +81,14 @@ def test_acquire_request_bytes_are_pinned() -> None:
 
 def test_hello_request_bytes_are_pinned() -> None:
     expected = (
-        b"\x86"
+        b"\x87"
         + fixstr("v") + b"\x01"
         + fixstr("id") + b"\xcd\x01\x00"  # uint16 256
         + fixstr("op") + fixstr("hello")
         + fixstr("session") + fixstr("")
         + fixstr("pid") + b"\xcd\x10\x92"  # uint16 4242
         + fixstr("client") + fixstr("w0")
+        + fixstr("open_session") + b"\xc3"  # true
     )
     assert encode_request(256, "", Hello(pid=4242, client="w0")) == expected
 
