@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -107,3 +108,51 @@ def test_an_expired_session_is_renewed_with_its_leases(start_daemon, lora_dir):
         lost.release()
         kept.release()
         assert daemon.cpu_stats()["leases"] == 0
+
+
+def test_a_lease_orphaned_once_and_renewed_later_is_given_back(start_daemon, lora_dir):
+    """A renewal that fails (the file was away) orphans the lease; a later one that succeeds
+    makes the daemon know it again, so releasing it gives it back there."""
+    daemon = start_daemon("--session-ttl", "0.5")
+    path = write_lora(lora_dir / "a.safetensors", {"w": torch.ones(16)})
+    away = path.with_suffix(".away")
+    with daemon.client(heartbeat=False) as client:
+        lease = client.acquire("a.safetensors")
+        for source, target, orphaned, generation in ((path, away, True, 0),
+                                                     (away, path, False, 1)):
+            source.rename(target)
+            time.sleep(1.5)  # three TTLs without a message: the session expires
+            assert client.verify_session()
+            assert (lease.orphaned, lease.generation) == (orphaned, generation)
+        assert daemon.cpu_stats()["leases"] == 1
+        lease.release()
+        assert daemon.cpu_stats()["leases"] == 0
+
+
+def test_closing_a_client_ends_a_request_waiting_in_another_thread(start_daemon, lora_dir):
+    """close() while another thread waits for cache space: that thread gets a LoraCacheError
+    at once (not a ZeroMQ error, not the end of its timeout)."""
+    daemon = start_daemon("--max-bytes", "1MiB", "--acquire-timeout", "20")
+    for name in "ab":
+        write_lora(lora_dir / f"{name}.safetensors",
+                   {"w": torch.ones(300_000, dtype=torch.float16)})
+    with daemon.client() as holder, holder.acquire("a.safetensors"):
+        client = daemon.client()
+        outcome: list[BaseException] = []
+
+        def wait_for_room() -> None:
+            try:
+                client.acquire("b.safetensors")
+            except BaseException as exc:  # recorded for the assertion below
+                outcome.append(exc)
+
+        waiter = threading.Thread(target=wait_for_room)
+        waiter.start()
+        time.sleep(1.0)
+        started = time.monotonic()
+        client.close()
+        waiter.join(10)
+        assert not waiter.is_alive() and time.monotonic() - started < 5
+        (error,) = outcome
+        assert isinstance(error, LoraCacheError) and error.code is ErrorCode.NOT_ALLOWED
+    assert daemon.stats()["leases"] == 0
