@@ -143,13 +143,9 @@ def _preload(client: LoraCacheClient, args: argparse.Namespace) -> int:
 
 
 def _evict(client: LoraCacheClient, args: argparse.Namespace) -> int:
-    result = client.clear(args.device) if args.all else client.evict(args.path, args.device)
-    print(f"evicted {result['evicted']}, still leased {result['busy']}")
-    return 0
-
-
-def _clear(client: LoraCacheClient, args: argparse.Namespace) -> int:
-    result = client.clear(args.device)
+    """``evict PATH``, ``evict --all`` and ``clear`` (which is ``evict --all``)."""
+    every = getattr(args, "all", True)
+    result = client.clear(args.device) if every else client.evict(args.path, args.device)
     print(f"evicted {result['evicted']}, still leased {result['busy']}")
     return 0
 
@@ -163,7 +159,7 @@ def _ping(client: LoraCacheClient, args: argparse.Namespace) -> int:
 
 
 COMMANDS: dict[str, Callable[[LoraCacheClient, Any], int]] = {
-    "stats": _stats, "ls": _ls, "preload": _preload, "evict": _evict, "clear": _clear,
+    "stats": _stats, "ls": _ls, "preload": _preload, "evict": _evict, "clear": _evict,
     "ping": _ping}
 
 

@@ -32,7 +32,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         if setting.from_file_only:
             continue
         if setting.name == "lora_dirs":
-            parser.add_argument("--lora-dir", action="append", dest="lora_dirs",
+            parser.add_argument(setting.flag, action="append", dest="lora_dirs",
                                 default=argparse.SUPPRESS,
                                 metavar="DIR", help=FLAG_HELP["lora_dirs"])
             continue

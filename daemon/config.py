@@ -313,6 +313,7 @@ class Setting:
     help: str
     reloadable: bool = True
     from_file_only: bool = False  # tables (device, preload) have no environment variable or flag
+    show: Callable[[Any], Any] = lambda value: value  # the value as the file would write it
 
     @property
     def env(self) -> str:
@@ -339,7 +340,8 @@ SETTINGS = (
             reloadable=False),
     Setting("log_level", _log_level, lambda: "info", "debug, info, warning or error"),
     Setting("metrics_addr", _metrics_addr, lambda: None,
-            "HOST:PORT for Prometheus metrics (off when empty)", reloadable=False),
+            "HOST:PORT for Prometheus metrics (off when empty)", reloadable=False,
+            show=lambda address: address and f"{address[0]}:{address[1]}"),
     Setting("session_max_leases", _positive_count, lambda: 1024,
             "leases one client session may hold at once"),
     Setting("session_max_bytes", _optional(parse_size), lambda: None,
@@ -433,7 +435,7 @@ def render_config(config: DaemonConfig) -> str:
                 tables += ["", f"[[preload]]  # {source}"]
                 tables += [f"{key} = {_toml(v)}" for key, v in vars(spec).items()]
         else:
-            lines.append(f"{setting.name} = {_toml(value)}  # {source}")
+            lines.append(f"{setting.name} = {_toml(setting.show(value))}  # {source}")
     return "\n".join(lines + tables) + "\n"
 
 
@@ -445,8 +447,6 @@ def _toml(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
-    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], int):
-        return json.dumps(f"{value[0]}:{value[1]}")  # metrics_addr
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml(v) for v in value) + "]"
     # Paths, sizes, names. A JSON string is a TOML basic string once DEL is escaped too.

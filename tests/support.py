@@ -11,7 +11,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import save_file
@@ -39,6 +39,16 @@ def sized_lora(path: Path, nbytes: int, seed: int = 0) -> Path:
         total += 2 * 16 * width * 2
         i += 1
     return write_lora(path, tensors)
+
+
+def wait_until(condition: Callable[[], Any], timeout: float = 15.0,
+               interval: float = 0.05) -> None:
+    """Poll ``condition`` until it is true; AssertionError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true after {timeout} s")
+        time.sleep(interval)
 
 
 def digest(t: torch.Tensor) -> str:

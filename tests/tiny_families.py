@@ -92,12 +92,17 @@ def sdxl_image(pipe, steps: int = 2) -> torch.Tensor:
         first = pipe.text_encoder(IDS, output_hidden_states=True)
         second = pipe.text_encoder_2(IDS, output_hidden_states=True)
         embeds = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
-        pooled = second.text_embeds
-        out = pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled,
-                   negative_prompt_embeds=torch.zeros_like(embeds),
-                   negative_pooled_prompt_embeds=torch.zeros_like(pooled),
-                   num_inference_steps=steps, output_type="pt", height=16, width=16,
-                   generator=torch.Generator().manual_seed(0))
+        return _denoise(pipe, embeds, second.text_embeds, steps, size=16)
+
+
+def _denoise(pipe, embeds: torch.Tensor, pooled: torch.Tensor, steps: int,
+             size: int) -> torch.Tensor:
+    """The pipeline run from prompt embeddings, with zero negatives and a fixed seed."""
+    out = pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled,
+               negative_prompt_embeds=torch.zeros_like(embeds),
+               negative_pooled_prompt_embeds=torch.zeros_like(pooled),
+               num_inference_steps=steps, output_type="pt", height=size, width=size,
+               generator=torch.Generator().manual_seed(0))
     return out.images
 
 
@@ -283,12 +288,7 @@ def sd3_image(pipe, steps: int = 2) -> torch.Tensor:
         clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
         embeds = torch.cat([clip, t5], dim=-2)
         pooled = torch.cat([first.text_embeds, second.text_embeds], dim=-1)
-        out = pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled,
-                   negative_prompt_embeds=torch.zeros_like(embeds),
-                   negative_pooled_prompt_embeds=torch.zeros_like(pooled),
-                   num_inference_steps=steps, output_type="pt", height=32, width=32,
-                   generator=torch.Generator().manual_seed(0))
-    return out.images
+        return _denoise(pipe, embeds, pooled, steps, size=32)
 
 
 SD3_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ from safetensors.torch import load_file
 
 from loracache.client import ErrorCode, LoraCacheError
 from loracache.shared.transport.cuda_ipc import device_uuid
-from tests.support import Worker, digest, sized_lora
+from tests.support import Worker, digest, sized_lora, wait_until
 
 pytestmark = pytest.mark.gpu
 MiB = 1 << 20
@@ -29,16 +28,11 @@ def device_stats(daemon) -> dict:
 def evict_after_the_leases_expire(daemon, path, free_before: int) -> None:
     """Wait for dead clients' leases to expire, evict ``path``, and wait for the device to
     have its memory back (within 64 MiB of ``free_before``)."""
-    deadline = time.monotonic() + 20
-    while daemon.stats()["leases"] and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert daemon.stats()["leases"] == 0
+    wait_until(lambda: daemon.stats()["leases"] == 0, timeout=20, interval=0.2)
     with daemon.client() as client:
         assert client.evict(path) == {"evicted": 1, "busy": 0}
-    deadline = time.monotonic() + 20
-    while torch.cuda.mem_get_info(0)[0] < free_before - 64 * MiB and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert torch.cuda.mem_get_info(0)[0] >= free_before - 64 * MiB
+    wait_until(lambda: torch.cuda.mem_get_info(0)[0] >= free_before - 64 * MiB, timeout=20,
+               interval=0.2)
 
 
 def test_daemon_serves_the_gpu_by_uuid(gpu_daemon):

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from loracache.client import ErrorCode, LoraCacheError
-from tests.support import Worker, sized_lora, write_lora
+from tests.support import Worker, sized_lora, wait_until, write_lora
 
 MIB = 1 << 20
 
@@ -28,14 +28,6 @@ def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
                     str(mount_point)], check=True)
     yield mount_point
     subprocess.run(["umount", "--lazy", str(mount_point)], check=True)
-
-
-def wait_until(condition, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not true after {timeout} s")
-        time.sleep(0.05)
 
 
 def test_storage_exhausted_evicts_and_retries_then_cache_full(small_tmpfs, start_daemon,

@@ -10,7 +10,7 @@ import torch
 
 from loracache.client import ErrorCode, LoraCacheError
 from loracache.shared.protocol import Release
-from tests.support import Worker, write_lora
+from tests.support import Worker, wait_until, write_lora
 
 
 def test_killed_client_loses_its_leases_after_the_ttl(start_daemon, lora_dir):
@@ -25,10 +25,7 @@ def test_killed_client_loses_its_leases_after_the_ttl(start_daemon, lora_dir):
         with pytest.raises(LoraCacheError) as full:  # a is still leased: b does not fit
             client.acquire("b.safetensors")
         assert full.value.code is ErrorCode.CACHE_FULL
-        deadline = time.monotonic() + 10
-        while daemon.stats()["leases"] and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert daemon.stats()["leases"] == 0
+        wait_until(lambda: daemon.stats()["leases"] == 0, timeout=10)
         client.acquire("b.safetensors").release()  # a was evictable, so b fits now
         assert [e["path"].endswith("b.safetensors") for e in client.list()] == [True]
     assert "expired" in daemon.read_log()
@@ -96,9 +93,7 @@ def test_an_expired_session_is_renewed_with_its_leases(start_daemon, lora_dir):
     with daemon.client(heartbeat=False) as client:
         kept, lost = client.acquire("kept.safetensors"), client.acquire("gone.safetensors")
         gone.unlink()
-        deadline = time.monotonic() + 10
-        while daemon.stats()["leases"] and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_until(lambda: daemon.stats()["leases"] == 0, timeout=10)
         assert client.verify_session()
         assert (kept.generation, kept.orphaned, lost.generation, lost.orphaned) == (
             1, False, 0, True)

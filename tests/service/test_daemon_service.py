@@ -21,7 +21,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from loracache.shared.errors import LoraCacheError
-from tests.support import Daemon, write_lora
+from tests.support import Daemon, wait_until, write_lora
 
 MIB = 1 << 20
 
@@ -277,8 +277,7 @@ def _wait_for_log(daemon: Daemon, text: str, timeout: float = 30.0) -> None:
 
 
 def _wait_for_text(path: Path, text: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while text not in path.read_text():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{text!r} not in {path} after {timeout} s:\n{path.read_text()}")
-        time.sleep(0.05)
+    try:
+        wait_until(lambda: text in path.read_text(), timeout)
+    except AssertionError:
+        raise AssertionError(f"{text!r} not in {path} after {timeout} s:\n{path.read_text()}")
