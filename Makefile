@@ -6,17 +6,24 @@ STAMP := $(VENV)/.installed
 
 .PHONY: venv systemd-tools demo test test-gpu bench clean
 
+# WHEELS=DIR: an offline host (a GPU image) installs what it lacks from that directory of wheels
+# only: no index, no pip upgrade, no build isolation.
+OFFLINE := $(if $(WHEELS),--no-index --find-links $(WHEELS) --no-build-isolation)
+
 # A host that already has torch (a GPU host with its CUDA build) keeps it: the venv then sees the
-# system packages. Elsewhere the CPU build is installed, never an unpinned (CUDA) torch.
+# packages of the Python that has it, also when that Python is itself a venv (a .pth names its
+# site-packages). Elsewhere the CPU build is installed, never an unpinned (CUDA) torch.
 $(STAMP): pyproject.toml
 	@if [ ! -x $(PY) ]; then \
 	  if $(PYTHON) -c "import torch" 2>/dev/null; then \
-	    $(PYTHON) -m venv --system-site-packages $(VENV); \
+	    $(PYTHON) -m venv --system-site-packages $(VENV) && \
+	    $(PYTHON) -c "import site; print(*site.getsitepackages(), sep='\n')" \
+	      > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/host-python.pth"; \
 	  else $(PYTHON) -m venv $(VENV); fi; \
 	fi
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	$(if $(WHEELS),$(PY) -m pip install -q $(OFFLINE) 'setuptools>=68' wheel,$(PY) -m pip install -q --upgrade pip)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(OFFLINE) torch==2.13.0
+	$(PY) -m pip install -q $(OFFLINE) -e '.[dev]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -34,8 +41,9 @@ systemd-tools:
 test: venv systemd-tools
 	$(PY) -m pytest -q
 
+# Fails, never skips, when no CUDA device is usable (tests/gpu/conftest.py).
 test-gpu: venv
-	$(PY) -m pytest -q tests/gpu
+	LORACACHE_REQUIRE_GPU=1 $(PY) -m pytest -q tests/gpu
 
 bench: venv
 	$(PY) -m bench.run

@@ -275,7 +275,11 @@ def _naive_update(layers: list[Layer], scale: float) -> None:
 
 
 def _sd15_unet(dtype: torch.dtype, device: str) -> torch.nn.Module:
-    """The SD 1.5 UNet, on the meta device (shapes only) or filled with small random values.
+    return random_unet(SD15_UNET, dtype, device)
+
+
+def random_unet(config: dict[str, Any], dtype: torch.dtype, device: str) -> torch.nn.Module:
+    """A UNet of ``config`` on the meta device (shapes only) or filled with small random values.
 
     Filling copies windows of one random pool at random offsets: memory-bound, about a second,
     where initialising each layer (or drawing 860 M normal values) takes tens of seconds here.
@@ -283,14 +287,14 @@ def _sd15_unet(dtype: torch.dtype, device: str) -> torch.nn.Module:
     from diffusers import UNet2DConditionModel
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**SD15_UNET).to(dtype)
+        unet = UNet2DConditionModel(**config).to(dtype)
     if device == "meta":
         return unet
     unet.to_empty(device=device)
     generator = torch.Generator().manual_seed(0)
     params = list(unet.parameters())
     largest = max(p.numel() for p in params)
-    pool = (torch.randn(2 * largest, generator=generator) * 0.02).to(dtype)
+    pool = (torch.randn(2 * largest, generator=generator) * 0.02).to(dtype).to(device)
     offsets = torch.randint(0, largest, (len(params),), generator=generator).tolist()
     with torch.no_grad():
         for param, offset in zip(params, offsets):
@@ -309,9 +313,9 @@ def _sd15_pipeline(dtype: torch.dtype) -> Any:
         requires_safety_checker=False)
 
 
-def _lora_shapes() -> dict[str, torch.Size]:
+def _lora_shapes(config: dict[str, Any] = SD15_UNET) -> dict[str, torch.Size]:
     """Module path -> weight shape of every layer the LoRAs train."""
-    unet = _sd15_unet(torch.float32, "meta")
+    unet = random_unet(config, torch.float32, "meta")
     return {name: module.weight.shape for name, module in unet.named_modules()
             if name.endswith(LORA_TARGETS) and isinstance(module, (torch.nn.Linear,
                                                                     torch.nn.Conv2d))}

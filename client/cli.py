@@ -121,7 +121,18 @@ def print_stats(stats: dict[str, Any], watching: bool = False) -> None:
                      " / ".join(_seconds(times[p]) for p in ("p50", "p90", "p99"))])
     print_table(["DEVICE", "BUDGET", "USED", "PINNED", "ENTRIES", "LEASES", "SESSIONS", "HITS",
                  "MISSES", "HIT RATE", "EVICTIONS", "LOADS", "LOAD p50 / p90 / p99"], rows)
+    print_allocators(stats)
     sys.stdout.flush()
+
+
+def print_allocators(stats: dict[str, Any]) -> None:
+    """A line per GPU: what torch's allocator in the daemon holds beyond the cached entries."""
+    for d in stats["devices"]:
+        if "allocated_bytes" in d:
+            print(f"{d['device']}: allocator holds {human_bytes(d['allocated_bytes'])} "
+                  f"({human_bytes(d['reserved_bytes'])} reserved), of which "
+                  f"{human_bytes(d['waiting_bytes'])} of evicted entries that workers still "
+                  "map")
 
 
 def _ls(client: LoraCacheClient, args: argparse.Namespace) -> int:
@@ -132,6 +143,7 @@ def _ls(client: LoraCacheClient, args: argparse.Namespace) -> int:
     rows = [[e["path"], e["device"], e["layout"], human_bytes(e["nbytes"]), e["leases"],
              "yes" if e["pinned"] else "", human_duration(e["idle_s"])] for e in entries]
     print_table(["PATH", "DEVICE", "LAYOUT", "SIZE", "LEASES", "PINNED", "IDLE"], rows)
+    print_allocators(client.stats())
     return 0
 
 

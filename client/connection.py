@@ -21,6 +21,7 @@ import socket
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,7 @@ import zmq
 
 from loracache.shared.endpoints import default_socket_path, endpoint
 from loracache.shared.errors import ErrorCode, LoraCacheError
+from loracache.shared.ipc_compat import torch_release
 from loracache.shared.protocol import (
     Acquire,
     AcquireResult,
@@ -101,7 +103,7 @@ class LoraCacheClient:
         self._leases: set[Lease] = set()
         self._tables: OrderedDict[tuple[str, str], list[TensorSpec]] = OrderedDict()
         self._hints: dict[tuple[str, str, str], str] = {}  # (path, device, layout) -> entry id
-        self.instance = self.session = ""  # set by hello
+        self.instance = self.session = self.daemon_torch = ""  # set by hello
         self._wants_session = session
         self._closed = threading.Event()
         self._recovering = threading.Lock()
@@ -144,14 +146,13 @@ class LoraCacheClient:
                 while len(self._tables) > TABLE_CACHE_SIZE:
                     self._tables.popitem(last=False)
         if table is None:  # the table was dropped between asking and the reply: ask again
-            _discard(result.handle)
-            self._give_back(result.lease)
+            self._give_back(result.lease, opened=False)
             with self._lock:
                 self._hints.pop((path, device, layout), None)
             return self.acquire(path, device, layout)
-        from .lease import MAPPINGS, Lease  # torch loads with the first lease, not with the CLI
+        from .lease import Lease  # torch loads with the first lease, not with the CLI
 
-        tensors = MAPPINGS.attach(instance, result, table)
+        tensors = self._attach(instance, result, table)
         lease = Lease(result.lease, result.entry, tensors, self._release, instance=instance,
                       request=(path, device, layout))
         with self._lock:
@@ -232,12 +233,13 @@ class LoraCacheClient:
         if not self.socket_path.exists():
             raise self._unavailable(f"the socket {self.socket_path} does not exist")
         reply = self._request(Hello(pid=os.getpid(), client="loracache.client",
-                                    open_session=self._wants_session), timeout=timeout,
-                              session="")
+                                    open_session=self._wants_session, torch=torch_release()),
+                              timeout=timeout, session="")
         hello = from_map(HelloResult, reply)
         with self._lock:
             self.instance, self.session = hello.instance, hello.session
             self.session_ttl, self.devices = hello.session_ttl, hello.devices
+            self.daemon_torch = hello.torch
 
     def _known_entry(self, path: str, device: str, layout: str) -> str:
         with self._lock:
@@ -386,12 +388,11 @@ class LoraCacheClient:
             log.warning("%s changed on disk (%s, was %s); keeping the copy leased before, so "
                         "unfusing stays exact", path, result.entry.file, lease.entry.file)
             lease.orphan()
-            _discard(result.handle)
-            self._give_back(result.lease)
+            self._give_back(result.lease, opened=False)
             return
         with self._lock:
             self._tables[(self.instance, result.entry.id)] = result.tensors
-        tensors = MAPPINGS.attach(self.instance, result, result.tensors)
+        tensors = self._attach(self.instance, result, result.tensors)
         old = lease.renewed(result.lease, result.entry, tensors, self.instance)
         if old is None:  # released while this renewal was under way
             MAPPINGS.detach(self.instance, result.entry.id)
@@ -399,9 +400,22 @@ class LoraCacheClient:
         else:
             MAPPINGS.detach(*old)
 
-    def _give_back(self, lease_id: str) -> None:
+    def _attach(self, instance: str, result: AcquireResult,
+                table: list[TensorSpec]) -> Mapping[str, torch.Tensor]:
+        """Map the entry of ``result`` (once per process) and return its views. A handle this
+        process cannot open goes back to the daemon, which undoes its export."""
+        from .lease import MAPPINGS
+
         try:
-            self._round_trip(Release(lease=lease_id), self.session, RELEASE_TIMEOUT)
+            return MAPPINGS.attach(instance, result, table)
+        except BaseException:
+            self._give_back(result.lease, opened=False)
+            raise
+
+    def _give_back(self, lease_id: str, opened: bool = True) -> None:
+        try:
+            self._round_trip(Release(lease=lease_id, opened=opened), self.session,
+                             RELEASE_TIMEOUT)
         except LoraCacheError as exc:  # the daemon expires the session's leases anyway
             log.debug("giving back lease %s failed: %s", lease_id, exc)
 
@@ -452,24 +466,19 @@ class LoraCacheClient:
             "loracache)? Point LORACACHE_SOCKET or socket_path at the right socket.")
 
 
-def _discard(handle: dict[str, Any]) -> None:
-    """Undo an export this process will not open (imports torch, so only when needed)."""
-    from loracache.shared.transport import discard_handle
-
-    discard_handle(handle)
-
-
 def device_name(device: str | torch.device) -> str:
-    """The daemon's name for ``device``: ``cpu``, or ``cuda:<GPU-uuid>`` for a CUDA device."""
-    if str(device) == "cpu" or str(device).startswith("cuda:GPU-"):
+    """The daemon's name for ``device``: ``cpu``, or ``cuda:<uuid>`` for a CUDA device (the
+    UUID as nvidia-smi -L prints it: ``GPU-...``, or ``MIG-...`` for a MIG instance)."""
+    if str(device) == "cpu" or str(device).startswith(("cuda:GPU-", "cuda:MIG-")):
         return str(device)
     import torch
 
     try:
         device = torch.device(device)
     except RuntimeError:
-        raise LoraCacheError(ErrorCode.UNKNOWN_DEVICE, f"{device!r} is not a device name; use "
-                                                       "cpu, cuda:<index> or cuda:<GPU-uuid>") from None
+        raise LoraCacheError(ErrorCode.UNKNOWN_DEVICE,
+                             f"{device!r} is not a device name; use cpu, cuda:<index> or "
+                             "cuda:<GPU-uuid>") from None
     if device.type == "cpu":
         return "cpu"
     if device.type == "cuda":

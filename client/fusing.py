@@ -37,6 +37,10 @@ STATE_ATTR = "_loracache"
 RESTORE_MODES = ("subtract", "backup")
 FALLBACKS = ("local", "error")
 DEFAULT_CONNECT_TIMEOUT = 2.0  # a worker must not stall long on a daemon that is down
+# Failures after which fallback="local" loads the file here: no daemon, or one whose memory
+# this process cannot map (another IPC namespace, the GPU not visible, torch handle formats).
+FALLBACK_CODES = (ErrorCode.DAEMON_UNAVAILABLE, ErrorCode.MAPPING_FAILED,
+                  ErrorCode.VERSION_MISMATCH)
 
 
 @dataclasses.dataclass
@@ -82,7 +86,8 @@ def load_and_fuse_lora(pipeline: Any, source: str | os.PathLike[str] | Mapping[s
     ``restore="backup"`` keeps a host copy of each touched weight so unfusing restores it
     bit-exactly; ``"subtract"`` subtracts the same deltas. ``strict`` makes keys that match no
     module an error (else a warning). ``fallback="local"`` loads the file in this process when
-    the daemon is unreachable; ``"error"`` raises instead.
+    the daemon is unreachable or its memory cannot be mapped here (one warning per process);
+    ``"error"`` raises instead.
     """
     if restore not in RESTORE_MODES:
         raise ValueError(f"restore must be one of {RESTORE_MODES}, not {restore!r}")
@@ -267,7 +272,7 @@ def _canonical_source(pipeline: Any, family: Family, source: Any, client: LoraCa
                                layout=family.name)
         return lease.tensors, lease, lender
     except LoraCacheError as exc:
-        if exc.code is not ErrorCode.DAEMON_UNAVAILABLE or fallback == "error":
+        if exc.code not in FALLBACK_CODES or fallback == "error":
             raise
         _warn_fallback(exc)
     with safe_open(path, framework="pt") as f:

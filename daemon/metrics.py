@@ -27,6 +27,14 @@ DEVICE_GAUGES = {  # stats key -> (metric name, help)
     "leases": ("loracache_leases", "Leases held by clients"),
     "sessions": ("loracache_device_sessions", "Sessions holding leases on the device"),
 }
+ALLOCATOR_GAUGES = {  # GPUs only: what torch's allocator in the daemon holds
+    "allocated_bytes": ("loracache_allocator_allocated_bytes",
+                        "Device memory the daemon's allocator has handed out"),
+    "reserved_bytes": ("loracache_allocator_reserved_bytes",
+                       "Device memory the daemon's allocator holds from the driver"),
+    "waiting_bytes": ("loracache_allocator_waiting_bytes",
+                      "Memory of evicted entries that workers still map"),
+}
 DEVICE_COUNTERS = {
     "hits": ("loracache_hits", "Acquires served from the cache"),
     "misses": ("loracache_misses", "Acquires that loaded the file"),
@@ -48,6 +56,12 @@ class StatsCollector(Collector):
             family = GaugeMetricFamily(name, help_text, labels=["device"])
             for device in devices:
                 family.add_metric([device["device"]], device[key])
+            yield family
+        for key, (name, help_text) in ALLOCATOR_GAUGES.items():
+            family = GaugeMetricFamily(name, help_text, labels=["device"])
+            for device in devices:
+                if key in device:
+                    family.add_metric([device["device"]], device[key])
             yield family
         for key, (name, help_text) in DEVICE_COUNTERS.items():
             family = CounterMetricFamily(name, help_text, labels=["device"])

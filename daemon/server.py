@@ -46,17 +46,18 @@ def make_transports(config: DaemonConfig, shm_dir: Path) -> list[Transport]:
     """The transports for the configured devices: ``cpu`` and/or CUDA devices by index or UUID."""
     wanted = set(config.devices)
     transports: list[Transport] = []
-    if wanted & {"all", "cpu"}:
-        transports.append(ShmTransport(shm_dir))
     cuda_wanted = {d for d in wanted if d.startswith("cuda") or d == "all"}
     if cuda_wanted:
         from loracache.shared.transport.cuda_ipc import CudaIpcTransport, visible_devices
 
         for index in visible_devices():
-            transport = CudaIpcTransport(index)
+            try:
+                transport = CudaIpcTransport(index)
+            except LoraCacheError as exc:  # a GPU whose memory cannot be shared
+                raise ConfigError(exc.message) from exc
             if cuda_wanted & {"all", "cuda", f"cuda:{index}", transport.device}:
                 transports.append(transport)
-        if not any(t.device != "cpu" for t in transports):
+        if not transports:
             if wanted - {"all", "cpu"}:
                 raise ConfigError(f"devices {sorted(cuda_wanted)} asked for CUDA, but this "
                                   "process sees no CUDA device")
@@ -64,6 +65,8 @@ def make_transports(config: DaemonConfig, shm_dir: Path) -> list[Transport]:
                 log.warning("devices = all, but no CUDA device is usable although this host has "
                             "NVIDIA devices (is /dev/nvidia-uvm there? see systemd/README.md); "
                             "serving the CPU only")
+    if wanted & {"all", "cpu"}:  # last: a refused GPU leaves no directory behind
+        transports.insert(0, ShmTransport(shm_dir))
     return transports
 
 
@@ -294,6 +297,7 @@ class DaemonServer:
             await asyncio.sleep(min(1.0, self.config.session_ttl / 4))
             try:
                 self.service.expire_sessions()
+                self.service.collect_memory()
             except Exception:  # a bug here must not stop every later expiry
                 log.exception("expiring sessions failed; retrying at the next tick")
 

@@ -39,6 +39,7 @@ from loracache.shared.protocol import (
     Stats,
 )
 from loracache.shared.transport import DeviceBuffer, Transport
+from loracache.shared.ipc_compat import check_importer, torch_release
 
 from .cache import DeviceCache, Entry
 from .config import DaemonConfig, PreloadSpec
@@ -73,6 +74,7 @@ class CacheService:
                 CPU_LOAD_THREADS if t.device == "cpu" else 1, f"loracache-{t.device[:12]}")
             for t in transports}
         self._loading: dict[Hashable, asyncio.Future[None]] = {}
+        self._collecting: dict[str, concurrent.futures.Future[None]] = {}
         self._room_freed = {device: asyncio.Event() for device in self.caches}
         self._entry_ids = itertools.count(1)
         self._handlers: dict[type[Request], Callable[[Any, Session | None], Any]] = {
@@ -112,14 +114,18 @@ class CacheService:
                                  "client's os.getpid(), or 0 if unknown")
         token = ""
         if req.open_session:
-            token = self.sessions.open(req.pid).token
-            log.debug("session opened for pid %d (%s)", req.pid, req.client or "client")
+            token = self.sessions.open(req.pid, req.torch).token
+            log.debug("session opened for pid %d (%s, torch %s)", req.pid,
+                      req.client or "client", req.torch or "unknown")
         return HelloResult(instance=self.instance, session=token,
-                           session_ttl=self.config.session_ttl, devices=list(self.caches))
+                           session_ttl=self.config.session_ttl, devices=list(self.caches),
+                           torch=torch_release())
 
     def _acquire(self, req: Acquire,
                  session: Session) -> AcquireResult | Awaitable[AcquireResult]:
         cache = self._cache(req.device)
+        if cache.device != "cpu":
+            check_importer(torch_release(), session.torch)
         identity = identify(req.path, self.config.lora_dirs)
         entry = self._cached(cache, identity, req.layout)
         if entry is None:
@@ -172,7 +178,10 @@ class CacheService:
                                  f"over session_max_bytes ({max_bytes}); release leases first")
 
     def _release(self, req: Release, session: Session) -> dict[str, Any]:
-        self._released([self.sessions.release(session, req.lease)])
+        lease = self.sessions.release(session, req.lease)
+        if not req.opened:  # the client could not map it: undo what the export left to it
+            lease.entry.buffer.forget_export(lease.handle)
+        self._released([lease])
         return {}
 
     def _heartbeat(self, req: Heartbeat, session: Session) -> dict[str, Any]:
@@ -196,8 +205,31 @@ class CacheService:
                 "leases": sum(c.leases for c in self.caches.values()),
                 "errors": dict(self.errors),
                 "metrics": self.metrics_address,
-                "devices": [{**cache.stats(), "sessions": sessions_by_device[device]}
+                "devices": [{**cache.stats(), "sessions": sessions_by_device[device],
+                             **self._allocator_stats(cache)}
                             for device, cache in self.caches.items()]}
+
+    def _allocator_stats(self, cache: DeviceCache) -> dict[str, int]:
+        """What the device's allocator holds (GPUs): ``waiting_bytes`` is memory of evicted
+        entries that workers still map, which the budget no longer counts."""
+        memory = self.transports[cache.device].memory()
+        if not memory:
+            return {}
+        return {"allocated_bytes": memory["allocated"], "reserved_bytes": memory["reserved"],
+                "waiting_bytes": max(0, memory["allocated"] - cache.used - cache.reserved)}
+
+    def collect_memory(self) -> None:
+        """Free device memory that workers let go of since its entry was evicted. torch frees
+        such memory only when asked (or at the next eviction), so the daemon asks whenever
+        the allocator holds more than the cache counts (on the device's thread, one at a
+        time)."""
+        for device, cache in self.caches.items():
+            pending = self._collecting.get(device)
+            if pending is not None and not pending.done():
+                continue
+            if self._allocator_stats(cache).get("waiting_bytes", 0) > 0:
+                self._collecting[device] = self._device_pools[device].submit(
+                    self.transports[device].collect)
 
     def summary(self) -> str:
         """One line for ``systemctl status``: entries, bytes, sessions and leases."""
@@ -285,17 +317,17 @@ class CacheService:
         started = time.monotonic()
         plan = await self._run(self._header_pool, plan_load, identity, layout)
         try:
-            if plan.nbytes > cache.budget:
+            need = self.transports[cache.device].footprint(plan.nbytes)
+            if need > cache.budget:
                 raise LoraCacheError(ErrorCode.TOO_LARGE,
-                                     f"{identity.path} needs {plan.nbytes} bytes but the whole "
-                                     f"budget of {cache.device} is {cache.budget}; raise "
-                                     "--max-bytes")
-            await self._reserve(cache, plan.nbytes)
+                                     f"{identity.path} needs {need} bytes on {cache.device} but "
+                                     f"its whole budget is {cache.budget}; raise --max-bytes")
+            await self._reserve(cache, need)
             entry_id = f"{next(self._entry_ids):x}"
             try:
                 buffer = await self._fill(cache, plan, entry_id)
             finally:
-                cache.reserved -= plan.nbytes
+                cache.reserved -= need
                 self._room_changed(cache)
         finally:
             plan.file.close()

@@ -45,6 +45,7 @@ class Session:
     pid: int
     last_seen: float
     ttl: float  # as told to the client at hello: it heartbeats by it, so a reload keeps it
+    torch: str = ""  # the client's torch release, if it said (CUDA IPC handle formats differ)
     leases: dict[str, Lease] = dataclasses.field(default_factory=dict)
     # Distinct entries leased (leasing one entry twice costs no more memory) and their bytes.
     entry_leases: collections.Counter[str] = dataclasses.field(
@@ -66,9 +67,9 @@ class SessionTable:
         self.ttl = ttl  # for sessions opened from now on
         self.sessions: dict[str, Session] = {}
 
-    def open(self, pid: int) -> Session:
+    def open(self, pid: int, torch: str = "") -> Session:
         session = Session(token=secrets.token_urlsafe(16), pid=pid, last_seen=time.monotonic(),
-                          ttl=self.ttl)
+                          ttl=self.ttl, torch=torch)
         self.sessions[session.token] = session
         return session
 

@@ -6,7 +6,8 @@ says what to do. Both sides raise it as one exception type::
     LoraCacheError            .code: ErrorCode, .message: str
       raised by the daemon's handlers  -> sent as {"code", "message"}
       raised by the client             <- rebuilt from the reply, or made locally
-                                          (DAEMON_UNAVAILABLE, TIMEOUT)
+                                          (DAEMON_UNAVAILABLE, TIMEOUT,
+                                          MAPPING_FAILED)
 
 Foreign errors (ZeroMQ, OS, torch) are translated at the boundary with ``raise ... from exc``.
 """
@@ -33,6 +34,7 @@ class ErrorCode(str, enum.Enum):
     NOT_ALLOWED = "NOT_ALLOWED"  # the operation is refused by the daemon's policy
     DAEMON_UNAVAILABLE = "DAEMON_UNAVAILABLE"  # client side: nobody answers on the socket
     TIMEOUT = "TIMEOUT"  # client side: the daemon did not reply in time
+    MAPPING_FAILED = "MAPPING_FAILED"  # client side: this process cannot map the daemon's memory
     INTERNAL = "INTERNAL"  # a bug in the daemon; the request failed, the daemon carries on
 
 

@@ -62,6 +62,7 @@ class Hello(Request):
     pid: int = 0
     client: str = ""
     open_session: bool = True
+    torch: str = ""  # the client's torch release: CUDA IPC handles differ between some
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,8 +82,12 @@ class Acquire(Request):
 
 @dataclasses.dataclass(frozen=True)
 class Release(Request):
+    """Give a lease back. ``opened=False``: the client could not map the handle, so the daemon
+    undoes the export for it (a CUDA IPC counter slot nobody else will release)."""
+
     op: ClassVar[str] = "release"
     lease: str
+    opened: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,6 +166,7 @@ class HelloResult:
     session_ttl: float
     devices: list[str]
     version: int = PROTOCOL_VERSION
+    torch: str = ""  # the daemon's torch release
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,6 +6,7 @@ a real worker process does.
 
 import json
 import logging
+import os
 import sys
 
 import torch
@@ -29,10 +30,30 @@ class Remember(logging.Handler):
         self.messages.append(record.getMessage())
 
 
+def become(spec):
+    """Run on as user:group ``spec``. The interpreter may live where only root can read it
+    (/root/.pyenv here), so what the worker needs is imported first, as root; from here on the
+    daemon's socket, shared-memory files and counter files see another user."""
+    import loracache.client.fusing  # noqa: F401  (imported lazily by the client otherwise)
+    import loracache.client.lease  # noqa: F401
+    import loracache.shared.transport.cuda_ipc  # noqa: F401
+    import loracache.shared.transport.shm  # noqa: F401
+
+    if torch.cuda.is_available():
+        torch.cuda.init()  # loads the driver's libraries, wherever they are
+    uid, gid = (int(part) for part in spec.split(":"))
+    os.setgroups([])
+    os.setgid(gid)
+    os.setuid(uid)
+
+
+if os.environ.get("LORACACHE_TEST_BECOME"):
+    become(os.environ["LORACACHE_TEST_BECOME"])
 warnings = Remember()
 logging.getLogger("loracache").addHandler(warnings)
 client = None
 leases = {}
+kept = []
 loaded = {}
 pipelines = {}
 
@@ -55,6 +76,12 @@ def run(op, args):
                 "digests": {k: digest(v) for k, v in lease.tensors.items()}}
     if op == "release":
         leases.pop(args["lease"]).release()
+        return {}
+    if op == "keep_views":  # hold every tensor of every lease, past their release
+        kept.extend(t for lease in leases.values() for t in lease.tensors.values())
+        return len(kept)
+    if op == "drop_views":
+        kept.clear()
         return {}
     if op == "touch":  # fault every page of every leased tensor in
         return sum(float(t.float().sum()) for l in leases.values() for t in l.tensors.values())

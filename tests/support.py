@@ -69,6 +69,8 @@ class Daemon:
         self.socket = reuse.socket if reuse else self.home / "d.sock"
         self.shm_root = (reuse.shm_root if reuse
                          else Path(tempfile.mkdtemp(prefix="lc-test-", dir="/dev/shm")))
+        for directory in (self.home, self.shm_root):  # as /run and /dev/shm: the daemon's own
+            directory.chmod(0o755)  # modes decide who gets in (workers of other users)
         self.log_path = self.home / "daemon.log"
         self.lora_dir = lora_dir
         where = ["--config", str(config)] if config else ["--lora-dir", str(lora_dir)]
@@ -136,9 +138,19 @@ class Daemon:
 class Worker:
     """A separate Python process driving a LoraCacheClient, one JSON command per line."""
 
-    def __init__(self, socket: Path | None = None, **env: str) -> None:
+    def __init__(self, socket: Path | None = None, *, user: int | None = None,
+                 group: int = 0, private_shm: bool = False, **env: str) -> None:
+        """``user``: run as that user id, in group ``group`` only (the tests run as root), as
+        a worker of another account on the daemon's host does. ``private_shm``: with a /dev/shm
+        of its own (a mount namespace), as a container that does not share the host's."""
+        if user is not None:
+            env = {**env, "LORACACHE_TEST_BECOME": f"{user}:{group}", "HOME": "/tmp"}
+        command = [sys.executable, str(WORKER)]
+        if private_shm:
+            command = ["unshare", "--mount", "sh", "-c",
+                       'mount -t tmpfs tmpfs /dev/shm && exec "$0" "$@"', *command]
         self.proc = subprocess.Popen(
-            [sys.executable, str(WORKER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, text=True,
             env={**os.environ, "PYTHONPATH": str(REPO), **env})
         if socket is not None:

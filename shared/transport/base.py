@@ -54,9 +54,17 @@ class Transport(abc.ABC):
     def allocate(self, nbytes: int, name: str) -> DeviceBuffer:
         """Allocate ``nbytes``; raise CACHE_FULL when the device has no room left."""
 
+    def footprint(self, nbytes: int) -> int:
+        """The memory an entry of ``nbytes`` holds on the device (what the budget counts)."""
+        return nbytes
+
     @abc.abstractmethod
     def total_memory(self) -> int:
         """Size of the device's memory, for budgets given as a percentage."""
+
+    def memory(self) -> dict[str, int]:
+        """What the device's allocator holds, for stats (empty where nothing but entries)."""
+        return {}
 
     def collect(self) -> None:
         """Reclaim memory whose consumers have all let go (CUDA IPC keeps it until then)."""

@@ -109,7 +109,7 @@ def open_shm_handle(handle: dict[str, Any]) -> torch.Tensor:
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError as exc:
-        raise LoraCacheError(ErrorCode.FORBIDDEN_PATH,
+        raise LoraCacheError(ErrorCode.MAPPING_FAILED,
                              f"cannot open the daemon's shared-memory file {path}: {exc}; "
                              "the worker must run on the daemon's host with access to its "
                              "shm directory (group loracache)") from exc

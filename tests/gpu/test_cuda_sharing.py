@@ -1,23 +1,46 @@
-"""CUDA IPC sharing across real processes (runs where CUDA is available: `make test-gpu`)."""
+"""CUDA IPC sharing across real processes (`make test-gpu`; fails where CUDA is not usable)."""
 
 from __future__ import annotations
 
+import glob
+import os
+import threading
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from loracache.client import ErrorCode, LoraCacheError
-from loracache.shared.transport.cuda_ipc import device_uuid
+from loracache.shared.protocol import Acquire, AcquireResult, Release
+from loracache.shared.transport.cuda_ipc import MIN_SEGMENT, SEGMENT_ROUNDING, device_uuid
 from tests.support import Worker, digest, sized_lora, wait_until
 
 pytestmark = pytest.mark.gpu
 MiB = 1 << 20
+NOBODY = 65534
+
+
+def start_gpu_daemon(start_daemon, lora_dir, *args: str, **kwargs):
+    """A daemon serving cuda:0 whose CUDA context exists already (a small file was loaded and
+    evicted), so memory measured from now on is the entries' alone."""
+    daemon = start_daemon("--devices", "cpu,cuda:0", "--max-bytes", "2GiB", "--session-ttl",
+                          "2", *args, **kwargs)
+    warm = sized_lora(lora_dir / "warm-up.safetensors", MiB, seed=99)
+    with daemon.client(session=False) as client:
+        client.preload(warm, device="cuda:0")
+        assert client.evict(warm)["evicted"] == 1
+    return daemon
 
 
 @pytest.fixture
-def gpu_daemon(start_daemon):
-    return start_daemon("--devices", "cpu,cuda:0", "--max-bytes", "1GiB", "--session-ttl", "2")
+def gpu_daemon(start_daemon, lora_dir):
+    return start_gpu_daemon(start_daemon, lora_dir)
+
+
+def free_memory() -> int:
+    """Free memory of device 0 as the driver reports it (this process has its context)."""
+    torch.cuda.init()
+    return torch.cuda.mem_get_info(0)[0]
 
 
 def device_stats(daemon) -> dict:
@@ -25,14 +48,18 @@ def device_stats(daemon) -> dict:
     return next(d for d in daemon.stats()["devices"] if d["device"] == name)
 
 
-def evict_after_the_leases_expire(daemon, path, free_before: int) -> None:
-    """Wait for dead clients' leases to expire, evict ``path``, and wait for the device to
-    have its memory back (within 64 MiB of ``free_before``)."""
+def evict_and_wait_for_memory(daemon, path, free_before: int) -> None:
+    """Wait for the leases to end (dead clients' expire), evict ``path``, and wait for the
+    device to have its memory back (within 32 MiB of ``free_before``)."""
     wait_until(lambda: daemon.stats()["leases"] == 0, timeout=20, interval=0.2)
-    with daemon.client() as client:
+    with daemon.client(session=False) as client:
         assert client.evict(path) == {"evicted": 1, "busy": 0}
-    wait_until(lambda: torch.cuda.mem_get_info(0)[0] >= free_before - 64 * MiB, timeout=20,
-               interval=0.2)
+    wait_until(lambda: free_memory() >= free_before - 32 * MiB, timeout=20, interval=0.2)
+    assert device_stats(daemon)["waiting_bytes"] == 0
+
+
+def counter_files(daemon) -> list[str]:
+    return glob.glob(f"/dev/shm/torch_{daemon.proc.pid}_*")
 
 
 def test_daemon_serves_the_gpu_by_uuid(gpu_daemon):
@@ -50,7 +77,7 @@ def test_four_processes_share_one_device_copy(gpu_daemon, lora_dir):
         assert len({lease["entry"] for lease in leases}) == 1
         stats = device_stats(gpu_daemon)
         assert stats["loads"] == 1 and stats["leases"] == 4
-        assert stats["used"] == leases[0]["nbytes"]
+        assert stats["used"] == leases[0]["nbytes"] == stats["allocated_bytes"]
         # Zero-copy: the workers' own allocators hold nothing; the memory is the daemon's.
         assert [w.call("cuda_allocated") for w in workers] == [0, 0, 0, 0]
     finally:
@@ -67,14 +94,155 @@ def test_in_process_views_are_on_the_device_and_exact(gpu_daemon, lora_dir):
             assert torch.equal(tensor.cpu(), reference[name])
 
 
+def test_exports_map_one_segment_per_entry_and_no_event(gpu_daemon, lora_dir):
+    """Small entries get segments of their own (a worker mapping one reaches no other), and
+    handles need no interprocess event (the daemon synchronised after the upload)."""
+    paths = [sized_lora(lora_dir / f"{name}.safetensors", MiB // 2, seed=i)
+             for i, name in enumerate("ab")]
+    device = f"cuda:{device_uuid(0)}"
+    with gpu_daemon.client() as client:
+        results = [AcquireResult.from_wire(client._request(Acquire(path=str(p), device=device)))
+                   for p in paths]
+        handles = [r.handle for r in results]
+        for handle in handles:
+            assert handle["size"] >= MIN_SEGMENT and handle["size"] % SEGMENT_ROUNDING == 0
+            assert handle["offset"] == 0 and handle["event_sync"] is False
+        assert handles[0]["handle"] != handles[1]["handle"]
+        reserved = device_stats(gpu_daemon)["reserved_bytes"]
+        for result in results:  # never opened here: the daemon releases their counter slots
+            client._request(Release(lease=result.lease, opened=False))
+        assert client.evict(paths[0])["evicted"] == 1
+        wait_until(lambda: device_stats(gpu_daemon)["reserved_bytes"] <= reserved - MIN_SEGMENT,
+                   timeout=10, interval=0.2)
+
+
 def test_memory_returns_after_eviction_even_when_a_client_died(gpu_daemon, lora_dir):
     path = sized_lora(lora_dir / "big.safetensors", 256 * MiB)
-    torch.cuda.init()
-    free_before, _ = torch.cuda.mem_get_info(0)
+    free_before = free_memory()
     worker = Worker(gpu_daemon.socket)
     worker.call("acquire", path=str(path), device="cuda:0")
     worker.kill()  # dies holding the lease and the IPC mapping
-    evict_after_the_leases_expire(gpu_daemon, path, free_before)
+    evict_and_wait_for_memory(gpu_daemon, path, free_before)
+
+
+def test_dead_sessions_ipc_counters_are_released(gpu_daemon, lora_dir):
+    """Three workers die holding leases of one entry (three export counter slots, some past
+    slot 0 of torch's counter file): the daemon releases each slot for them, so evicting the
+    entry gives its memory back to the device."""
+    path = sized_lora(lora_dir / "big.safetensors", 256 * MiB)
+    free_before = free_memory()
+    workers = [Worker(gpu_daemon.socket) for _ in range(3)]
+    for worker in workers:
+        worker.call("acquire", path=str(path), device="cuda:0")
+        worker.call("acquire", path=str(path), device="cuda:0")  # a second slot, discarded
+    assert device_stats(gpu_daemon)["leases"] == 6
+    for worker in workers:
+        worker.kill()
+    evict_and_wait_for_memory(gpu_daemon, path, free_before)
+    assert "expired" in gpu_daemon.read_log()
+
+
+def test_a_worker_of_another_user_releases_its_mapping(gpu_daemon, lora_dir):
+    """torch creates its counter files 0600; a worker of another user in the daemon's group
+    must still be able to decrement its slot, or the memory never leaves torch's limbo."""
+    path = sized_lora(lora_dir / "big.safetensors", 256 * MiB)
+    free_before = free_memory()
+    worker = Worker(gpu_daemon.socket, user=NOBODY, group=os.getgid())
+    try:
+        lease = worker.call("acquire", path=str(path), device="cuda:0")
+        assert lease["digests"] == {k: digest(v) for k, v in load_file(path).items()}
+        worker.call("release", lease=lease["lease"])
+        evict_and_wait_for_memory(gpu_daemon, path, free_before)
+    finally:
+        worker.close()
+
+
+def test_a_worker_without_the_daemons_dev_shm_is_refused_and_leaks_nothing(gpu_daemon,
+                                                                          lora_dir):
+    path = sized_lora(lora_dir / "a.safetensors", 16 * MiB)
+    worker = Worker(gpu_daemon.socket, private_shm=True)
+    try:
+        with pytest.raises(LoraCacheError) as refused:
+            worker.call("acquire", path=str(path), device="cuda:0")
+        assert refused.value.code is ErrorCode.MAPPING_FAILED
+        assert "reference counter" in refused.value.message
+        wait_until(lambda: gpu_daemon.stats()["leases"] == 0, timeout=5)
+    finally:
+        worker.close()
+    free_before = free_memory()
+    with gpu_daemon.client(session=False) as client:
+        assert client.evict(path)["evicted"] == 1
+    wait_until(lambda: free_memory() >= free_before + 14 * MiB, timeout=20, interval=0.2)
+
+
+def test_memory_still_mapped_after_eviction_is_counted_then_collected(gpu_daemon, lora_dir):
+    """Views a worker keeps past its release keep the memory; stats show it as waiting, and
+    the daemon frees it by itself once the worker lets go."""
+    path = sized_lora(lora_dir / "big.safetensors", 128 * MiB)
+    free_before = free_memory()
+    worker = Worker(gpu_daemon.socket)
+    try:
+        lease = worker.call("acquire", path=str(path), device="cuda:0")
+        worker.call("keep_views")
+        worker.call("release", lease=lease["lease"])
+        with gpu_daemon.client(session=False) as client:
+            assert client.evict(path)["evicted"] == 1
+        waiting = device_stats(gpu_daemon)["waiting_bytes"]
+        assert waiting >= 128 * MiB and device_stats(gpu_daemon)["used"] == 0
+        worker.call("drop_views")
+        wait_until(lambda: device_stats(gpu_daemon)["waiting_bytes"] == 0, timeout=10,
+                   interval=0.2)
+        wait_until(lambda: free_memory() >= free_before - 32 * MiB, timeout=10, interval=0.2)
+    finally:
+        worker.close()
+
+
+def test_a_hot_entry_keeps_bounded_bookkeeping(gpu_daemon, lora_dir):
+    """20,050 leases of one entry by a worker that keeps it mapped. torch's counter files hold
+    10,000 slots each: a daemon that kept every export's slot while the entry lives would hold
+    three files; released exports are collected, so it holds the first (the kept lease's
+    slot) and the current one. Evicting the entry still gives its memory back."""
+    path = sized_lora(lora_dir / "hot.safetensors", 16 * MiB)
+    free_before = free_memory()
+    with gpu_daemon.client() as client:
+        kept = client.acquire(path, device="cuda:0")
+        for _ in range(20_050):
+            client.acquire(path, device="cuda:0").release()
+        wait_until(lambda: len(counter_files(gpu_daemon)) <= 2, timeout=10, interval=0.2)
+        kept.release()
+    evict_and_wait_for_memory(gpu_daemon, path, free_before)
+
+
+def test_concurrent_loads_exports_and_evictions(start_daemon, lora_dir):
+    """Exports (event loop), loads, frees and collection (device thread) at once: four threads
+    over six files with room for three, then every byte goes back."""
+    paths = [sized_lora(lora_dir / f"{i}.safetensors", 32 * MiB, seed=i) for i in range(6)]
+    daemon = start_gpu_daemon(start_daemon, lora_dir, "--max-bytes", "110MiB",
+                              "--cache-size", "1")
+    free_before = free_memory()
+    errors: list[BaseException] = []
+
+    def churn(seed: int) -> None:
+        try:
+            with daemon.client() as client:
+                for i in range(40):
+                    path = paths[(seed * 7 + i) % len(paths)]
+                    with client.acquire(path, device="cuda:0") as lease:
+                        next(iter(lease.tensors.values())).float().sum().item()
+        except BaseException as exc:  # noqa: BLE001  (reported below)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=churn, args=(seed,)) for seed in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(300)
+    assert errors == [] or all(isinstance(e, LoraCacheError) and e.code is ErrorCode.CACHE_FULL
+                               for e in errors)
+    with daemon.client(session=False) as client:
+        client.clear()
+    wait_until(lambda: free_memory() >= free_before - 32 * MiB, timeout=20, interval=0.2)
+    assert device_stats(daemon)["evictions"] > 0
 
 
 def test_unknown_device_uuid_is_refused(gpu_daemon, lora_dir):
@@ -84,20 +252,11 @@ def test_unknown_device_uuid_is_refused(gpu_daemon, lora_dir):
     assert error.value.code is ErrorCode.UNKNOWN_DEVICE
 
 
-def test_dead_sessions_ipc_counters_are_released(gpu_daemon, lora_dir):
-    """Three workers die holding leases of one entry (three export counter slots): the daemon
-    releases each slot for them, so evicting the entry gives its memory back to the device."""
-    path = sized_lora(lora_dir / "big.safetensors", 256 * MiB)
-    torch.cuda.init()
-    free_before, _ = torch.cuda.mem_get_info(0)
-    workers = [Worker(gpu_daemon.socket) for _ in range(3)]
-    for worker in workers:
-        worker.call("acquire", path=str(path), device="cuda:0")
-    assert device_stats(gpu_daemon)["leases"] == 3
-    for worker in workers:
-        worker.kill()
-    evict_after_the_leases_expire(gpu_daemon, path, free_before)
-    assert "expired" in gpu_daemon.read_log()
+def test_a_gpu_whose_allocator_cannot_share_is_refused_at_start(start_daemon):
+    with pytest.raises(RuntimeError) as refused:
+        start_daemon("--devices", "cuda:0",
+                     env={"PYTORCH_CUDA_ALLOC_CONF": "backend:cudaMallocAsync"})
+    assert "exited with 2" in str(refused.value) and "cudaMallocAsync" in str(refused.value)
 
 
 def test_device_out_of_memory_evicts_and_retries_then_cache_full(start_daemon, lora_dir):
@@ -105,16 +264,16 @@ def test_device_out_of_memory_evicts_and_retries_then_cache_full(start_daemon, l
     error evicts idle entries and retries, then answers CACHE_FULL; the daemon keeps serving."""
     paths = [sized_lora(lora_dir / f"{name}.safetensors", 512 * MiB, seed=i)
              for i, name in enumerate("abcd")]
-    gpu_daemon = start_daemon("--devices", "cpu,cuda:0", "--max-bytes", "64GiB",
-                              "--acquire-timeout", "0")
+    gpu_daemon = start_gpu_daemon(start_daemon, lora_dir, "--max-bytes", "64GiB",
+                                  "--acquire-timeout", "0")
     with gpu_daemon.client() as client:
-        client.preload(paths[0], device="cuda:0")  # the daemon's CUDA context exists now
-        torch.cuda.init()
-        free, _ = torch.cuda.mem_get_info(0)
-        blocker = torch.empty(max(0, free - 1300 * MiB), dtype=torch.uint8, device="cuda:0")
-        held = client.acquire(paths[1], device="cuda:0")  # a idle, b leased: ~1 GiB used
+        client.preload(paths[0], device="cuda:0")  # a: idle, 512 MiB
+        # Room for one more entry and a half: b fits, c only once a is evicted.
+        blocker = torch.empty(max(0, free_memory() - 800 * MiB), dtype=torch.uint8,
+                              device="cuda:0")
+        held = client.acquire(paths[1], device="cuda:0")  # a idle, b leased
         with client.acquire(paths[2], device="cuda:0"):  # no room: a is evicted, c loads
-            assert device_stats(gpu_daemon)["evictions"] >= 1
+            assert device_stats(gpu_daemon)["evictions"] >= 2  # the warm-up file, then a
             with pytest.raises(LoraCacheError) as full:  # b and c leased, nothing to evict
                 client.acquire(paths[3], device="cuda:0")
             assert full.value.code is ErrorCode.CACHE_FULL

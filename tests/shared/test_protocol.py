@@ -81,7 +81,7 @@ def test_acquire_request_bytes_are_pinned() -> None:
 
 def test_hello_request_bytes_are_pinned() -> None:
     expected = (
-        b"\x87"
+        b"\x88"
         + fixstr("v") + b"\x01"
         + fixstr("id") + b"\xcd\x01\x00"  # uint16 256
         + fixstr("op") + fixstr("hello")
@@ -89,6 +89,7 @@ def test_hello_request_bytes_are_pinned() -> None:
         + fixstr("pid") + b"\xcd\x10\x92"  # uint16 4242
         + fixstr("client") + fixstr("w0")
         + fixstr("open_session") + b"\xc3"  # true
+        + fixstr("torch") + fixstr("")
     )
     assert encode_request(256, "", Hello(pid=4242, client="w0")) == expected
 
@@ -140,7 +141,8 @@ def test_error_codes_are_a_closed_set_whose_wire_value_is_the_name() -> None:
     assert {code.name for code in ErrorCode} == {
         "BAD_REQUEST", "VERSION_MISMATCH", "FORBIDDEN_PATH", "NOT_FOUND", "INVALID_LORA",
         "UNSUPPORTED_FORMAT", "TOO_LARGE", "CACHE_FULL", "UNKNOWN_DEVICE", "UNKNOWN_LEASE",
-        "UNKNOWN_SESSION", "NOT_ALLOWED", "DAEMON_UNAVAILABLE", "TIMEOUT", "INTERNAL"}
+        "UNKNOWN_SESSION", "NOT_ALLOWED", "DAEMON_UNAVAILABLE", "TIMEOUT",
+        "MAPPING_FAILED", "INTERNAL"}
     assert all(code.value == code.name for code in ErrorCode)
 
 
@@ -148,10 +150,10 @@ def test_error_codes_are_a_closed_set_whose_wire_value_is_the_name() -> None:
 
 # One instance per request type, with every field away from its default.
 SAMPLES = {
-    "hello": Hello(pid=1234, client="worker-3"),
+    "hello": Hello(pid=1234, client="worker-3", open_session=False, torch="2.11.0+cu130"),
     "acquire": Acquire(path="styles/ink.safetensors", device="cuda:GPU-1234", layout="diffusers",
                        known_entry="e17"),
-    "release": Release(lease="L-9"),
+    "release": Release(lease="L-9", opened=False),
     "heartbeat": Heartbeat(),
     "bye": Bye(),
     "stats": Stats(),
@@ -189,11 +191,12 @@ def test_reply_round_trips() -> None:
 
 
 def test_dataclass_result_is_sent_as_its_map() -> None:
-    result = HelloResult(instance="i", session="s", session_ttl=30.0, devices=["cpu"])
+    result = HelloResult(instance="i", session="s", session_ttl=30.0, devices=["cpu"],
+                         torch="2.13.0")
     request_id, body = decode_reply(encode_reply(1, result))
     assert request_id == 1
     assert body == {"instance": "i", "session": "s", "session_ttl": 30.0, "devices": ["cpu"],
-                    "version": PROTOCOL_VERSION}
+                    "version": PROTOCOL_VERSION, "torch": "2.13.0"}
 
 
 def _acquire_result(tensors: list[TensorSpec] | None) -> AcquireResult:

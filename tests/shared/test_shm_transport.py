@@ -150,13 +150,13 @@ def test_free_unlinks_and_existing_mapping_stays_readable(transport: ShmTranspor
     buffer.free()  # a second free is harmless
 
 
-def test_opening_a_freed_handle_is_forbidden_path(transport: ShmTransport) -> None:
+def test_opening_a_freed_handle_is_mapping_failed(transport: ShmTransport) -> None:
     buffer = transport.allocate(512, "e1")
     handle = buffer.export()
     buffer.free()
     with pytest.raises(LoraCacheError) as info:
         open_shm_handle(handle)
-    assert info.value.code is ErrorCode.FORBIDDEN_PATH
+    assert info.value.code is ErrorCode.MAPPING_FAILED
     assert handle["path"] in info.value.message
 
 
