@@ -39,6 +39,8 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file
 
+import loracache.client.lease  # noqa: F401  (imported now: a worker that becomes another
+import loracache.shared.transport.cuda_ipc  # noqa: F401  user may not read these files later)
 from loracache.client import (LoraCacheClient, delete_adapters, load_and_fuse_lora,
                               set_and_fuse_adapters)
 
