@@ -105,8 +105,7 @@ def cuda_stats(client: LoraCacheClient) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------- sharing
 
 
-def sharing(deadline: float) -> dict[str, Any]:
-    results: dict[str, Any] = {}
+def sharing(deadline: float, results: dict[str, Any]) -> None:
     with scratch_dir() as loras:
         paths = [write_lora(loras / f"l{i}.safetensors", rank=64, nbytes=64 * MiB, seed=i)
                  for i in range(4)]
@@ -118,7 +117,7 @@ def sharing(deadline: float) -> dict[str, Any]:
                 for n in (1, 2, 4, 8):
                     if time.monotonic() > deadline:
                         results["stopped"] = "time budget spent"
-                        return results
+                        return
                     with WorkerGroup(_sharing_worker, [(mode, str(daemon.socket),
                                                         [str(p) for p in paths])] * n) as group:
                         group.expect("ready")  # each has its CUDA context now
@@ -135,7 +134,6 @@ def sharing(deadline: float) -> dict[str, Any]:
                         "growth_bytes": after - before, "growth_over_one_copy":
                         ratio(after - before, copy), "workers_allocated": allocated}
     results["one_copy_bytes"] = copy
-    return results
 
 
 def _sharing_worker(link: Connection, mode: str, socket: str, paths: list[str]) -> None:
@@ -164,8 +162,7 @@ def _sharing_worker(link: Connection, mode: str, socket: str, paths: list[str]) 
 # --------------------------------------------------------------------------------- eviction
 
 
-def eviction(deadline: float) -> dict[str, Any]:
-    results: dict[str, Any] = {}
+def eviction(deadline: float, results: dict[str, Any]) -> None:
     with scratch_dir() as loras:
         os.chmod(loras, 0o755)
         path = write_lora(loras / "big.safetensors", rank=128, nbytes=512 * MiB)
@@ -194,7 +191,6 @@ def eviction(deadline: float) -> dict[str, Any]:
                                  "held_growth_bytes": held - before,
                                  "after_eviction_over_before_bytes": device_used() - before,
                                  "returned": returned, "waiting_bytes": stats["waiting_bytes"]}
-    return results
 
 
 def _eviction_worker(link: Connection, socket: str, path: str, other_user: bool) -> None:
@@ -217,10 +213,11 @@ def _eviction_worker(link: Connection, socket: str, path: str, other_user: bool)
 # -------------------------------------------------------------------------------------- hot
 
 
-def hot(deadline: float) -> dict[str, Any]:
+def hot(deadline: float, results: dict[str, Any]) -> None:
     import psutil
 
-    windows = []
+    windows: list[dict[str, Any]] = []
+    results["windows"] = windows
     with scratch_dir() as loras:
         path = write_lora(loras / "hot.safetensors", rank=16, nbytes=4 * MiB)
         with gpu_daemon(loras, "1GiB") as daemon, daemon.client() as client:
@@ -239,16 +236,15 @@ def hot(deadline: float) -> dict[str, Any]:
                                     f"/dev/shm/torch_{daemon.proc.pid}_*"))})
             kept.release()
     first, last = windows[0], windows[-1]
-    return {"acquire_release": done, "windows": windows,
-            "p50_last_over_first": ratio(last["p50_s"], first["p50_s"]),
-            "rss_growth_bytes": last["daemon_rss_bytes"] - first["daemon_rss_bytes"]}
+    results.update({"acquire_release": done,
+                    "p50_last_over_first": ratio(last["p50_s"], first["p50_s"]),
+                    "rss_growth_bytes": last["daemon_rss_bytes"] - first["daemon_rss_bytes"]})
 
 
 # ------------------------------------------------------------------------------------- load
 
 
-def load(deadline: float) -> dict[str, Any]:
-    results: dict[str, Any] = {}
+def load(deadline: float, results: dict[str, Any]) -> None:
     with scratch_dir() as loras:
         big = write_lora(loras / "big.safetensors", rank=128, nbytes=GiB)
         small = write_lora(loras / "small.safetensors", rank=16, nbytes=4 * MiB)
@@ -281,33 +277,28 @@ def load(deadline: float) -> dict[str, Any]:
             with WorkerGroup(_first_open_worker, [(str(daemon.socket), str(big))]) as group:
                 results["first open in a new process"] = group.receive_all()[0]
                 group.join()
-    return results
 
 
 def _first_open_worker(link: Connection, socket: str, path: str) -> None:
     with reporting_failure(link):
         torch.zeros(1, device=DEVICE)
         with LoraCacheClient(socket) as client:
-            timings = {}
-            for name in ("first_s", "second_s"):
+            timings, leases = {}, []
+            for name in ("first_s", "second_s"):  # the second finds the entry mapped
                 started = time.perf_counter()
-                lease = client.acquire(path, device=DEVICE)
-                float(next(iter(lease.tensors.values()))[0])
+                leases.append(client.acquire(path, device=DEVICE))
+                float(next(iter(leases[-1].tensors.values())).flatten()[0])
                 timings[name] = time.perf_counter() - started
-                if name == "second_s":
-                    lease.release()
-                else:
-                    first = lease
-            first.release()
+            for lease in leases:
+                lease.release()
         link.send(timings)
 
 
 # ------------------------------------------------------------------------------------- fuse
 
 
-def fuse(deadline: float) -> dict[str, Any]:
+def fuse(deadline: float, results: dict[str, Any]) -> None:
     _quiet_diffusers()
-    results: dict[str, Any] = {}
     shapes = _lora_shapes(SDXL_UNET)
     results["lora_layers"] = len(shapes)
     results["weights_touched"] = sum(s.numel() for s in shapes.values())
@@ -325,7 +316,7 @@ def fuse(deadline: float) -> dict[str, Any]:
                 for rank in (16, 128):
                     if time.monotonic() > deadline:
                         results["stopped"] = "time budget spent"
-                        return results
+                        return
                     label = f"{str(dtype).removeprefix('torch.')} r{rank}"
                     try:
                         results[label] = _fuse_case(pipe, client, files[rank], rank)
@@ -334,7 +325,6 @@ def fuse(deadline: float) -> dict[str, Any]:
                 del pipe
                 gc.collect()
                 torch.cuda.empty_cache()
-    return results
 
 
 def _sdxl_pipeline(dtype: torch.dtype) -> Any:
@@ -450,7 +440,7 @@ def _bare_switch(old: list[tuple[torch.Tensor, ...]], new: list[tuple[torch.Tens
 # -------------------------------------------------------------------------------------- run
 
 
-SECTIONS: dict[str, Callable[[float], dict[str, Any]]] = {
+SECTIONS: dict[str, Callable[[float, dict[str, Any]], None]] = {
     "sharing": sharing, "eviction": eviction, "load": load, "fuse": fuse, "hot": hot}
 
 
@@ -475,11 +465,12 @@ def main(argv: list[str] | None = None) -> int:
         deadline = time.monotonic() + left / (len(names) - i)
         print(f"-- {name} ({left:.0f} s left)", flush=True)
         section_started = time.monotonic()
+        results[name] = {}  # filled as the section measures: a failure keeps what it had
         try:
-            results[name] = SECTIONS[name](deadline)
+            SECTIONS[name](deadline, results[name])
         except Exception:
             failed = True
-            results[name] = {"error": traceback.format_exc()}
+            results[name]["error"] = traceback.format_exc()
         results[name]["seconds"] = time.monotonic() - section_started
         print(json.dumps(results[name], indent=1, default=str)[:4000], flush=True)
         args.out.write_text(json.dumps(results, indent=1, default=str) + "\n")

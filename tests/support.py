@@ -81,7 +81,11 @@ class Daemon:
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT,
                                      env={**os.environ, **(env or {})})
-        self.wait_ready()
+        try:
+            self.wait_ready()
+        except BaseException:  # the caller never gets this object to clean up
+            self.cleanup()
+            raise
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout

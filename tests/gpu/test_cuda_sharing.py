@@ -76,7 +76,7 @@ def test_four_processes_share_one_device_copy(gpu_daemon, lora_dir):
         assert all(lease["digests"] == expected for lease in leases)
         assert len({lease["entry"] for lease in leases}) == 1
         stats = device_stats(gpu_daemon)
-        assert stats["loads"] == 1 and stats["leases"] == 4
+        assert stats["loads"] == 2 and stats["leases"] == 4  # the warm-up file, then this
         assert stats["used"] == leases[0]["nbytes"] == stats["allocated_bytes"]
         # Zero-copy: the workers' own allocators hold nothing; the memory is the daemon's.
         assert [w.call("cuda_allocated") for w in workers] == [0, 0, 0, 0]
@@ -179,7 +179,6 @@ def test_memory_still_mapped_after_eviction_is_counted_then_collected(gpu_daemon
     """Views a worker keeps past its release keep the memory; stats show it as waiting, and
     the daemon frees it by itself once the worker lets go."""
     path = sized_lora(lora_dir / "big.safetensors", 128 * MiB)
-    free_before = free_memory()
     worker = Worker(gpu_daemon.socket)
     try:
         lease = worker.call("acquire", path=str(path), device="cuda:0")
@@ -187,12 +186,14 @@ def test_memory_still_mapped_after_eviction_is_counted_then_collected(gpu_daemon
         worker.call("release", lease=lease["lease"])
         with gpu_daemon.client(session=False) as client:
             assert client.evict(path)["evicted"] == 1
-        waiting = device_stats(gpu_daemon)["waiting_bytes"]
-        assert waiting >= 128 * MiB and device_stats(gpu_daemon)["used"] == 0
+        stats = device_stats(gpu_daemon)
+        assert stats["waiting_bytes"] >= 128 * MiB and stats["used"] == 0
         worker.call("drop_views")
+        # (Device-wide free memory would also count the worker's own CUDA context.)
         wait_until(lambda: device_stats(gpu_daemon)["waiting_bytes"] == 0, timeout=10,
                    interval=0.2)
-        wait_until(lambda: free_memory() >= free_before - 32 * MiB, timeout=10, interval=0.2)
+        wait_until(lambda: device_stats(gpu_daemon)["reserved_bytes"] == 0, timeout=10,
+                   interval=0.2)
     finally:
         worker.close()
 
@@ -219,7 +220,6 @@ def test_concurrent_loads_exports_and_evictions(start_daemon, lora_dir):
     paths = [sized_lora(lora_dir / f"{i}.safetensors", 32 * MiB, seed=i) for i in range(6)]
     daemon = start_gpu_daemon(start_daemon, lora_dir, "--max-bytes", "110MiB",
                               "--cache-size", "1")
-    free_before = free_memory()
     errors: list[BaseException] = []
 
     def churn(seed: int) -> None:
@@ -241,7 +241,9 @@ def test_concurrent_loads_exports_and_evictions(start_daemon, lora_dir):
                                for e in errors)
     with daemon.client(session=False) as client:
         client.clear()
-    wait_until(lambda: free_memory() >= free_before - 32 * MiB, timeout=20, interval=0.2)
+    # The daemon's allocator gives every segment back. (Not device-wide free memory: the
+    # threads' kernels grew this process's own CUDA context.)
+    wait_until(lambda: device_stats(daemon)["reserved_bytes"] == 0, timeout=20, interval=0.2)
     assert device_stats(daemon)["evictions"] > 0
 
 
