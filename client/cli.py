@@ -38,6 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"loracache: {exc}", file=sys.stderr)
         return UNREACHABLE
+    if args.command == "doctor":  # diagnoses the connection itself
+        from pathlib import Path
+
+        from .doctor import run
+
+        return run(Path(socket))
     try:
         with LoraCacheClient(socket, heartbeat=False, session=False) as client:
             return COMMANDS[args.command](client, args)
@@ -85,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     evict.add_argument("--device", default="", help="only on this device")
     clear = commands.add_parser("clear", parents=[where], help="evict every unleased entry")
     clear.add_argument("--device", default="", help="only on this device")
+    commands.add_parser("doctor", parents=[where],
+                        help="from a worker's environment: check the socket, the daemon, torch, "
+                             "each GPU and a test lease on every device; print the fix for each "
+                             "failure (exit 1 if any)")
     commands.add_parser("ping", parents=[where],
                         help="exit 0 when the daemon answers, 1 when it answers with an "
                              "error, 2 when nobody answers")

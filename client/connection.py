@@ -41,6 +41,7 @@ from loracache.shared.protocol import (
     HelloResult,
     ListEntries,
     Preload,
+    Probe,
     Release,
     Request,
     Stats,
@@ -155,6 +156,21 @@ class LoraCacheClient:
         tensors = self._attach(instance, result, table)
         lease = Lease(result.lease, result.entry, tensors, self._release, instance=instance,
                       request=(path, device, layout))
+        with self._lock:
+            self._leases.add(lease)
+        return lease
+
+    def probe(self, device: str | torch.device = "cpu") -> Lease:
+        """Lease a small test buffer on ``device`` (no LoRA file needed): its one tensor,
+        ``probe``, holds :func:`loracache.shared.transport.probe_pattern` when this process maps
+        the daemon's memory correctly. What ``loracache doctor`` checks with."""
+        from .lease import Lease
+
+        result = AcquireResult.from_wire(self._request(Probe(device=device_name(device))))
+        instance = self._local.instance
+        tensors = self._attach(instance, result, result.tensors or [])
+        lease = Lease(result.lease, result.entry, tensors, self._release, instance=instance,
+                      request=("", result.entry.device, "raw"))
         with self._lock:
             self._leases.add(lease)
         return lease

@@ -30,6 +30,7 @@ class Entry:
     file: str = ""  # FileIdentity.token of the file it was loaded from
     leases: int = 0
     pinned: bool = False
+    cached: bool = True  # False: a probe, lent but never in the cache, freed once released
     last_used: float = dataclasses.field(default_factory=time.monotonic)
 
     @property

@@ -22,6 +22,7 @@ from typing import Any, Awaitable, Callable, Hashable
 
 from loracache.shared.errors import ErrorCode, LoraCacheError
 from loracache.shared.humanize import human_bytes
+from loracache.shared.ipc_compat import check_importer, torch_release
 from loracache.shared.protocol import (
     Acquire,
     AcquireResult,
@@ -33,13 +34,14 @@ from loracache.shared.protocol import (
     HelloResult,
     ListEntries,
     Preload,
+    Probe,
     Release,
     Request,
     RequestFrame,
     Stats,
+    TensorSpec,
 )
-from loracache.shared.transport import DeviceBuffer, Transport
-from loracache.shared.ipc_compat import check_importer, torch_release
+from loracache.shared.transport import PROBE_BYTES, DeviceBuffer, Transport, probe_pattern
 
 from .cache import DeviceCache, Entry
 from .config import DaemonConfig, PreloadSpec
@@ -50,7 +52,8 @@ from .sessions import Lease, Session, SessionTable
 log = logging.getLogger("loracache.daemon")
 
 # Ops that need a session; the others (stats, list, preload, ...) also serve tools like the CLI.
-SESSION_OPS = (Acquire, Release, Heartbeat, Bye)
+SESSION_OPS = (Acquire, Release, Heartbeat, Bye, Probe)
+PROBE_PATH = "<probe>"  # what lists and logs show for a probe's entry
 CPU_LOAD_THREADS = 4
 MAX_PID = 2**22  # the kernel's PID_MAX_LIMIT
 
@@ -81,7 +84,7 @@ class CacheService:
             Hello: self._hello, Acquire: self._acquire, Release: self._release,
             Heartbeat: self._heartbeat, Bye: self._bye, Stats: self._stats,
             ListEntries: self._list, Preload: self._preload, Evict: self._evict,
-            Clear: self._clear,
+            Clear: self._clear, Probe: self._probe,
         }
 
     # ------------------------------------------------------------------------------ dispatch
@@ -157,6 +160,27 @@ class CacheService:
         cache.lend(entry)
         return AcquireResult(lease=lease.id, entry=entry.info(), handle=handle,
                              tensors=None if req.known_entry == entry.id else entry.tensors)
+
+    async def _probe(self, req: Probe, session: Session) -> AcquireResult:
+        """Lend a fresh probe buffer: the same export path as an entry's, outside the cache."""
+        cache = self._cache(req.device)
+        if cache.device != "cpu":
+            check_importer(torch_release(), session.torch)
+        entry_id = f"probe-{next(self._entry_ids):x}"
+        buffer = await self._run(self._device_pools[cache.device], _probe_buffer,
+                                 self.transports[cache.device], entry_id)
+        entry = Entry(id=entry_id, key=(PROBE_PATH, entry_id), path=PROBE_PATH,
+                      device=cache.device, layout="raw", buffer=buffer, cached=False,
+                      tensors=[TensorSpec("probe", "U8", [PROBE_BYTES], 0)])
+        if self.sessions.sessions.get(session.token) is not session:  # expired meanwhile
+            self._device_pools[cache.device].submit(_free_all, self.transports[cache.device],
+                                                    [buffer])
+            raise LoraCacheError(ErrorCode.UNKNOWN_SESSION, "the session expired; send hello "
+                                 "again")
+        lease = self.sessions.add_lease(session, entry, entry.buffer.export())
+        cache.lend(entry)
+        return AcquireResult(lease=lease.id, entry=entry.info(), handle=lease.handle,
+                             tensors=entry.tensors)
 
     def _check_quota(self, cache: DeviceCache, entry: Entry, session: Session) -> None:
         """Refuse a lease beyond the session's quotas (so one client cannot hold the cache)."""
@@ -386,6 +410,9 @@ class CacheService:
             cache = self.caches[lease.entry.device]
             cache.give_back(lease.entry)
             caches[cache.device] = cache
+            if not lease.entry.cached and lease.entry.leases == 0:  # a probe: gone once back
+                self._device_pools[cache.device].submit(
+                    _free_all, self.transports[cache.device], [lease.entry.buffer])
         for cache in caches.values():
             self._trim(cache)
             self._room_changed(cache)
@@ -509,6 +536,12 @@ def _is_pin(request: Request) -> bool:
 def _is_admin_op(request: Request) -> bool:
     """Evicting and pinning change what every worker gets: an operator's decision."""
     return isinstance(request, (Evict, Clear)) or _is_pin(request)
+
+
+def _probe_buffer(transport: Transport, name: str) -> DeviceBuffer:
+    buffer = transport.allocate(PROBE_BYTES, name)
+    buffer.write_tensors([(0, probe_pattern())])
+    return buffer
 
 
 def _free_all(transport: Transport, buffers: list) -> None:

@@ -140,10 +140,19 @@ class Clear(Request):
     device: str = ""
 
 
+@dataclasses.dataclass(frozen=True)
+class Probe(Request):
+    """Lease a small test buffer on ``device`` that holds :func:`probe_pattern` (``loracache
+    doctor``): proves this client can map the daemon's memory there, with no LoRA file."""
+
+    op: ClassVar[str] = "probe"
+    device: str = "cpu"
+
+
 REQUEST_TYPES: dict[str, type[Request]] = {
     cls.op: cls
     for cls in (Hello, Acquire, Release, Heartbeat, Bye, Stats, ListEntries, Preload, Evict,
-                Clear)
+                Clear, Probe)
 }
 
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from loracache.client import (LoraCacheClient, LoraCacheError, delete_adapters,
                               load_and_fuse_lora, unfuse_lora)
 from loracache.shared.procmem import mapping_pss_bytes, pss_bytes
-from tests.support import digest
+from tests.support import become, digest
 from tests.tiny import tiny_sd_pipeline
 
 
@@ -30,24 +30,10 @@ class Remember(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def become(spec):
-    """Run on as user:group ``spec``. The interpreter may live where only root can read it
-    (/root/.pyenv here), so what the worker needs is imported first, as root; from here on the
-    daemon's socket, shared-memory files and counter files see another user."""
-    import loracache.client.fusing  # noqa: F401  (imported lazily by the client otherwise)
-    import loracache.client.lease  # noqa: F401
-    import loracache.shared.transport.cuda_ipc  # noqa: F401
-    import loracache.shared.transport.shm  # noqa: F401
-
-    if torch.cuda.is_available():
-        torch.cuda.init()  # loads the driver's libraries, wherever they are
-    uid, gid = (int(part) for part in spec.split(":"))
-    os.setgroups([])
-    os.setgid(gid)
-    os.setuid(uid)
-
-
 if os.environ.get("LORACACHE_TEST_BECOME"):
+    import loracache.client.fusing  # noqa: F401  (the client imports these lazily)
+    import loracache.client.lease  # noqa: F401
+
     become(os.environ["LORACACHE_TEST_BECOME"])
 warnings = Remember()
 logging.getLogger("loracache").addHandler(warnings)

@@ -139,6 +139,21 @@ class Daemon:
         self.home.rmdir()
 
 
+def become(spec: str) -> None:
+    """Go on as ``user:group`` (ids). The interpreter may live where only root can read it
+    (/root/.pyenv here), so callers import what they need first, as root; from here on the
+    daemon's socket, shared-memory files and counter files see another user."""
+    import loracache.shared.transport.cuda_ipc  # noqa: F401  (imported lazily otherwise)
+    import loracache.shared.transport.shm  # noqa: F401
+
+    if torch.cuda.is_available():
+        torch.cuda.init()  # loads the driver's libraries, wherever they are
+    uid, gid = (int(part) for part in spec.split(":"))
+    os.setgroups([])
+    os.setgid(gid)
+    os.setuid(uid)
+
+
 class Worker:
     """A separate Python process driving a LoraCacheClient, one JSON command per line."""
 

@@ -5,6 +5,8 @@ buffers and exports a handle per lease; the client side (:func:`open_handle`) ma
 a uint8 tensor without copying. Nothing outside this package branches on the device kind.
 """
 
-from .base import DeviceBuffer, Segment, Transport, discard_handle, open_handle
+from .base import (PROBE_BYTES, DeviceBuffer, Segment, Transport, discard_handle, open_handle,
+                   probe_pattern)
 
-__all__ = ["DeviceBuffer", "Segment", "Transport", "discard_handle", "open_handle"]
+__all__ = ["PROBE_BYTES", "DeviceBuffer", "Segment", "Transport", "discard_handle", "open_handle",
+           "probe_pattern"]

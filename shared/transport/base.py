@@ -101,6 +101,14 @@ def discard_handle(handle: dict[str, Any]) -> None:
         open_cuda_handle(handle)
 
 
+PROBE_BYTES = 4096
+
+
+def probe_pattern() -> torch.Tensor:
+    """The bytes of a probe buffer (the test lease of ``loracache doctor``): 0 to 250, again."""
+    return torch.arange(PROBE_BYTES).remainder(251).to(torch.uint8)
+
+
 def tensor_bytes(tensor: torch.Tensor) -> torch.Tensor:
     """A tensor's bytes as a flat uint8 CPU tensor (a view when it is contiguous already)."""
     return tensor.detach().contiguous().reshape(-1).view(torch.uint8)

@@ -27,6 +27,7 @@ from loracache.shared.protocol import (
     HelloResult,
     ListEntries,
     Preload,
+    Probe,
     Release,
     RequestFrame,
     Stats,
@@ -133,7 +134,7 @@ def test_error_reply_bytes_are_pinned() -> None:
 
 def test_op_names_on_the_wire_are_pinned() -> None:
     assert set(REQUEST_TYPES) == {"hello", "acquire", "release", "heartbeat", "bye", "stats",
-                                  "list", "preload", "evict", "clear"}
+                                  "list", "preload", "evict", "clear", "probe"}
     assert all(cls.op == op for op, cls in REQUEST_TYPES.items())
 
 
@@ -161,6 +162,7 @@ SAMPLES = {
     "preload": Preload(path="p.safetensors", device="cuda:GPU-1", layout="diffusers", pin=True),
     "evict": Evict(path="p.safetensors", device="cpu"),
     "clear": Clear(device="cuda:GPU-1"),
+    "probe": Probe(device="cuda:GPU-1"),
 }
 
 

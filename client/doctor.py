@@ -1,0 +1,154 @@
+"""``loracache doctor``: run in a worker's environment (its user, container, GPUs), it checks
+what sharing needs there and prints the fix for each failure. Exit 0 when all hold, else 1.
+
+The checks, in order (a failed one stops those that need it):
+
+1. the daemon's socket exists and this user may open it;
+2. the daemon answers (and which torch it runs);
+3. this process's torch can open the daemon's CUDA IPC handles (when it serves GPUs);
+4. per device the daemon serves: a GPU is visible here by its UUID, and a real test lease
+   (``probe``) maps, holds the bytes the daemon wrote, and goes back. Mapping needs the
+   daemon's shared-memory files (CPU entries; CUDA reference counters) to be visible and
+   writable here: the same /dev/shm (IPC namespace) and membership of the daemon's group.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import grp
+import os
+import pwd
+import time
+from pathlib import Path
+
+from loracache.shared.errors import ErrorCode, LoraCacheError
+from loracache.shared.ipc_compat import check_importer, torch_release
+
+from .connection import LoraCacheClient
+
+CONNECT_TIMEOUT = 5.0
+
+
+@dataclasses.dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+
+    def print(self) -> None:
+        print(f"{'ok  ' if self.ok else 'FAIL'}  {self.name}: {self.detail}")
+        if not self.ok and self.fix:
+            print(f"      fix: {self.fix}")
+
+
+def run(socket_path: Path) -> int:
+    checks: list[Check] = []
+    for check in _checks(socket_path):
+        check.print()
+        checks.append(check)
+    failed = [c for c in checks if not c.ok]
+    print(f"{len(checks) - len(failed)} of {len(checks)} checks passed"
+          + ("" if not failed else "; sharing will not work from here until the fixes above "
+             "are made (workers fall back to loading LoRAs themselves)"))
+    return 1 if failed else 0
+
+
+def _checks(socket_path: Path):
+    yield (socket_check := _socket(socket_path))
+    if not socket_check.ok:
+        return
+    try:
+        client = LoraCacheClient(socket_path, connect_timeout=CONNECT_TIMEOUT, heartbeat=False)
+    except LoraCacheError as exc:
+        yield Check("daemon", False, exc.message,
+                    "start it (`systemctl start loracache`, or `loracache serve`) and check its "
+                    "log (`journalctl -u loracache`)")
+        return
+    with client:
+        yield Check("daemon", True, f"instance {client.instance} serves "
+                    f"{', '.join(client.devices)} (torch {client.daemon_torch or 'unknown'})")
+        gpus = [d for d in client.devices if d != "cpu"]
+        if gpus:
+            yield _torch_check(client.daemon_torch)
+        for device in client.devices:
+            if device != "cpu":
+                yield (visible := _gpu_visible(device))
+                if not visible.ok:
+                    continue
+            yield _probe(client, device)
+
+
+def _socket(path: Path) -> Check:
+    name = "socket"
+    if not path.exists():
+        return Check(name, False, f"{path} does not exist",
+                     "start the daemon, or point LORACACHE_SOCKET (or --socket) at its socket; "
+                     "in a container, mount the daemon's socket directory (/run/loracache)")
+    if not os.access(path, os.R_OK | os.W_OK):
+        owner = _group_name(path.stat().st_gid)
+        return Check(name, False, f"{path} is not open to user {_user_name()} (it belongs to "
+                     f"group {owner})",
+                     f"add the user to group {owner} (`usermod -aG {owner} {_user_name()}`, "
+                     "then log in again), or run the worker in that group")
+    return Check(name, True, str(path))
+
+
+def _torch_check(daemon_torch: str) -> Check:
+    name = "torch"
+    try:
+        check_importer(daemon_torch, torch_release())
+    except LoraCacheError as exc:
+        return Check(name, False, exc.message.split("; supported")[0],
+                     "install a torch here whose IPC handles match the daemon's (see the "
+                     "README's supported releases)")
+    return Check(name, True, f"{torch_release() or 'unknown'} here opens the handles of the "
+                 f"daemon's {daemon_torch or 'unknown'}")
+
+
+def _gpu_visible(device: str) -> Check:
+    from loracache.shared.transport.cuda_ipc import local_index
+
+    uuid = device.removeprefix("cuda:")
+    try:
+        index = local_index(uuid)
+    except LoraCacheError:
+        return Check(f"{device}", False, "this process does not see that GPU",
+                     "make it visible to the worker: CUDA_VISIBLE_DEVICES (by index or UUID), "
+                     "or the container's GPUs (--gpus, NVIDIA_VISIBLE_DEVICES)")
+    return Check(f"{device}", True, f"visible here as cuda:{index}")
+
+
+def _probe(client: LoraCacheClient, device: str) -> Check:
+    from loracache.shared.transport import probe_pattern
+
+    name = f"{device} test lease"
+    started = time.monotonic()
+    try:
+        lease = client.probe(device)
+    except LoraCacheError as exc:
+        fix = "" if exc.code is ErrorCode.MAPPING_FAILED else "see the daemon's log"
+        return Check(name, False, exc.message, fix)
+    try:
+        exact = bool((lease.tensors["probe"].cpu() == probe_pattern()).all())
+    finally:
+        lease.release()
+    if not exact:
+        return Check(name, False, "mapped, but the bytes differ from what the daemon wrote",
+                     "report this with `loracache stats --json` and the daemon's log")
+    return Check(name, True, f"mapped, read and released in "
+                 f"{(time.monotonic() - started) * 1000:.1f} ms")
+
+
+def _user_name() -> str:
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return str(os.getuid())
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)

@@ -1,0 +1,84 @@
+"""``loracache doctor`` run as a worker would run it: a real process, against a real daemon,
+from environments where sharing works and where it does not."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+from tests.support import REPO
+
+NOBODY = 65534
+# The doctor as another user: what it imports is imported first, as root (see become()).
+AS_USER = """
+import sys
+import loracache.client.cli, loracache.client.doctor, loracache.client.lease
+from tests.support import become
+become(sys.argv[1])
+sys.exit(loracache.client.cli.main(sys.argv[2:]))
+"""
+
+
+def doctor(socket, *, user: str | None = None, private_shm: bool = False):
+    if user is not None:
+        command = [sys.executable, "-c", AS_USER, user, "doctor", "--socket", str(socket)]
+    else:
+        command = [sys.executable, "-m", "loracache.client.cli", "doctor", "--socket",
+                   str(socket)]
+    if private_shm:  # a container given the socket but not the host's /dev/shm
+        command = ["unshare", "--mount", "sh", "-c",
+                   'mount -t tmpfs tmpfs /dev/shm && exec "$0" "$@"', *command]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "HOME": "/tmp"})
+    return done.returncode, done.stdout
+
+
+def lines(output: str, prefix: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith(prefix)]
+
+
+def test_all_checks_pass_where_sharing_works(daemon):
+    code, output = doctor(daemon.socket)
+    assert code == 0, output
+    assert [line.split(":")[0] for line in lines(output, "ok")] == [
+        "ok    socket", "ok    daemon", "ok    cpu test lease"]
+    assert "3 of 3 checks passed" in output
+    assert daemon.stats()["leases"] == 0  # the test lease went back
+    assert daemon.cpu_stats()["entries"] == 0  # and it never was a cache entry
+
+
+def test_no_socket_says_how_to_point_at_one(tmp_path):
+    code, output = doctor(tmp_path / "nowhere.sock")
+    assert code == 1
+    assert lines(output, "FAIL")[0].startswith("FAIL  socket:")
+    assert "LORACACHE_SOCKET" in output and "0 of 1 checks passed" in output
+
+
+def test_a_daemon_that_died_is_reported(daemon):
+    daemon.stop(signal.SIGKILL)  # its socket file stays behind
+    code, output = doctor(daemon.socket)
+    assert code == 1
+    assert lines(output, "FAIL")[0].startswith("FAIL  daemon:")
+    assert "systemctl start loracache" in output
+
+
+def test_a_user_outside_the_group_is_told_to_join_it(daemon):
+    code, output = doctor(daemon.socket, user=f"{NOBODY}:{NOBODY}")
+    assert code == 1
+    assert lines(output, "FAIL")[0].startswith("FAIL  socket:")
+    assert "usermod -aG" in output
+
+
+def test_a_user_in_the_group_passes(daemon):
+    code, output = doctor(daemon.socket, user=f"{NOBODY}:{os.getgid()}")
+    assert code == 0, output
+
+
+def test_a_worker_without_the_daemons_dev_shm_cannot_map(daemon):
+    code, output = doctor(daemon.socket, private_shm=True)
+    assert code == 1
+    assert [line.split(":")[0] for line in lines(output, "FAIL")] == ["FAIL  cpu test lease"]
+    assert "shared-memory file" in output
+    assert daemon.stats()["leases"] == 0  # the lease it could not map went back
