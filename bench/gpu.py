@@ -39,8 +39,8 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file
 
-import loracache.client.lease  # noqa: F401  (imported now: a worker that becomes another
-import loracache.shared.transport.cuda_ipc  # noqa: F401  user may not read these files later)
+import loracache.client.lease  # noqa: F401  (imported now: a worker that becomes another user
+from loracache.shared.transport.cuda_ipc import device_uuid  # (imported now, as above)
 from loracache.client import (LoraCacheClient, delete_adapters, load_and_fuse_lora,
                               set_and_fuse_adapters)
 
@@ -70,8 +70,8 @@ def device_used() -> int:
     try:
         import pynvml
 
-        pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+        pynvml.nvmlInit()  # NVML numbers devices its own way: find ours by UUID
+        handle = pynvml.nvmlDeviceGetHandleByUUID(device_uuid(0).encode())
         return int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
     except Exception:  # no NVML here: the driver's own figure through CUDA
         free, total = torch.cuda.mem_get_info(0)

@@ -19,10 +19,13 @@ fi
 echo "== tests/gpu"
 timeout "${TEST_SECONDS:-210}" make test-gpu WHEELS="$wheels" 2>&1 | tee "$out/test-gpu.log" |
     grep -vE "^\s*$" | tail -60
+tests=${PIPESTATUS[0]}
 echo "== bench.gpu"
 budget=${BENCH_SECONDS:-300}
 timeout "$budget" .venv/bin/python -m bench.gpu --budget $((budget - 40)) \
     --sections "${SECTIONS:-sharing,eviction,load,fuse,hot}" --out "$out/gpu.json" 2>&1 |
     tee "$out/bench.log" | tail -150
+bench=${PIPESTATUS[0]}
 cp "$out/gpu.json" bench/results/gpu.json 2>/dev/null
-exit 0
+echo "== tests/gpu exit $tests, bench.gpu exit $bench"
+[ "$tests" -eq 0 ] && [ "$bench" -eq 0 ]

@@ -105,6 +105,7 @@ class LoraCacheClient:
         self._tables: OrderedDict[tuple[str, str], list[TensorSpec]] = OrderedDict()
         self._hints: dict[tuple[str, str, str], str] = {}  # (path, device, layout) -> entry id
         self.instance = self.session = self.daemon_torch = ""  # set by hello
+        self.unmappable: set[str] = set()  # devices whose memory this process failed to map
         self._wants_session = session
         self._closed = threading.Event()
         self._recovering = threading.Lock()
@@ -424,8 +425,14 @@ class LoraCacheClient:
 
         try:
             return MAPPINGS.attach(instance, result, table)
-        except BaseException:
+        except LoraCacheError as exc:  # refused before anything was mapped
+            if exc.code is ErrorCode.MAPPING_FAILED:
+                with self._lock:
+                    self.unmappable.add(result.entry.device)
             self._give_back(result.lease, opened=False)
+            raise
+        except BaseException:  # whether torch mapped it is unknown: never release a slot twice
+            self._give_back(result.lease)
             raise
 
     def _give_back(self, lease_id: str, opened: bool = True) -> None:

@@ -265,11 +265,15 @@ def _canonical_source(pipeline: Any, family: Family, source: Any, client: LoraCa
     device = device_of(pipeline, family)
     try:
         lender = client or _shared_client()
-        # Lease on the pipeline's device when the daemon serves it; else on the CPU, and the
-        # fuser moves each layer's factors over while it works.
+        # Lease on the pipeline's device when the daemon serves it (and this process could map
+        # its memory there); else on the CPU, and the fuser moves each layer's factors over.
         wanted = device_name(device) if device.type in ("cpu", "cuda") else "cpu"
-        lease = lender.acquire(path, device=wanted if wanted in lender.devices else "cpu",
-                               layout=family.name)
+        if wanted not in lender.devices or wanted in lender.unmappable:
+            wanted = "cpu"
+        if wanted in lender.unmappable:  # nothing of the daemon's maps here: load it here
+            raise LoraCacheError(ErrorCode.MAPPING_FAILED, "this process could not map the "
+                                 f"daemon's memory on {', '.join(sorted(lender.unmappable))}")
+        lease = lender.acquire(path, device=wanted, layout=family.name)
         return lease.tensors, lease, lender
     except LoraCacheError as exc:
         if exc.code not in FALLBACK_CODES or fallback == "error":

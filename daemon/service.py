@@ -20,6 +20,7 @@ import secrets
 import time
 from typing import Any, Awaitable, Callable, Hashable
 
+from loracache.shared.device_names import same_device
 from loracache.shared.errors import ErrorCode, LoraCacheError
 from loracache.shared.humanize import human_bytes
 from loracache.shared.ipc_compat import check_importer, torch_release
@@ -162,21 +163,34 @@ class CacheService:
                              tensors=None if req.known_entry == entry.id else entry.tensors)
 
     async def _probe(self, req: Probe, session: Session) -> AcquireResult:
-        """Lend a fresh probe buffer: the same export path as an entry's, outside the cache."""
+        """Lend a fresh probe buffer: the same export path as an entry's, outside the cache.
+        One per session at a time; it takes room in the budget as a load does (``reserved``)
+        until it is released."""
         cache = self._cache(req.device)
         if cache.device != "cpu":
             check_importer(torch_release(), session.torch)
+        if any(not lease.entry.cached for lease in session.leases.values()):
+            raise LoraCacheError(ErrorCode.NOT_ALLOWED, "this session holds a probe already; "
+                                 "release it first")
+        self._check_lease_count(session)
+        transport = self.transports[cache.device]
+        need = transport.footprint(PROBE_BYTES)
+        await self._reserve(cache, need)
         entry_id = f"probe-{next(self._entry_ids):x}"
-        buffer = await self._run(self._device_pools[cache.device], _probe_buffer,
-                                 self.transports[cache.device], entry_id)
+        try:
+            buffer = await self._run(self._device_pools[cache.device], _probe_buffer,
+                                     transport, entry_id)
+            if self.sessions.sessions.get(session.token) is not session:
+                self._device_pools[cache.device].submit(_free_all, transport, [buffer])
+                raise LoraCacheError(ErrorCode.UNKNOWN_SESSION, "the session expired while "
+                                     "the probe was made; send hello again")
+        except BaseException:
+            cache.reserved -= need
+            self._room_changed(cache)
+            raise
         entry = Entry(id=entry_id, key=(PROBE_PATH, entry_id), path=PROBE_PATH,
                       device=cache.device, layout="raw", buffer=buffer, cached=False,
                       tensors=[TensorSpec("probe", "U8", [PROBE_BYTES], 0)])
-        if self.sessions.sessions.get(session.token) is not session:  # expired meanwhile
-            self._device_pools[cache.device].submit(_free_all, self.transports[cache.device],
-                                                    [buffer])
-            raise LoraCacheError(ErrorCode.UNKNOWN_SESSION, "the session expired; send hello "
-                                 "again")
         lease = self.sessions.add_lease(session, entry, entry.buffer.export())
         cache.lend(entry)
         return AcquireResult(lease=lease.id, entry=entry.info(), handle=lease.handle,
@@ -184,12 +198,7 @@ class CacheService:
 
     def _check_quota(self, cache: DeviceCache, entry: Entry, session: Session) -> None:
         """Refuse a lease beyond the session's quotas (so one client cannot hold the cache)."""
-        limit = self.config.session_max_leases
-        if len(session.leases) >= limit:
-            raise LoraCacheError(ErrorCode.NOT_ALLOWED,
-                                 f"this session holds {len(session.leases)} leases, the most "
-                                 f"one session may hold (session_max_leases = {limit}); release "
-                                 "some first")
+        self._check_lease_count(session)
         if self.config.session_max_bytes is None or session.holds(entry):
             return
         max_bytes = self.config.session_max_bytes.resolve(self.total_memory[cache.device])
@@ -200,6 +209,14 @@ class CacheService:
                                  f"leasing {entry.path} ({entry.nbytes} bytes) would make this "
                                  f"session hold {held + entry.nbytes} bytes on {cache.device}, "
                                  f"over session_max_bytes ({max_bytes}); release leases first")
+
+    def _check_lease_count(self, session: Session) -> None:
+        limit = self.config.session_max_leases
+        if len(session.leases) >= limit:
+            raise LoraCacheError(ErrorCode.NOT_ALLOWED,
+                                 f"this session holds {len(session.leases)} leases, the most "
+                                 f"one session may hold (session_max_leases = {limit}); release "
+                                 "some first")
 
     def _release(self, req: Release, session: Session) -> dict[str, Any]:
         lease = self.sessions.release(session, req.lease)
@@ -251,7 +268,11 @@ class CacheService:
             pending = self._collecting.get(device)
             if pending is not None and not pending.done():
                 continue
-            if self._allocator_stats(cache).get("waiting_bytes", 0) > 0:
+            held = self._allocator_stats(cache)
+            # Waiting memory, or segments freed already (torch frees a block whose consumers
+            # let go at its next IPC bookkeeping, an export on the event loop) but still cached.
+            if held and (held["waiting_bytes"] > 0
+                         or held["reserved_bytes"] > held["allocated_bytes"]):
                 self._collecting[device] = self._device_pools[device].submit(
                     self.transports[device].collect)
 
@@ -411,6 +432,7 @@ class CacheService:
             cache.give_back(lease.entry)
             caches[cache.device] = cache
             if not lease.entry.cached and lease.entry.leases == 0:  # a probe: gone once back
+                cache.reserved -= lease.entry.nbytes
                 self._device_pools[cache.device].submit(
                     _free_all, self.transports[cache.device], [lease.entry.buffer])
         for cache in caches.values():
@@ -507,6 +529,9 @@ class CacheService:
 
     def _cache(self, device: str) -> DeviceCache:
         cache = self.caches.get(device)
+        if cache is None:  # the same GPU named with the other prefix (GPU-/MIG-)?
+            cache = next((c for name, c in self.caches.items() if same_device(name, device)),
+                         None)
         if cache is None:
             raise LoraCacheError(ErrorCode.UNKNOWN_DEVICE,
                                  f"this daemon serves no device {device!r}; it serves "

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import re
+import sys
 
 from .errors import ErrorCode, LoraCacheError
 
@@ -20,9 +21,17 @@ SUPPORTED = "workers on torch 2.5 or newer with a daemon on any torch >= 2.3; on
             "or 2.4, both on 2.3 or 2.4"
 
 
-@functools.cache
 def torch_release() -> str:
-    """The installed torch's version string (``2.11.0+cu130``), read from its metadata."""
+    """This process's torch release (``2.11.0+cu130``): the imported one's, else what its
+    metadata says (the CLI does not import torch)."""
+    imported = sys.modules.get("torch")
+    if imported is not None:
+        return str(imported.__version__)
+    return _installed_torch()
+
+
+@functools.cache
+def _installed_torch() -> str:
     try:
         return importlib.metadata.version("torch")
     except importlib.metadata.PackageNotFoundError:

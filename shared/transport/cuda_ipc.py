@@ -34,6 +34,7 @@ from typing import Any, BinaryIO
 import torch
 from torch.multiprocessing.reductions import rebuild_cuda_tensor
 
+from ..device_names import bare_uuid
 from ..errors import ErrorCode, LoraCacheError
 from .base import DeviceBuffer, Segment, Transport, tensor_bytes
 
@@ -85,13 +86,13 @@ def _is_mig(bare_uuid: str) -> bool:
 
 @functools.cache
 def _local_indices() -> dict[str, int]:
-    return {device_uuid(i): i for i in range(torch.cuda.device_count())}
+    return {bare_uuid(device_uuid(i)): i for i in range(torch.cuda.device_count())}
 
 
 def local_index(uuid: str) -> int:
     """This process's ordinal for the device with ``uuid``."""
     try:
-        return _local_indices()[uuid]
+        return _local_indices()[bare_uuid(uuid)]
     except KeyError:
         raise LoraCacheError(ErrorCode.UNKNOWN_DEVICE,
                              f"device {uuid} is not visible in this process; check "
@@ -129,13 +130,19 @@ class CudaBuffer(DeviceBuffer):
         torch.cuda.synchronize(self.tensor.device)
 
     def export(self) -> dict[str, Any]:
-        alias = torch.from_dlpack(self.tensor)  # a storage of its own that holds the entry
-        with IPC_LOCK:
+        # On the event loop's thread, whose current device is 0: DLPack exports only from the
+        # current device.
+        with torch.cuda.device(self.tensor.device), IPC_LOCK:
+            alias = torch.from_dlpack(self.tensor)  # a storage of its own that holds the entry
             storage = alias.untyped_storage()
             (_, handle, size, offset, rc_handle, rc_offset, _event,
              _sync) = storage._share_cuda_()
             del storage, alias  # into torch's limbo until the consumer lets go
-            _open_to_group(rc_handle)
+            try:
+                _open_to_group(rc_handle)
+            except OSError:  # nobody will get this export: its slot must not pin the entry
+                torch.UntypedStorage._release_ipc_counter_cuda(rc_handle, rc_offset)
+                raise
         return {"kind": "cuda_ipc", "uuid": self.uuid, "nbytes": self.nbytes,
                 "handle": handle, "size": size, "offset": offset,
                 "rc_handle": rc_handle, "rc_offset": rc_offset,
@@ -237,7 +244,10 @@ class CudaIpcTransport(Transport):
 
 
 def open_cuda_handle(handle: dict[str, Any]) -> torch.Tensor:
-    index = local_index(handle["uuid"])
+    try:
+        index = local_index(handle["uuid"])
+    except LoraCacheError as exc:  # this process cannot map it: the caller may fall back
+        raise LoraCacheError(ErrorCode.MAPPING_FAILED, exc.message) from None
     counter = counter_path(handle["rc_handle"])
     if not os.access(counter, os.R_OK | os.W_OK):
         # torch would map the memory, then fail to release it without a word: refuse now.

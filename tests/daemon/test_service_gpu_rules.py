@@ -16,13 +16,38 @@ from loracache.daemon.service import CacheService
 from loracache.shared.errors import ErrorCode, LoraCacheError
 from loracache.shared.protocol import (Acquire, AcquireResult, Hello, Probe, Release,
                                        RequestFrame)
-from loracache.shared.transport.shm import ShmTransport
+from loracache.shared.transport.shm import ShmBuffer, ShmTransport
 
 GPU = "cuda:GPU-00000000-1111-2222-3333-444444444444"
 
 
 class LookalikeGpu(ShmTransport):
+    """Shared memory under a GPU's name, with a GPU's traits: entries hold whole 1 MiB
+    "segments", exports are undone by the daemon when the client says so, and the allocator's
+    holdings are what the test sets."""
+
     device = GPU
+    SEGMENT = 1 << 20
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        self.forgotten: list[dict] = []
+        self.held = {"allocated": 0, "reserved": 0}
+        self.collections = 0
+
+    def footprint(self, nbytes: int) -> int:
+        return -(-nbytes // self.SEGMENT) * self.SEGMENT
+
+    def allocate(self, nbytes: int, name: str) -> ShmBuffer:
+        buffer = super().allocate(self.footprint(nbytes), name)
+        buffer.forget_export = self.forgotten.append  # type: ignore[method-assign]
+        return buffer
+
+    def memory(self) -> dict[str, int]:
+        return dict(self.held)
+
+    def collect(self) -> None:
+        self.collections += 1
 
 
 @pytest.fixture
@@ -34,6 +59,10 @@ def service(tmp_path: Path):
     service = CacheService(config, [LookalikeGpu(tmp_path / "shm")])
     yield service
     service.close()
+
+
+def gpu(service: CacheService) -> LookalikeGpu:
+    return service.transports[GPU]  # type: ignore[return-value]
 
 
 def call(service: CacheService, request, session: str = ""):
@@ -66,9 +95,61 @@ def test_a_probe_is_lent_like_an_entry_but_never_cached(service):
     cache = service.caches[GPU]
     assert probe.entry.path == "<probe>" and probe.tensors[0].name == "probe"
     assert cache.leases == 1 and cache.entries == {} and cache.used == 0
+    gpu(service).held = {"allocated": LookalikeGpu.SEGMENT, "reserved": LookalikeGpu.SEGMENT}
+    assert service.stats()["devices"][0]["waiting_bytes"] == 0  # nor is it waiting memory
     path = Path(probe.handle["path"])
     assert path.read_bytes()[:3] == b"\x00\x01\x02"
     call(service, Release(lease=probe.lease), session)
     assert cache.leases == 0 and cache.leased_bytes == 0
     service._device_pools[GPU].submit(lambda: None).result()  # the free runs on that thread
     assert not path.exists()
+
+
+def test_the_budget_counts_what_an_entry_holds_on_the_device(service):
+    result = call(service, Acquire(path="a.safetensors", device=GPU), session_of(service, ""))
+    cache = service.caches[GPU]
+    assert result.entry.nbytes == cache.used == cache.leased_bytes == LookalikeGpu.SEGMENT
+    assert cache.reserved == 0
+
+
+def test_a_handle_the_client_could_not_open_is_undone_by_the_daemon(service):
+    session = session_of(service, "")
+    opened = call(service, Acquire(path="a.safetensors", device=GPU), session)
+    unopened = call(service, Acquire(path="a.safetensors", device=GPU), session)
+    call(service, Release(lease=opened.lease), session)
+    assert gpu(service).forgotten == []  # the client released that one itself
+    call(service, Release(lease=unopened.lease, opened=False), session)
+    assert gpu(service).forgotten == [unopened.handle]
+    assert service.caches[GPU].leases == 0
+
+
+def test_memory_the_cache_does_not_count_is_collected(service):
+    transport = gpu(service)
+    transport.held = {"allocated": 0, "reserved": 0}
+    service.collect_memory()
+    assert wait_for_collections(service) == 0  # nothing to give back: no work queued
+    transport.held = {"allocated": 3 << 20, "reserved": 3 << 20}  # evicted, still mapped
+    assert service.stats()["devices"][0]["waiting_bytes"] == 3 << 20
+    service.collect_memory()
+    assert wait_for_collections(service) == 1
+    transport.held = {"allocated": 0, "reserved": 2 << 20}  # let go, segments still cached
+    service.collect_memory()
+    assert wait_for_collections(service) == 2
+
+
+def wait_for_collections(service: CacheService) -> int:
+    service._device_pools[GPU].submit(lambda: None).result()  # what was queued has run
+    return gpu(service).collections
+
+
+def test_a_session_holds_one_probe_at_a_time_within_the_budget(service):
+    session = session_of(service, "")
+    probe = call(service, Probe(device=GPU), session)
+    cache = service.caches[GPU]
+    assert cache.reserved == LookalikeGpu.SEGMENT  # room taken like a load in flight
+    with pytest.raises(LoraCacheError) as refused:
+        call(service, Probe(device=GPU), session)
+    assert refused.value.code is ErrorCode.NOT_ALLOWED
+    call(service, Release(lease=probe.lease), session)
+    assert cache.reserved == 0
+    call(service, Release(lease=call(service, Probe(device=GPU), session).lease), session)

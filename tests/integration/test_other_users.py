@@ -74,6 +74,7 @@ def test_fusing_falls_back_to_a_local_load_with_one_warning(daemon, lora_dir, co
     warnings = [w for w in contained.call("warnings") if "without sharing" in w]
     assert len(warnings) == 1 and "shared-memory file" in warnings[0]
     assert daemon.stats()["leases"] == 0
+    assert daemon.cpu_stats()["loads"] == 1  # b was not loaded for a worker that cannot map
     contained.call("unfuse", name="p")  # fused from the worker's own copies, undone exactly
     distance = contained.call("max_diff", a="p", b="reference")
     assert distance["diff"] <= 1e-5 * max(1.0, distance["scale"])
