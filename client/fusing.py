@@ -227,6 +227,8 @@ def _refuse(state: PipelineLoras, wanted: dict[str, float]) -> None:
 def _adapter(pipeline: Any, family: Family, name: str, tensors: Mapping[str, torch.Tensor],
              lease: Lease | None, strict: bool) -> Adapter:
     layers, weights, unmatched = {}, {}, []
+    roots: dict[str, torch.nn.Module | None] = {}
+    alphas = _alphas(tensors)
     for key in tensors:
         if key.startswith(UNMATCHED):
             unmatched.append(key.removeprefix(UNMATCHED))
@@ -234,11 +236,11 @@ def _adapter(pipeline: Any, family: Family, name: str, tensors: Mapping[str, tor
             continue
         layer = key[:-len(DOWN)]
         component_name, _, path = layer.partition(".")
-        root = component(pipeline, component_name)
+        if component_name not in roots:
+            roots[component_name] = component(pipeline, component_name)
+        root = roots[component_name]
         module = fusable_module(root, path) if root is not None else None
-        alpha = tensors.get(layer + ALPHA)
-        factors = fuser.Factors(tensors[key], tensors[layer + UP],
-                                None if alpha is None else float(alpha))
+        factors = fuser.Factors(tensors[key], tensors[layer + UP], alphas.get(layer + ALPHA))
         if module is None or not factors.fits(module.weight):
             unmatched.append(layer)
             continue
@@ -251,6 +253,16 @@ def _adapter(pipeline: Any, family: Family, name: str, tensors: Mapping[str, tor
         log.warning(message)
     return Adapter(name=name, layers=layers, weights=weights, lease=lease,
                    generation=lease.generation if lease is not None else 0)
+
+
+def _alphas(tensors: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """Every ``.alpha`` as a number, read in one transfer: on a GPU each ``float()`` of a
+    device scalar waits for the device, and a LoRA has hundreds of them."""
+    keys = [key for key in tensors if key.endswith(ALPHA)]
+    if not keys:
+        return {}
+    values = torch.stack([tensors[key].reshape(()).float() for key in keys]).tolist()
+    return dict(zip(keys, values))
 
 
 def _canonical_source(pipeline: Any, family: Family, source: Any, client: LoraCacheClient | None,

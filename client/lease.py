@@ -83,6 +83,9 @@ class TensorViews(Mapping[str, torch.Tensor]):
             view = self._views[name] = self._make(self._specs[name])
         return view
 
+    def __contains__(self, name: object) -> bool:  # without making the view
+        return name in self._specs
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._specs)
 

@@ -35,14 +35,27 @@ def fusable_module(root: nn.Module, path: str) -> nn.Linear | nn.Conv2d | None:
     class; PEFT-wrapped layers are fused into their base layer.
     """
     for candidate in (path, path.removeprefix("text_model.")):
-        try:
-            module = root.get_submodule(candidate)
-        except AttributeError:
+        module = _submodule(root, candidate)
+        if module is None:
             continue
-        module = getattr(module, "base_layer", module)
+        base = module._modules.get("base_layer")  # PEFT's wrapper: fuse into its base layer
+        if base is not None:
+            module = base
         if isinstance(module, (nn.Linear, nn.Conv2d)):
             return module
     return None
+
+
+def _submodule(root: nn.Module, path: str) -> nn.Module | None:
+    """``root.get_submodule(path)`` or None, through the module dictionaries directly: a LoRA
+    names hundreds of layers, and attribute lookups through nn.Module and diffusers' models
+    cost more than the fuse of a small layer on a GPU."""
+    module: nn.Module | None = root
+    for name in path.split("."):
+        module = module._modules.get(name)
+        if module is None:
+            return None
+    return module
 
 
 def device_of(pipeline: object, family: Family) -> torch.device:
