@@ -21,7 +21,7 @@ from tests.support import REPO
 from tests.tiny import (image, save, sd15_shaped_pipeline, sd_lora_peft, tiny_sd_pipeline,
                         to_kohya)
 
-FIXTURES = REPO.parent / "shared" / "fixtures"
+FIXTURES = REPO / "tests" / "fixtures"  # see its README for provenance
 
 
 def unet_lora(pipe, rank: int, seed: int) -> dict[str, torch.Tensor]:

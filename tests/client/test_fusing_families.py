@@ -28,7 +28,7 @@ from tests.tiny_families import (flux_image, flux_lora_kohya, flux_lora_peft, ko
                                  sdxl_to_kohya, tiny_flux_pipeline, tiny_sd3_pipeline,
                                  tiny_sdxl_pipeline, to_sgm_names)
 
-FIXTURES = REPO.parent / "shared" / "fixtures"  # see its README
+FIXTURES = REPO / "tests" / "fixtures"  # see its README for provenance
 KEYSETS = FIXTURES / "keysets"
 
 
