@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv systemd-tools demo test test-gpu bench clean
+.PHONY: venv systemd-tools demo lint test test-gpu bench clean
 
 # WHEELS=DIR: an offline host (a GPU image) installs what it lacks from that directory of wheels
 # only: no index, no pip upgrade, no build isolation.
@@ -37,6 +37,13 @@ systemd-tools:
 	  if [ "$$(id -u)" -eq 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && \
 	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends systemd; }
+
+# mypy needs the import names (loracache.daemon, ...): a tree of links gives them.
+lint: venv
+	$(PY) -m ruff check .
+	@mkdir -p build/typecheck/loracache
+	@for part in daemon client shared; do ln -sfn ../../../$$part build/typecheck/loracache/$$part; done
+	MYPYPATH=build/typecheck $(PY) -m mypy -p loracache.daemon -p loracache.client -p loracache.shared
 
 test: venv systemd-tools
 	$(PY) -m pytest -q

@@ -5,7 +5,8 @@ The UNet has the real SD 1.5 shapes (860 M parameters) and random weights; it is
 meta device and filled from a small random pool, a few seconds instead of the default
 initialisation's minute. The LoRAs are random, in diffusers' PEFT keys and fp16 like real files,
 on every attention projection, feed-forward and proj_in/proj_out layer of the UNet (192 layers,
-267 M weights; the text encoder is left out). Per dtype (float32, bfloat16) and rank (16, 128), in the same run:
+267 M weights; the text encoder is left out). Per dtype (float32, bfloat16) and rank (16, 128),
+in the same run:
 
 - loracache fuse: ``load_and_fuse_lora`` of a LoRA already in the daemon's cache (converted to
   the SD layout), so a hit; undone by ``delete_adapters`` (timed apart, as unfuse);

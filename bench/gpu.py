@@ -185,7 +185,7 @@ def eviction(deadline: float, results: dict[str, Any]) -> None:
                 with daemon.client(session=False) as client:
                     settle(lambda: client.stats()["leases"] == 0)
                     evicted = client.evict(path)
-                    returned = settle(lambda: device_used() <= before + 16 * MiB)
+                    returned = settle(lambda b=before: device_used() <= b + 16 * MiB)
                     stats = cuda_stats(client)
                 results[case] = {"entry_bytes": path.stat().st_size, "evicted": evicted,
                                  "held_growth_bytes": held - before,

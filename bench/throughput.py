@@ -145,7 +145,7 @@ def _latency_by_entries(loras: Path, sizes: tuple[int, ...],
                 client.acquire(path).release()
             picks = iter([rng.choice(subset) for _ in range(iterations)])
             results[size] = latency_summary(
-                time_calls(lambda: client.acquire(next(picks)).release(), iterations))
+                time_calls(lambda p=picks: client.acquire(next(p)).release(), iterations))
     return results
 
 

@@ -85,9 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     preload.add_argument("--pin", action="store_true", help="keep it from eviction")
     evict = commands.add_parser("evict", parents=[where],
                                 help="evict the unleased entries of a file, or all of them")
-    target = evict.add_mutually_exclusive_group(required=True)
-    target.add_argument("path", nargs="?", help="file whose entries to evict")
-    target.add_argument("--all", action="store_true", help="every unleased entry")
+    what = evict.add_mutually_exclusive_group(required=True)
+    what.add_argument("path", nargs="?", help="file whose entries to evict")
+    what.add_argument("--all", action="store_true", help="every unleased entry")
     evict.add_argument("--device", default="", help="only on this device")
     clear = commands.add_parser("clear", parents=[where], help="evict every unleased entry")
     clear.add_argument("--device", default="", help="only on this device")

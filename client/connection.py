@@ -21,7 +21,7 @@ import socket
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -407,9 +407,10 @@ class LoraCacheClient:
             lease.orphan()
             self._give_back(result.lease, opened=False)
             return
+        table = result.tensors or []  # asked without a known entry: the table is there
         with self._lock:
-            self._tables[(self.instance, result.entry.id)] = result.tensors
-        tensors = self._attach(self.instance, result, result.tensors)
+            self._tables[(self.instance, result.entry.id)] = table
+        tensors = self._attach(self.instance, result, table)
         old = lease.renewed(result.lease, result.entry, tensors, self.instance)
         if old is None:  # released while this renewal was under way
             MAPPINGS.detach(self.instance, result.entry.id)
@@ -418,7 +419,7 @@ class LoraCacheClient:
             MAPPINGS.detach(*old)
 
     def _attach(self, instance: str, result: AcquireResult,
-                table: list[TensorSpec]) -> Mapping[str, torch.Tensor]:
+                table: Sequence[TensorSpec]) -> Mapping[str, torch.Tensor]:
         """Map the entry of ``result`` (once per process) and return its views. A handle this
         process cannot open goes back to the daemon, which undoes its export."""
         from .lease import MAPPINGS

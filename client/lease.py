@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -38,7 +38,7 @@ class MappingRegistry:
         self._mappings: dict[tuple[str, str], _Mapping] = {}
 
     def attach(self, instance: str, result: AcquireResult,
-               table: list[TensorSpec]) -> "TensorViews":
+               table: Sequence[TensorSpec]) -> "TensorViews":
         """Count one more lease on the entry of ``result`` and return its tensor views."""
         key = (instance, result.entry.id)
         with self._lock:
@@ -71,7 +71,7 @@ class TensorViews(Mapping[str, torch.Tensor]):
     touch each tensor once, so views are made when asked for and then kept.
     """
 
-    def __init__(self, buffer: torch.Tensor, specs: list[TensorSpec]) -> None:
+    def __init__(self, buffer: torch.Tensor, specs: Sequence[TensorSpec]) -> None:
         self._buffer = buffer
         self._specs = {spec.name: spec for spec in specs}
         self._typed: dict[torch.dtype, torch.Tensor] = {}

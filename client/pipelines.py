@@ -50,11 +50,12 @@ def _submodule(root: nn.Module, path: str) -> nn.Module | None:
     """``root.get_submodule(path)`` or None, through the module dictionaries directly: a LoRA
     names hundreds of layers, and attribute lookups through nn.Module and diffusers' models
     cost more than the fuse of a small layer on a GPU."""
-    module: nn.Module | None = root
+    module = root
     for name in path.split("."):
-        module = module._modules.get(name)
-        if module is None:
+        child = module._modules.get(name)
+        if child is None:
             return None
+        module = child
     return module
 
 

@@ -41,7 +41,10 @@ class SizeSpec:
     percent: float | None = None
 
     def resolve(self, total: int) -> int:
-        return self.nbytes if self.nbytes is not None else int(total * self.percent / 100)
+        if self.nbytes is not None:
+            return self.nbytes
+        assert self.percent is not None, "a size is bytes or a percentage"
+        return int(total * self.percent / 100)
 
     def __str__(self) -> str:
         return f"{self.percent:g}%" if self.percent is not None else str(self.nbytes)

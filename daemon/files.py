@@ -6,6 +6,7 @@ A file is identified by (path, device, inode, size, mtime_ns): rewriting it make
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 from pathlib import Path
@@ -71,7 +72,7 @@ def identify(requested: str, roots: tuple[Path, ...]) -> FileIdentity:
     return FileIdentity.of(path, st)
 
 
-def open_identified(identity: FileIdentity):
+def open_identified(identity: FileIdentity) -> io.FileIO:
     """Open the file for reading and check it is still the one that was identified.
 
     O_NONBLOCK keeps a FIFO swapped in after the stat from hanging the loader thread.
@@ -81,7 +82,7 @@ def open_identified(identity: FileIdentity):
     except OSError as exc:
         raise LoraCacheError(ErrorCode.NOT_FOUND,
                              f"cannot open {identity.path}: {exc.strerror}") from exc
-    f = os.fdopen(fd, "rb", buffering=0)
+    f = io.FileIO(fd, "rb")
     if FileIdentity.of(identity.path, os.fstat(fd)) != identity:
         f.close()
         raise LoraCacheError(ErrorCode.NOT_FOUND,

@@ -8,7 +8,8 @@ header, converts the tensors when the layout asks for it, and computes the packe
 from __future__ import annotations
 
 import dataclasses
-from typing import BinaryIO, Iterable
+import io
+from typing import Iterable
 
 import torch
 from safetensors import SafetensorError
@@ -30,7 +31,7 @@ class LoadPlan:
     """What to copy: file segments (raw layout) or converted tensors (a family layout)."""
 
     path: str
-    file: BinaryIO  # open until the buffer is filled; the caller closes it
+    file: io.FileIO  # open until the buffer is filled; the caller closes it
     layout: PackedLayout
     segments: list[Segment]
     tensors: list[tuple[int, torch.Tensor]]
@@ -61,8 +62,8 @@ def plan_load(identity: FileIdentity, layout: str) -> LoadPlan:
         check_finite(identity.path, tensors.items())
         converted = canonical_tensors(tensors, layout, header.metadata)
         packed = pack([_item(name, tensor) for name, tensor in converted.items()])
-        tensors = [(spec.offset, converted[spec.name]) for spec in packed.specs]
-        return LoadPlan(identity.path, f, packed, [], tensors)
+        placed = [(spec.offset, converted[spec.name]) for spec in packed.specs]
+        return LoadPlan(identity.path, f, packed, [], placed)
     except BaseException:
         f.close()
         raise

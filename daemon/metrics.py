@@ -64,10 +64,10 @@ class StatsCollector(Collector):
                     family.add_metric([device["device"]], device[key])
             yield family
         for key, (name, help_text) in DEVICE_COUNTERS.items():
-            family = CounterMetricFamily(name, help_text, labels=["device"])
+            counter = CounterMetricFamily(name, help_text, labels=["device"])
             for device in devices:
-                family.add_metric([device["device"]], device[key])
-            yield family
+                counter.add_metric([device["device"]], device[key])
+            yield counter
         histogram = HistogramMetricFamily("loracache_load_duration_seconds",
                                           "Time to load a file into the cache", labels=["device"])
         for device in devices:
@@ -108,7 +108,7 @@ class MetricsServer:
         registry.register(StatsCollector(snapshot))
         self._server, self._thread = start_http_server(port, host, registry)
         bound_host, bound_port = self._server.server_address[:2]
-        self.address = f"{bound_host}:{bound_port}"
+        self.address = f"{bound_host!s}:{bound_port}"
 
     def close(self) -> None:
         self._server.shutdown()

@@ -151,8 +151,9 @@ class DaemonServer:
                      self.service.instance, self.config.socket, os.getpid(),
                      self.config.file or "from flags and environment")
             for sock, admin in sockets.items():
-                loop.add_reader(sock.getsockopt(zmq.FD), self._drain, sock, admin)
-                cleanup.callback(loop.remove_reader, sock.getsockopt(zmq.FD))
+                descriptor = int(sock.getsockopt(zmq.FD))
+                loop.add_reader(descriptor, self._drain, sock, admin)
+                cleanup.callback(loop.remove_reader, descriptor)
                 self._drain(sock, admin)  # requests that arrived before the reader was added
             self._spawn(self._expire())
             self._spawn(self.service.preload(self.config.preload))
@@ -246,7 +247,7 @@ class DaemonServer:
 
     def _drain(self, sock: zmq.Socket, admin: bool) -> None:
         # ZeroMQ's descriptor is edge-triggered: read until the socket says nothing is left.
-        while not sock.closed and sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        while not sock.closed and int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
             frames = sock.recv_multipart(zmq.NOBLOCK)
             if len(frames) >= 2:
                 self._answer(sock, admin, frames[:-1], frames[-1])

@@ -81,7 +81,8 @@ class CacheService:
         self._collecting: dict[str, concurrent.futures.Future[None]] = {}
         self._room_freed = {device: asyncio.Event() for device in self.caches}
         self._entry_ids = itertools.count(1)
-        self._handlers: dict[type[Request], Callable[[Any, Session | None], Any]] = {
+        # Each takes its request and the session (None for ops that need none).
+        self._handlers: dict[type[Request], Callable[[Any, Any], Any]] = {
             Hello: self._hello, Acquire: self._acquire, Release: self._release,
             Heartbeat: self._heartbeat, Bye: self._bye, Stats: self._stats,
             ListEntries: self._list, Preload: self._preload, Evict: self._evict,

@@ -287,7 +287,7 @@ def decode_request(data: bytes) -> RequestFrame:
 
 
 def encode_reply(request_id: int, result: Any) -> bytes:
-    if dataclasses.is_dataclass(result):
+    if dataclasses.is_dataclass(result) and not isinstance(result, type):
         result = result.to_wire() if hasattr(result, "to_wire") else dataclasses.asdict(result)
     return msgpack.packb({"id": request_id, "ok": True, "result": result}, use_bin_type=True)
 
@@ -391,7 +391,7 @@ def _field_hints(cls: type) -> dict[str, Any]:
 def _is_required(cls: type, name: str) -> bool:
     field = next(f for f in dataclasses.fields(cls) if f.name == name)
     return (field.default is dataclasses.MISSING
-            and field.default_factory is dataclasses.MISSING)  # type: ignore[misc]
+            and field.default_factory is dataclasses.MISSING)
 
 
 def _matches(value: Any, hint: Any) -> bool:

@@ -70,7 +70,8 @@ def run(op, args):
         kept.clear()
         return {}
     if op == "touch":  # fault every page of every leased tensor in
-        return sum(float(t.float().sum()) for l in leases.values() for t in l.tensors.values())
+        return sum(float(t.float().sum()) for lease in leases.values()
+                   for t in lease.tensors.values())
     if op == "load_file":
         # The baseline: a worker loading the file itself. safetensors maps the file
         # copy-on-write, and loaders then copy it into their own parameters (diffusers/PEFT)

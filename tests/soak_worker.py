@@ -124,7 +124,7 @@ class RawWorker(Worker):
                 self.pause(IDLE_SECONDS)
             else:
                 name = self.rng.choices(self.files, self.popularity)[0]
-                lease = self.full_or(lambda: self.client.acquire(name))
+                lease = self.full_or(lambda n=name: self.client.acquire(n))
                 if lease is not None:
                     self.check(name, lease)
                     held.append((name, lease))
@@ -191,8 +191,8 @@ class FusingWorker(Worker):
     def load(self, names: list[str], restore: str) -> int:
         """Fuse ``names`` one after another; stops at the first CACHE_FULL. Returns how many."""
         for count, name in enumerate(names):
-            fused = self.full_or(lambda: load_and_fuse_lora(
-                self.pipe, str(self.lora_dir / name), f"a{count}", client=self.client,
+            fused = self.full_or(lambda n=name, c=count: load_and_fuse_lora(
+                self.pipe, str(self.lora_dir / n), f"a{c}", client=self.client,
                 restore=restore, fallback="error") or True)
             if fused is None:
                 return count

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Any, BinaryIO
+import io
+from typing import Any
 
 import torch
 
@@ -26,7 +27,7 @@ class DeviceBuffer(abc.ABC):
     nbytes: int
 
     @abc.abstractmethod
-    def fill(self, f: BinaryIO, segments: list[Segment]) -> None:
+    def fill(self, f: io.FileIO, segments: list[Segment]) -> None:
         """Copy the segments of the open file ``f`` into the buffer (runs in an executor)."""
 
     @abc.abstractmethod

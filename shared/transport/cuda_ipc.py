@@ -26,10 +26,11 @@ How an entry's memory is lent (see ../shared/notes/cuda-ipc.md for torch's side)
 from __future__ import annotations
 
 import functools
+import io
 import os
 import struct
 import threading
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 from torch.multiprocessing.reductions import rebuild_cuda_tensor
@@ -106,9 +107,9 @@ class CudaBuffer(DeviceBuffer):
         self.uuid = uuid
         self.nbytes = tensor.numel()
 
-    def fill(self, f: BinaryIO, segments: list[Segment]) -> None:
+    def fill(self, f: io.FileIO, segments: list[Segment]) -> None:
         staging = torch.empty(min(self.nbytes, STAGING_BYTES), dtype=torch.uint8, pin_memory=True)
-        host = memoryview(staging.numpy())
+        host = staging.numpy().data
         for segment in segments:
             done = 0
             while done < segment.nbytes:

@@ -8,11 +8,12 @@ still hold stay valid until they drop them, as with any unlinked file.
 from __future__ import annotations
 
 import errno
+import io
 import mmap
 import os
 import warnings
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 
@@ -28,7 +29,7 @@ class ShmBuffer(DeviceBuffer):
         self.path = path
         self.nbytes = nbytes
 
-    def fill(self, f: BinaryIO, segments: list[Segment]) -> None:
+    def fill(self, f: io.FileIO, segments: list[Segment]) -> None:
         # sendfile copies page cache to tmpfs inside the kernel: one copy, no user buffer.
         fd = os.open(self.path, os.O_WRONLY)
         try:
@@ -49,7 +50,7 @@ class ShmBuffer(DeviceBuffer):
         fd = os.open(self.path, os.O_WRONLY)
         try:
             for offset, tensor in items:
-                data = memoryview(tensor_bytes(tensor).numpy())
+                data = tensor_bytes(tensor).numpy().data
                 while data:
                     written = os.pwrite(fd, data, offset)
                     data, offset = data[written:], offset + written

@@ -298,7 +298,7 @@ def synthesise(keyset: str, default_dtype: torch.dtype = torch.bfloat16) -> dict
         n = numel(shape)
         offset = (index * 7919) % (POOL_SIZE - n)
         tensors[key] = pool(dtype)[offset:offset + n].view(shape)
-    for key, spec in specs.items():
+    for key in specs:
         if key.endswith(".alpha"):
             down = tensors[key.removesuffix(".alpha") + ".lora_down.weight"]
             tensors[key] = torch.tensor(fingerprint(down), dtype=down.dtype)

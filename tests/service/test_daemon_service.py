@@ -48,7 +48,8 @@ class NotifyListener:
             try:
                 data = self.sock.recv(4096).decode()
             except TimeoutError:
-                raise AssertionError(f"no {key}={value or '*'} from the daemon in {timeout} s")
+                raise AssertionError(
+                    f"no {key}={value or '*'} from the daemon in {timeout} s") from None
             self.messages.append(dict(line.split("=", 1) for line in data.splitlines()))
 
     def close(self) -> None:
@@ -280,4 +281,5 @@ def _wait_for_text(path: Path, text: str, timeout: float = 30.0) -> None:
     try:
         wait_until(lambda: text in path.read_text(), timeout)
     except AssertionError:
-        raise AssertionError(f"{text!r} not in {path} after {timeout} s:\n{path.read_text()}")
+        raise AssertionError(
+            f"{text!r} not in {path} after {timeout} s:\n{path.read_text()}") from None
