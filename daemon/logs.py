@@ -7,9 +7,15 @@ under the right priority, so ``journalctl -p warning -u loracache`` works.
 
 from __future__ import annotations
 
+import atexit
+import collections
 import logging
+import logging.handlers
 import os
+import queue
 import sys
+import time
+from typing import Callable, Hashable
 
 SYSLOG_PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4,
                    logging.INFO: 6, logging.DEBUG: 7}
@@ -35,16 +41,78 @@ def stderr_is_journal() -> bool:
     return f"{stat.st_dev}:{stat.st_ino}" == f"{device}:{inode}"
 
 
+QUEUE_LINES = 10_000  # log lines held while stderr is slow; beyond them lines are dropped
+
+
+class DroppingQueueHandler(logging.handlers.QueueHandler):
+    """Hands records to the writer thread and never waits: when the queue is full (stderr is
+    a pipe nobody reads) a record is dropped and counted, and a line saying how many were
+    dropped goes out once there is room again. Logging must not stop the event loop."""
+
+    def __init__(self, records: queue.Queue[logging.LogRecord]) -> None:
+        super().__init__(records)
+        self.records = records
+        self.dropped = 0
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        if self.dropped and not self.records.full():
+            notice = logging.makeLogRecord({
+                "name": "loracache.daemon", "levelno": logging.WARNING, "levelname": "WARNING",
+                "msg": f"{self.dropped} log line(s) dropped: stderr was not being read"})
+            self.dropped = 0
+            self.records.put_nowait(self.prepare(notice))
+        try:
+            self.records.put_nowait(record)
+        except queue.Full:
+            self.dropped += 1
+
+
 def configure_logging(level: str) -> None:
-    """Send the daemon's logs to stderr at ``level``, formatted for journald when under it."""
-    handler = logging.StreamHandler(sys.stderr)
+    """Send the daemon's logs to stderr at ``level``, formatted for journald when under it,
+    from a thread of their own (see :class:`DroppingQueueHandler`)."""
+    writer = logging.StreamHandler(sys.stderr)
     if stderr_is_journal():
-        handler.setFormatter(JournalFormatter("%(name)s: %(message)s"))
+        writer.setFormatter(JournalFormatter("%(name)s: %(message)s"))
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        writer.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    records: queue.Queue[logging.LogRecord] = queue.Queue(QUEUE_LINES)
+    listener = logging.handlers.QueueListener(records, writer)
+    listener.start()
+    atexit.register(listener.stop)  # what is queued is written before the process ends
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [DroppingQueueHandler(records)]
     set_level(level)
+
+
+class RateLimitedLog:
+    """At most ``burst`` lines per key (who, what) in each ``window`` seconds; past that, one
+    line per key and window says how many were left out. A client that sends thousands of bad
+    requests gets every error reply, and the log gets a few lines about it."""
+
+    KEYS = 1024  # keys remembered at once; the oldest are forgotten first
+
+    def __init__(self, logger: logging.Logger, burst: int = 5, window: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.logger, self.burst, self.window, self.clock = logger, burst, window, clock
+        self._keys: collections.OrderedDict[Hashable, list[float]] = collections.OrderedDict()
+
+    def info(self, key: Hashable, message: str, *args: object) -> None:
+        now = self.clock()
+        state = self._keys.get(key)
+        if state is None or now - state[0] >= self.window:
+            if state is not None and state[2]:
+                self.logger.info("%d more like this from %s in %.0f s were not logged: "
+                                 + message, state[2], key, now - state[0], *args)
+            state = [now, 0, 0]  # window start, lines logged, lines left out
+            self._keys[key] = state
+            self._keys.move_to_end(key)
+            while len(self._keys) > self.KEYS:
+                self._keys.popitem(last=False)
+        if state[1] < self.burst:
+            state[1] += 1
+            self.logger.info(message, *args)
+        else:
+            state[2] += 1
 
 
 def set_level(level: str) -> None:

@@ -29,7 +29,7 @@ from loracache.shared.transport import Transport
 from loracache.shared.transport.shm import ShmTransport
 
 from .config import ConfigError, DaemonConfig, reloaded
-from .logs import set_level
+from .logs import RateLimitedLog, set_level
 from .notify import SystemdNotifier
 from .service import CacheService
 from .sessions import pid_alive
@@ -122,6 +122,7 @@ class DaemonServer:
         self.should_exit = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._reload_failed = False
+        self._error_log = RateLimitedLog(log)  # error replies, per client and code
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
@@ -259,7 +260,7 @@ class DaemonServer:
             request_id, op = frame.id, frame.request.op
             outcome = self.service.handle(frame, admin=admin)
         except Exception as exc:
-            self._send(sock, route, self._error_reply(request_id, op, exc))
+            self._send(sock, route, self._error_reply(route[0], request_id, op, exc))
             return
         if inspect.isawaitable(outcome):
             self._spawn(self._finish(sock, admin, route, request_id, op, outcome))
@@ -271,7 +272,7 @@ class DaemonServer:
         try:
             reply = encode_reply(request_id, await outcome)
         except Exception as exc:
-            reply = self._error_reply(request_id, op, exc)
+            reply = self._error_reply(route[0], request_id, op, exc)
         self._send(sock, route, reply)
         # Sending may have consumed the descriptor's edge for requests queued meanwhile.
         asyncio.get_running_loop().call_soon(self._drain, sock, admin)
@@ -281,7 +282,7 @@ class DaemonServer:
         # ROUTER never blocks: a reply to a client that is gone (or far behind) is dropped.
         sock.send_multipart([*route, reply], zmq.NOBLOCK)
 
-    def _error_reply(self, request_id: int, op: str, exc: Exception) -> bytes:
+    def _error_reply(self, peer: bytes, request_id: int, op: str, exc: Exception) -> bytes:
         if not isinstance(exc, LoraCacheError):
             log.error("%s %d failed with an internal error", op, request_id, exc_info=exc)
             exc = LoraCacheError(ErrorCode.INTERNAL,
@@ -289,7 +290,8 @@ class DaemonServer:
                                  "carries on, and its log has the details")
         else:
             request_id = getattr(exc, "request_id", request_id)
-            log.info("%s %d failed: %s", op, request_id, exc)
+            self._error_log.info((peer.hex(), exc.code.value), "%s %d failed: %s", op,
+                                 request_id, exc)
         self.service.record_error(exc.code)
         return encode_error(request_id, exc)
 

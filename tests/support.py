@@ -117,6 +117,14 @@ class Daemon:
     def read_log(self) -> str:
         return self.log_path.read_text()
 
+    def wait_for_log(self, text: str, count: int = 1, timeout: float = 10.0) -> None:
+        """Wait until ``text`` has been logged ``count`` times (a thread writes the log)."""
+        try:
+            wait_until(lambda: self.read_log().count(text) >= count, timeout=timeout)
+        except AssertionError:
+            raise AssertionError(f"{text!r} not logged {count} time(s) in {timeout} s:\n"
+                                 f"{self.read_log()[-3000:]}") from None
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)

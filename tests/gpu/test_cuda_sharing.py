@@ -139,7 +139,7 @@ def test_dead_sessions_ipc_counters_are_released(gpu_daemon, lora_dir):
     for worker in workers:
         worker.kill()
     evict_and_wait_for_memory(gpu_daemon, path, free_before)
-    assert "expired" in gpu_daemon.read_log()
+    gpu_daemon.wait_for_log("expired")
 
 
 def test_a_worker_of_another_user_releases_its_mapping(gpu_daemon, lora_dir):
@@ -285,4 +285,4 @@ def test_device_out_of_memory_evicts_and_retries_then_cache_full(start_daemon, l
         held.release()
         client.acquire(paths[3], device="cuda:0").release()  # serving on, room made again
         del blocker
-    assert "evicting" in gpu_daemon.read_log()
+    gpu_daemon.wait_for_log("evicting")

@@ -54,7 +54,7 @@ def test_storage_exhausted_evicts_and_retries_then_cache_full(small_tmpfs, start
         expected = load_file(lora_dir / "c.safetensors")  # c was never disturbed
         assert all(torch.equal(c.tensors[k], v) for k, v in expected.items())
         c.release()
-    assert "evicting" in daemon.read_log()
+    daemon.wait_for_log("evicting")
 
 
 def test_client_killed_in_the_middle_of_an_acquire(start_daemon, lora_dir):
@@ -88,7 +88,7 @@ def test_client_killed_while_holding_leases_of_several_files(start_daemon, lora_
         wait_until(lambda: daemon.cpu_stats()["leases"] == 1)
         assert torch.equal(kept.tensors["w"], torch.ones(1024))  # untouched
         kept.release()
-    assert "expired" in daemon.read_log()
+    daemon.wait_for_log("expired")
 
 
 def test_file_deleted_while_leased_keeps_the_lease_working(daemon, lora_dir):

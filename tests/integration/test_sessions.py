@@ -28,7 +28,7 @@ def test_killed_client_loses_its_leases_after_the_ttl(start_daemon, lora_dir):
         wait_until(lambda: daemon.stats()["leases"] == 0, timeout=10)
         client.acquire("b.safetensors").release()  # a was evictable, so b fits now
         assert [e["path"].endswith("b.safetensors") for e in client.list()] == [True]
-    assert "expired" in daemon.read_log()
+    daemon.wait_for_log("expired")
 
 
 def test_heartbeats_keep_an_idle_client_alive(start_daemon, lora_dir):

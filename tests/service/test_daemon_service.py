@@ -21,7 +21,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from loracache.shared.errors import LoraCacheError
-from tests.support import Daemon, wait_until, write_lora
+from tests.support import wait_until, write_lora
 
 MIB = 1 << 20
 
@@ -121,7 +121,7 @@ def test_sighup_with_a_smaller_budget_evicts_idle_entries(start_daemon, lora_dir
         assert [e["path"] for e in client.list()] == [str(lora_dir / "c.safetensors")]
         assert torch.equal(lease.tensors["w"], torch.ones(MIB // 4))
         lease.release()
-    assert "configuration reloaded" in daemon.read_log()
+    daemon.wait_for_log("configuration reloaded")
 
 
 def test_sighup_with_a_bad_file_keeps_the_old_configuration(start_daemon, lora_dir, tmp_path,
@@ -141,6 +141,7 @@ def test_sighup_with_a_bad_file_keeps_the_old_configuration(start_daemon, lora_d
         assert daemon.cpu_stats()["budget"] == 8 * MIB
         with daemon.client() as client:
             client.acquire("a.safetensors").release()  # the old lora_dirs still apply
+    daemon.wait_for_log("reload failed, keeping the previous configuration", count=3)
     assert daemon.read_log().count("reload failed, keeping the previous configuration") == 3
     write_config(config, lora_dir, max_bytes="2MiB")
     daemon.proc.send_signal(signal.SIGHUP)
@@ -161,7 +162,7 @@ def test_sighup_applies_new_roots_to_new_loads(start_daemon, lora_dir, tmp_path)
         client.acquire("a.safetensors").release()
         config.write_text(f'lora_dirs = ["{other}"]\nshm_dir = "{tmp_path}"\n')
         daemon.proc.send_signal(signal.SIGHUP)
-        _wait_for_log(daemon, "configuration reloaded")
+        daemon.wait_for_log("configuration reloaded", timeout=30)
         client.acquire("b.safetensors").release()
         with pytest.raises(LoraCacheError) as refused:
             client.acquire(str(lora_dir / "a.safetensors"))
@@ -182,7 +183,7 @@ def test_sighup_with_a_shorter_session_ttl_keeps_live_sessions(start_daemon, lor
     with daemon.client() as client, client.acquire("a.safetensors"):
         config.write_text(config.read_text().replace("session_ttl = 6", "session_ttl = 0.5"))
         daemon.proc.send_signal(signal.SIGHUP)
-        _wait_for_log(daemon, "configuration reloaded")
+        daemon.wait_for_log("configuration reloaded", timeout=30)
         time.sleep(2.5)  # five new TTLs, less than one old one
         assert daemon.cpu_stats()["leases"] == 1
         with daemon.client() as newcomer:
@@ -271,10 +272,6 @@ def _scrape(address: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float
         text = response.read().decode()
     return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
             for family in text_string_to_metric_families(text) for sample in family.samples}
-
-
-def _wait_for_log(daemon: Daemon, text: str, timeout: float = 30.0) -> None:
-    _wait_for_text(daemon.log_path, text, timeout)
 
 
 def _wait_for_text(path: Path, text: str, timeout: float = 30.0) -> None:
