@@ -145,8 +145,9 @@ class DaemonServer:
             if metrics is not None:
                 cleanup.callback(metrics.close)
             cleanup.callback(self.notifier.close)
-            for cache in self.service.caches.values():
-                log.info("device %s: budget %s (%d bytes), cache size %d", cache.device,
+            for device in self.service.devices.values():
+                cache = device.cache
+                log.info("device %s: budget %s (%d bytes), cache size %d", device.name,
                          human_bytes(cache.budget), cache.budget, cache.cache_size)
             log.info("loracache daemon %s serving on %s (pid %d, configuration %s)",
                      self.service.instance, self.config.socket, os.getpid(),

@@ -1,24 +1,23 @@
-"""The daemon's logic: one handler per request type, over the caches and the session table.
+"""The daemon's logic: one handler per request type, over the devices and the session table.
 
-It touches no sockets (the server feeds it decoded requests) and owns all cache state from the
-event loop, so it needs no locks. File reads and device copies run in executor threads: one
-pool for headers, and one per device for loads (a single thread per GPU, for CUDA calls).
+It touches no sockets (the server feeds it decoded requests) and owns all state from the event
+loop, so it needs no locks. Each device (:class:`~.device.Device`) keeps its cache, its loads
+and the thread its copies run on; the service keeps dispatch, the handlers, quotas, stats and
+session expiry over them.
 """
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import concurrent.futures
 import dataclasses
-import functools
 import inspect
 import itertools
 import logging
 import os
 import secrets
 import time
-from typing import Any, Awaitable, Callable, Hashable
+from typing import Any, Awaitable, Callable
 
 from loracache.shared.device_names import same_device
 from loracache.shared.errors import ErrorCode, LoraCacheError
@@ -40,22 +39,19 @@ from loracache.shared.protocol import (
     Request,
     RequestFrame,
     Stats,
-    TensorSpec,
 )
-from loracache.shared.transport import PROBE_BYTES, DeviceBuffer, Transport, probe_pattern
+from loracache.shared.transport import Transport
 
-from .cache import DeviceCache, Entry
+from .cache import Entry
 from .config import DaemonConfig, PreloadSpec
+from .device import Device
 from .files import FileIdentity, confine, identify
-from .loader import LoadPlan, fill_buffer, plan_load
 from .sessions import Lease, Session, SessionTable
 
 log = logging.getLogger("loracache.daemon")
 
 # Ops that need a session; the others (stats, list, preload, ...) also serve tools like the CLI.
 SESSION_OPS = (Acquire, Release, Heartbeat, Bye, Probe)
-PROBE_PATH = "<probe>"  # what lists and logs show for a probe's entry
-CPU_LOAD_THREADS = 4
 MAX_PID = 2**22  # the kernel's PID_MAX_LIMIT
 
 
@@ -64,23 +60,13 @@ class CacheService:
         self.config = config
         self.instance = secrets.token_hex(8)
         self.started = time.monotonic()
-        self.transports = {t.device: t for t in transports}
-        self.total_memory = {t.device: t.total_memory() for t in transports}
-        self.caches = {device: DeviceCache(device, config.budget(device, total),
-                                           config.cache_size_for(device))
-                       for device, total in self.total_memory.items()}
+        self._header_pool = concurrent.futures.ThreadPoolExecutor(4, "loracache-header")
+        entry_ids = itertools.count(1)  # daemon-wide: clients key their mappings by entry id
+        self.devices = {t.device: Device(t, config, self._header_pool, entry_ids)
+                        for t in transports}
         self.sessions = SessionTable(config.session_ttl)
         self.errors: collections.Counter[str] = collections.Counter()  # replies by error code
         self.metrics_address: str | None = None  # set by the server when it serves metrics
-        self._header_pool = concurrent.futures.ThreadPoolExecutor(4, "loracache-header")
-        self._device_pools = {
-            t.device: concurrent.futures.ThreadPoolExecutor(
-                CPU_LOAD_THREADS if t.device == "cpu" else 1, f"loracache-{t.device[:12]}")
-            for t in transports}
-        self._loading: dict[Hashable, asyncio.Future[None]] = {}
-        self._collecting: dict[str, concurrent.futures.Future[None]] = {}
-        self._room_freed = {device: asyncio.Event() for device in self.caches}
-        self._entry_ids = itertools.count(1)
         # Each takes its request and the session (None for ops that need none).
         self._handlers: dict[type[Request], Callable[[Any, Any], Any]] = {
             Hello: self._hello, Acquire: self._acquire, Release: self._release,
@@ -123,92 +109,71 @@ class CacheService:
             log.debug("session opened for pid %d (%s, torch %s)", req.pid,
                       req.client or "client", req.torch or "unknown")
         return HelloResult(instance=self.instance, session=token,
-                           session_ttl=self.config.session_ttl, devices=list(self.caches),
+                           session_ttl=self.config.session_ttl, devices=list(self.devices),
                            torch=torch_release())
 
     def _acquire(self, req: Acquire,
                  session: Session) -> AcquireResult | Awaitable[AcquireResult]:
-        cache = self._cache(req.device)
-        if cache.device != "cpu":
-            check_importer(torch_release(), session.torch)
+        device = self._lending_device(req.device, session)
         identity = identify(req.path, self.config.lora_dirs)
-        entry = self._cached(cache, identity, req.layout)
+        entry = device.cached(identity, req.layout)
         if entry is None:
-            return self._acquire_loading(cache, identity, req, session)
-        result = self._lend(cache, entry, req, session)
-        cache.hits += 1  # counted once lent: hits + misses = acquires that succeeded
+            return self._acquire_loading(device, identity, req, session)
+        result = self._lend(device, entry, req, session)
+        device.cache.hits += 1  # counted once lent: hits + misses = acquires that succeeded
         return result
 
-    async def _acquire_loading(self, cache: DeviceCache, identity: FileIdentity, req: Acquire,
+    async def _acquire_loading(self, device: Device, identity: FileIdentity, req: Acquire,
                                session: Session) -> AcquireResult:
-        entry, loaded = await self._entry(cache, identity, req.layout)
-        if self.sessions.sessions.get(session.token) is not session:
-            self._trim(cache)  # the session expired while the entry was loading
-            raise LoraCacheError(ErrorCode.UNKNOWN_SESSION,
-                                 "the session expired while the entry was loading; send hello "
-                                 "again and keep heartbeating (the client library does)")
-        result = self._lend(cache, entry, req, session)
+        entry, loaded = await device.entry(identity, req.layout, self.config.acquire_timeout)
+        if not self._still_open(session):
+            device.trim()  # the session expired while the entry was loading
+            raise _expired_meanwhile("the entry was loading")
+        result = self._lend(device, entry, req, session)
         if loaded:
-            cache.misses += 1
+            device.cache.misses += 1
         else:
-            cache.hits += 1
+            device.cache.hits += 1
         return result
 
-    def _lend(self, cache: DeviceCache, entry: Entry, req: Acquire,
+    def _lend(self, device: Device, entry: Entry, req: Acquire,
               session: Session) -> AcquireResult:
-        self._check_quota(cache, entry, session)
+        self._check_quota(device, entry, session)
         handle = entry.buffer.export()
         lease = self.sessions.add_lease(session, entry, handle)
-        cache.lend(entry)
+        device.cache.lend(entry)
         return AcquireResult(lease=lease.id, entry=entry.info(), handle=handle,
                              tensors=None if req.known_entry == entry.id else entry.tensors)
 
     async def _probe(self, req: Probe, session: Session) -> AcquireResult:
-        """Lend a fresh probe buffer: the same export path as an entry's, outside the cache.
-        One per session at a time; it takes room in the budget as a load does (``reserved``)
-        until it is released."""
-        cache = self._cache(req.device)
-        if cache.device != "cpu":
-            check_importer(torch_release(), session.torch)
+        """Lend a fresh probe buffer, one per session at a time: the same export path as an
+        entry's, outside the cache (``loracache doctor``)."""
+        device = self._lending_device(req.device, session)
         if any(not lease.entry.cached for lease in session.leases.values()):
             raise LoraCacheError(ErrorCode.NOT_ALLOWED, "this session holds a probe already; "
                                  "release it first")
         self._check_lease_count(session)
-        transport = self.transports[cache.device]
-        need = transport.footprint(PROBE_BYTES)
-        await self._reserve(cache, need)
-        entry_id = f"probe-{next(self._entry_ids):x}"
-        try:
-            buffer = await self._run(self._device_pools[cache.device], _probe_buffer,
-                                     transport, entry_id)
-            if self.sessions.sessions.get(session.token) is not session:
-                self._device_pools[cache.device].submit(_free_all, transport, [buffer])
-                raise LoraCacheError(ErrorCode.UNKNOWN_SESSION, "the session expired while "
-                                     "the probe was made; send hello again")
-        except BaseException:
-            cache.reserved -= need
-            self._room_changed(cache)
-            raise
-        entry = Entry(id=entry_id, key=(PROBE_PATH, entry_id), path=PROBE_PATH,
-                      device=cache.device, layout="raw", buffer=buffer, cached=False,
-                      tensors=[TensorSpec("probe", "U8", [PROBE_BYTES], 0)])
+        entry = await device.make_probe(self.config.acquire_timeout)
+        if not self._still_open(session):
+            device.discard_probe(entry)
+            raise _expired_meanwhile("the probe was made")
         lease = self.sessions.add_lease(session, entry, entry.buffer.export())
-        cache.lend(entry)
+        device.cache.lend(entry)
         return AcquireResult(lease=lease.id, entry=entry.info(), handle=lease.handle,
                              tensors=entry.tensors)
 
-    def _check_quota(self, cache: DeviceCache, entry: Entry, session: Session) -> None:
+    def _check_quota(self, device: Device, entry: Entry, session: Session) -> None:
         """Refuse a lease beyond the session's quotas (so one client cannot hold the cache)."""
         self._check_lease_count(session)
         if self.config.session_max_bytes is None or session.holds(entry):
             return
-        max_bytes = self.config.session_max_bytes.resolve(self.total_memory[cache.device])
-        held = session.leased_bytes[cache.device]
+        max_bytes = self.config.session_max_bytes.resolve(device.total_memory)
+        held = session.leased_bytes[device.name]
         if held + entry.nbytes > max_bytes:
-            self._trim(cache)  # a fresh load nobody holds must not stay beyond the cache size
+            device.trim()  # a fresh load nobody holds must not stay beyond the cache size
             raise LoraCacheError(ErrorCode.NOT_ALLOWED,
                                  f"leasing {entry.path} ({entry.nbytes} bytes) would make this "
-                                 f"session hold {held + entry.nbytes} bytes on {cache.device}, "
+                                 f"session hold {held + entry.nbytes} bytes on {device.name}, "
                                  f"over session_max_bytes ({max_bytes}); release leases first")
 
     def _check_lease_count(self, session: Session) -> None:
@@ -244,70 +209,43 @@ class CacheService:
         return {"instance": self.instance, "pid": os.getpid(),
                 "uptime_s": time.monotonic() - self.started,
                 "sessions": len(self.sessions.sessions),
-                "leases": sum(c.leases for c in self.caches.values()),
+                "leases": sum(d.cache.leases for d in self.devices.values()),
                 "errors": dict(self.errors),
                 "metrics": self.metrics_address,
-                "devices": [{**cache.stats(), "sessions": sessions_by_device[device],
-                             **self._allocator_stats(cache)}
-                            for device, cache in self.caches.items()]}
-
-    def _allocator_stats(self, cache: DeviceCache) -> dict[str, int]:
-        """What the device's allocator holds (GPUs): ``waiting_bytes`` is memory of evicted
-        entries that workers still map, which the budget no longer counts."""
-        memory = self.transports[cache.device].memory()
-        if not memory:
-            return {}
-        return {"allocated_bytes": memory["allocated"], "reserved_bytes": memory["reserved"],
-                "waiting_bytes": max(0, memory["allocated"] - cache.used - cache.reserved)}
-
-    def collect_memory(self) -> None:
-        """Free device memory that workers let go of since its entry was evicted. torch frees
-        such memory only when asked (or at the next eviction), so the daemon asks whenever
-        the allocator holds more than the cache counts (on the device's thread, one at a
-        time)."""
-        for device, cache in self.caches.items():
-            pending = self._collecting.get(device)
-            if pending is not None and not pending.done():
-                continue
-            held = self._allocator_stats(cache)
-            # Waiting memory, or segments freed already (torch frees a block whose consumers
-            # let go at its next IPC bookkeeping, an export on the event loop) but still cached.
-            if held and (held["waiting_bytes"] > 0
-                         or held["reserved_bytes"] > held["allocated_bytes"]):
-                self._collecting[device] = self._device_pools[device].submit(
-                    self.transports[device].collect)
+                "devices": [{**device.cache.stats(), "sessions": sessions_by_device[name],
+                             **device.allocator_stats()}
+                            for name, device in self.devices.items()]}
 
     def summary(self) -> str:
         """One line for ``systemctl status``: entries, bytes, sessions and leases."""
-        used = sum(c.used for c in self.caches.values())
-        budget = sum(c.budget for c in self.caches.values())
-        return (f"{sum(len(c.entries) for c in self.caches.values())} entries, "
-                f"{human_bytes(used)} of {human_bytes(budget)} used, "
-                f"{len(self.sessions.sessions)} sessions, "
-                f"{sum(c.leases for c in self.caches.values())} leases")
+        caches = [device.cache for device in self.devices.values()]
+        return (f"{sum(len(c.entries) for c in caches)} entries, "
+                f"{human_bytes(sum(c.used for c in caches))} of "
+                f"{human_bytes(sum(c.budget for c in caches))} used, "
+                f"{len(self.sessions.sessions)} sessions, {sum(c.leases for c in caches)} leases")
 
     def _list(self, req: ListEntries, _: Session | None) -> dict[str, Any]:
-        return {"entries": [dataclasses.asdict(entry.info()) for cache in self.caches.values()
-                            for entry in cache.entries.values()]}
+        return {"entries": [dataclasses.asdict(entry.info()) for device in self.devices.values()
+                            for entry in device.cache.entries.values()]}
 
     def _preload(self, req: Preload, _: Session | None) -> dict[str, Any] | Awaitable[dict]:
-        cache = self._cache(req.device)
+        device = self._device(req.device)
         identity = identify(req.path, self.config.lora_dirs)
-        entry = self._cached(cache, identity, req.layout)
+        entry = device.cached(identity, req.layout)
         if entry is None:
-            return self._preload_loading(cache, identity, req)
-        return self._settle_preload(cache, entry, req)
+            return self._preload_loading(device, identity, req)
+        return self._settle_preload(device, entry, req)
 
-    async def _preload_loading(self, cache: DeviceCache, identity: FileIdentity,
+    async def _preload_loading(self, device: Device, identity: FileIdentity,
                                req: Preload) -> dict[str, Any]:
-        entry, _loaded = await self._entry(cache, identity, req.layout)
-        return self._settle_preload(cache, entry, req)
+        entry, _loaded = await device.entry(identity, req.layout, self.config.acquire_timeout)
+        return self._settle_preload(device, entry, req)
 
-    def _settle_preload(self, cache: DeviceCache, entry: Entry, req: Preload) -> dict[str, Any]:
+    def _settle_preload(self, device: Device, entry: Entry, req: Preload) -> dict[str, Any]:
         if req.pin:
-            cache.pin(entry)
+            device.cache.pin(entry)
         info = entry.info()
-        self._trim(cache)
+        device.trim()
         return dataclasses.asdict(info)
 
     def _evict(self, req: Evict, _: Session | None) -> dict[str, int]:
@@ -317,158 +255,23 @@ class CacheService:
     def _clear(self, req: Clear, _: Session | None) -> dict[str, int]:
         return self._drop(lambda e: True, req.device)
 
-    # ------------------------------------------------------------------------ cache lifecycle
-
-    def _cached(self, cache: DeviceCache, identity: FileIdentity, layout: str) -> Entry | None:
-        """The cached entry for the file, touched, or None when it must be (or is being) loaded."""
-        entry = cache.entries.get((identity, layout))
-        if entry is not None:
-            cache.touch(entry)
-        return entry
-
-    async def _entry(self, cache: DeviceCache, identity: FileIdentity,
-                     layout: str) -> tuple[Entry, bool]:
-        """The cached entry for the file, loading it once for all concurrent askers.
-
-        Returns ``(entry, loaded_by_this_call)``. The entry is in the cache when this returns,
-        and stays there until the caller next awaits.
-        """
-        key = (identity, layout)  # a plain tuple: hashed in C on every hit
-        while (pending := self._loading.get(key)) is not None or key not in cache.entries:
-            if pending is None:
-                return await self._load_once(cache, key, identity, layout), True
-            await asyncio.shield(pending)  # re-raises the loader's error for every waiter
-        return cache.entries[key], False
-
-    async def _load_once(self, cache: DeviceCache, key: Hashable, identity: FileIdentity,
-                         layout: str) -> Entry:
-        done = asyncio.get_running_loop().create_future()
-        self._loading[key] = done
-        try:
-            entry = await self._load(cache, key, identity, layout)
-        except Exception as exc:
-            done.set_exception(exc)
-            done.exception()  # waiters re-raise it; with none, it must not be reported as lost
-            raise
-        except BaseException:
-            done.cancel()
-            raise
-        finally:
-            del self._loading[key]
-        done.set_result(None)
-        return entry
-
-    async def _load(self, cache: DeviceCache, key: Hashable, identity: FileIdentity,
-                    layout: str) -> Entry:
-        started = time.monotonic()
-        plan = await self._run(self._header_pool, plan_load, identity, layout)
-        try:
-            need = self.transports[cache.device].footprint(plan.nbytes)
-            if need > cache.budget:
-                raise LoraCacheError(ErrorCode.TOO_LARGE,
-                                     f"{identity.path} needs {need} bytes on {cache.device} but "
-                                     f"its whole budget is {cache.budget}; raise --max-bytes")
-            await self._reserve(cache, need)
-            entry_id = f"{next(self._entry_ids):x}"
-            try:
-                buffer = await self._fill(cache, plan, entry_id)
-            finally:
-                cache.reserved -= need
-                self._room_changed(cache)
-        finally:
-            plan.file.close()
-        entry = Entry(id=entry_id, key=key, path=identity.path, device=cache.device,
-                      layout=layout, buffer=buffer, tensors=plan.layout.specs,
-                      file=identity.token)
-        cache.add(entry)
-        cache.loads += 1
-        seconds = time.monotonic() - started
-        cache.load_times.record(seconds)
-        log.info("loaded %s on %s: %s (%d bytes), %d tensors in %.3f s", identity.path,
-                 cache.device, human_bytes(entry.nbytes), entry.nbytes, len(entry.tensors),
-                 seconds)
-        return entry
-
-    async def _fill(self, cache: DeviceCache, plan: LoadPlan, entry_id: str) -> DeviceBuffer:
-        """Allocate and fill the entry's buffer. When the device (or the tmpfs) has less room
-        than the budget promised, evict idle entries one by one and retry, then CACHE_FULL."""
-        pool, transport = self._device_pools[cache.device], self.transports[cache.device]
-        while True:
-            try:
-                return await self._run(pool, fill_buffer, transport, plan, entry_id)
-            except LoraCacheError as exc:
-                if exc.code is not ErrorCode.CACHE_FULL or not cache.idle:
-                    raise
-                victim = next(iter(cache.idle.values()))
-                log.warning("%s has no room for %s (%s): evicting %s and retrying", cache.device,
-                            plan.path, human_bytes(plan.nbytes), victim.path)
-                cache.remove(victim)
-                await self._run(pool, _free_all, transport, [victim.buffer])
-
-    async def _reserve(self, cache: DeviceCache, nbytes: int) -> None:
-        """Make room for ``nbytes`` by evicting, waiting for releases up to the timeout."""
-        deadline = time.monotonic() + self.config.acquire_timeout
-        while (victims := cache.victims_for(nbytes)) is None:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                stats = cache.stats()
-                raise LoraCacheError(
-                    ErrorCode.CACHE_FULL,
-                    f"no room for {nbytes} bytes on {cache.device} after waiting "
-                    f"{self.config.acquire_timeout:g} s: budget {cache.budget}, used "
-                    f"{cache.used}, leased {stats['leased_bytes']}, pinned "
-                    f"{stats['pinned_bytes']}, loading {cache.reserved}; release leases, "
-                    "unpin entries, or raise --max-bytes / acquire_timeout")
-            try:
-                await asyncio.wait_for(self._room_freed[cache.device].wait(), remaining)
-            except TimeoutError:
-                pass
-        self._remove(cache, victims)
-        cache.reserved += nbytes
-
-    def _released(self, leases: list[Lease]) -> None:
-        caches = {}
-        for lease in leases:
-            cache = self.caches[lease.entry.device]
-            cache.give_back(lease.entry)
-            caches[cache.device] = cache
-            if not lease.entry.cached and lease.entry.leases == 0:  # a probe: gone once back
-                cache.reserved -= lease.entry.nbytes
-                self._device_pools[cache.device].submit(
-                    _free_all, self.transports[cache.device], [lease.entry.buffer])
-        for cache in caches.values():
-            self._trim(cache)
-            self._room_changed(cache)
-
-    def _trim(self, cache: DeviceCache) -> None:
-        """Drop idle entries beyond the cache-size cap."""
-        self._remove(cache, cache.over_cap())
-
     def _drop(self, match: Callable[[Entry], bool], device: str) -> dict[str, int]:
-        caches = [self._cache(device)] if device else list(self.caches.values())
+        devices = [self._device(device)] if device else list(self.devices.values())
         evicted = busy = 0
-        for cache in caches:
-            matching = [e for e in cache.entries.values() if match(e)]
-            idle = [e for e in matching if e.leases == 0]
-            self._remove(cache, idle)
-            self._room_changed(cache)
-            evicted, busy = evicted + len(idle), busy + len(matching) - len(idle)
+        for each in devices:
+            dropped, leased = each.drop(match)
+            evicted, busy = evicted + dropped, busy + leased
         return {"evicted": evicted, "busy": busy}
 
-    def _remove(self, cache: DeviceCache, entries: list[Entry]) -> None:
-        """Take ``entries`` out of the cache now; free their memory on the device's thread."""
-        for entry in entries:
-            cache.remove(entry)
-            log.info("evicted %s from %s: %s (%d bytes)", entry.path, cache.device,
-                     human_bytes(entry.nbytes), entry.nbytes)
-        if entries:
-            pool = self._device_pools[cache.device]
-            pool.submit(_free_all, self.transports[cache.device], [e.buffer for e in entries])
-
-    def _room_changed(self, cache: DeviceCache) -> None:
-        event = self._room_freed[cache.device]
-        self._room_freed[cache.device] = asyncio.Event()
-        event.set()
+    def _released(self, leases: list[Lease]) -> None:
+        touched = {}
+        for lease in leases:
+            device = self.devices[lease.entry.device]
+            device.give_back(lease.entry)
+            touched[device.name] = device
+        for device in touched.values():
+            device.trim()
+            device.room_changed()
 
     # ------------------------------------------------------------------------ configuration
 
@@ -477,17 +280,13 @@ class CacheService:
         and timeouts apply to the next requests."""
         self.config = config
         self.sessions.ttl = config.session_ttl
-        for device, cache in self.caches.items():
-            cache.budget = config.budget(device, self.total_memory[device])
-            cache.cache_size = config.cache_size_for(device)
-            self._remove(cache, cache.over_limits())
-            self._room_changed(cache)
-            log.info("device %s: budget %s (%d bytes), cache size %d", device,
-                     human_bytes(cache.budget), cache.budget, cache.cache_size)
-        unknown = set(config.device) - set(self.caches)
+        for device in self.devices.values():
+            device.reconfigure(config)
+        unknown = set(config.device) - set(self.devices)
         if unknown:
             log.warning("configuration has [device] settings for %s, which this daemon does not "
-                        "serve (it serves %s)", ", ".join(sorted(unknown)), ", ".join(self.caches))
+                        "serve (it serves %s)", ", ".join(sorted(unknown)),
+                        ", ".join(self.devices))
 
     async def preload(self, specs: tuple[PreloadSpec, ...]) -> None:
         """Load the configured LoRAs; a failure is logged with its code and the rest go on."""
@@ -503,17 +302,17 @@ class CacheService:
                 log.error("preload of %s on %s failed: %s", spec.path, spec.device, exc)
 
     def device_named(self, name: str) -> str:
-        """The cache name for ``cuda`` (the first GPU) or ``cuda:<index>``; others unchanged."""
-        for transport in self.transports.values():
-            index = getattr(transport, "index", None)
+        """The device name for ``cuda`` (the first GPU) or ``cuda:<index>``; others unchanged."""
+        for device in self.devices.values():
+            index = getattr(device.transport, "index", None)
             if index is not None and name in ("cuda", f"cuda:{index}"):
-                return transport.device
-        return name  # cpu, a UUID, or unknown: _cache() names the devices there are
+                return device.name
+        return name  # cpu, a UUID, or unknown: _device() names the devices there are
 
     def record_error(self, code: ErrorCode) -> None:
         self.errors[code.value] += 1
 
-    # ------------------------------------------------------------------------------ sessions
+    # ---------------------------------------------------------------- sessions and memory
 
     def expire_sessions(self) -> None:
         """Release the leases of sessions silent for their TTL."""
@@ -526,33 +325,46 @@ class CacheService:
                      "lease(s)", session.pid, session.ttl, len(leases))
             self._released(leases)
 
+    def collect_memory(self) -> None:
+        """Give back device memory the caches no longer count (see Device.collect_memory)."""
+        for device in self.devices.values():
+            device.collect_memory()
+
     # ------------------------------------------------------------------------------- helpers
 
-    def _cache(self, device: str) -> DeviceCache:
-        cache = self.caches.get(device)
-        if cache is None:  # the same GPU named with the other prefix (GPU-/MIG-)?
-            cache = next((c for name, c in self.caches.items() if same_device(name, device)),
-                         None)
-        if cache is None:
+    def _device(self, name: str) -> Device:
+        device = self.devices.get(name)
+        if device is None:  # the same GPU named with the other prefix (GPU-/MIG-)?
+            device = next((d for known, d in self.devices.items() if same_device(known, name)),
+                          None)
+        if device is None:
             raise LoraCacheError(ErrorCode.UNKNOWN_DEVICE,
-                                 f"this daemon serves no device {device!r}; it serves "
-                                 f"{', '.join(self.caches)}")
-        return cache
+                                 f"this daemon serves no device {name!r}; it serves "
+                                 f"{', '.join(self.devices)}")
+        return device
 
-    @staticmethod
-    async def _run(pool: concurrent.futures.Executor, fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(fn, *args))
+    def _lending_device(self, name: str, session: Session) -> Device:
+        """The device to lend on, once this session's torch can open its handles."""
+        device = self._device(name)
+        if device.name != "cpu":
+            check_importer(torch_release(), session.torch)
+        return device
+
+    def _still_open(self, session: Session) -> bool:
+        """Whether ``session`` is still open (after an await: it may have expired meanwhile)."""
+        return self.sessions.sessions.get(session.token) is session
 
     def close(self) -> None:
         """Free every entry and every file the transports created (at shutdown)."""
-        for cache in self.caches.values():
-            entries = cache.take_all()
-            self._device_pools[cache.device].submit(
-                _free_all, self.transports[cache.device], [e.buffer for e in entries])
-        for pool in (self._header_pool, *self._device_pools.values()):
-            pool.shutdown(wait=True)
-        for transport in self.transports.values():
-            transport.close()
+        for device in self.devices.values():
+            device.close()
+        self._header_pool.shutdown(wait=True)
+
+
+def _expired_meanwhile(what: str) -> LoraCacheError:
+    return LoraCacheError(ErrorCode.UNKNOWN_SESSION,
+                          f"the session expired while {what}; send hello again and keep "
+                          "heartbeating (the client library does)")
 
 
 def _is_pin(request: Request) -> bool:
@@ -562,15 +374,3 @@ def _is_pin(request: Request) -> bool:
 def _is_admin_op(request: Request) -> bool:
     """Evicting and pinning change what every worker gets: an operator's decision."""
     return isinstance(request, (Evict, Clear)) or _is_pin(request)
-
-
-def _probe_buffer(transport: Transport, name: str) -> DeviceBuffer:
-    buffer = transport.allocate(PROBE_BYTES, name)
-    buffer.write_tensors([(0, probe_pattern())])
-    return buffer
-
-
-def _free_all(transport: Transport, buffers: list) -> None:
-    for buffer in buffers:
-        buffer.free()
-    transport.collect()

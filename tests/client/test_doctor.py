@@ -14,7 +14,7 @@ NOBODY = 65534
 # The doctor as another user: what it imports is imported first, as root (see become()).
 AS_USER = """
 import sys
-import loracache.client.cli, loracache.client.doctor, loracache.client.lease
+import loracache.client.cli, loracache.client.doctor, loracache.client.lease, loracache.daemon.cli
 from tests.support import become
 become(sys.argv[1])
 sys.exit(loracache.client.cli.main(sys.argv[2:]))

@@ -1,4 +1,4 @@
-"""Rules the service applies to GPU devices, proven in-process on CPU: a shared-memory transport
+"""The service over its devices, proven in-process on CPU: a shared-memory transport
 named like a GPU stands in for one (the service never branches on the transport's kind)."""
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def service(tmp_path: Path):
 
 
 def gpu(service: CacheService) -> LookalikeGpu:
-    return service.transports[GPU]  # type: ignore[return-value]
+    return service.devices[GPU].transport  # type: ignore[return-value]
 
 
 def call(service: CacheService, request, session: str = ""):
@@ -82,7 +82,7 @@ def test_a_worker_whose_torch_cannot_open_the_handles_is_refused(service, monkey
     with pytest.raises(LoraCacheError) as refused:
         call(service, Acquire(path="a.safetensors", device=GPU), old)
     assert refused.value.code is ErrorCode.VERSION_MISMATCH
-    assert service.caches[GPU].loads == 0  # refused before loading anything
+    assert service.devices[GPU].cache.loads == 0  # refused before loading anything
     for release in ("2.11.0+cu130", "2.5.1", ""):  # newer, equal, or not said: served
         lease = call(service, Acquire(path="a.safetensors", device=GPU),
                      session_of(service, release))
@@ -92,7 +92,7 @@ def test_a_worker_whose_torch_cannot_open_the_handles_is_refused(service, monkey
 def test_a_probe_is_lent_like_an_entry_but_never_cached(service):
     session = session_of(service, "")
     probe = call(service, Probe(device=GPU), session)
-    cache = service.caches[GPU]
+    cache = service.devices[GPU].cache
     assert probe.entry.path == "<probe>" and probe.tensors[0].name == "probe"
     assert cache.leases == 1 and cache.entries == {} and cache.used == 0
     gpu(service).held = {"allocated": LookalikeGpu.SEGMENT, "reserved": LookalikeGpu.SEGMENT}
@@ -101,13 +101,13 @@ def test_a_probe_is_lent_like_an_entry_but_never_cached(service):
     assert path.read_bytes()[:3] == b"\x00\x01\x02"
     call(service, Release(lease=probe.lease), session)
     assert cache.leases == 0 and cache.leased_bytes == 0
-    service._device_pools[GPU].submit(lambda: None).result()  # the free runs on that thread
+    service.devices[GPU].pool.submit(lambda: None).result()  # the free runs on that thread
     assert not path.exists()
 
 
 def test_the_budget_counts_what_an_entry_holds_on_the_device(service):
     result = call(service, Acquire(path="a.safetensors", device=GPU), session_of(service, ""))
-    cache = service.caches[GPU]
+    cache = service.devices[GPU].cache
     assert result.entry.nbytes == cache.used == cache.leased_bytes == LookalikeGpu.SEGMENT
     assert cache.reserved == 0
 
@@ -120,7 +120,7 @@ def test_a_handle_the_client_could_not_open_is_undone_by_the_daemon(service):
     assert gpu(service).forgotten == []  # the client released that one itself
     call(service, Release(lease=unopened.lease, opened=False), session)
     assert gpu(service).forgotten == [unopened.handle]
-    assert service.caches[GPU].leases == 0
+    assert service.devices[GPU].cache.leases == 0
 
 
 def test_memory_the_cache_does_not_count_is_collected(service):
@@ -138,14 +138,14 @@ def test_memory_the_cache_does_not_count_is_collected(service):
 
 
 def wait_for_collections(service: CacheService) -> int:
-    service._device_pools[GPU].submit(lambda: None).result()  # what was queued has run
+    service.devices[GPU].pool.submit(lambda: None).result()  # what was queued has run
     return gpu(service).collections
 
 
 def test_a_session_holds_one_probe_at_a_time_within_the_budget(service):
     session = session_of(service, "")
     probe = call(service, Probe(device=GPU), session)
-    cache = service.caches[GPU]
+    cache = service.devices[GPU].cache
     assert cache.reserved == LookalikeGpu.SEGMENT  # room taken like a load in flight
     with pytest.raises(LoraCacheError) as refused:
         call(service, Probe(device=GPU), session)
@@ -153,3 +153,48 @@ def test_a_session_holds_one_probe_at_a_time_within_the_budget(service):
     call(service, Release(lease=probe.lease), session)
     assert cache.reserved == 0
     call(service, Release(lease=call(service, Probe(device=GPU), session).lease), session)
+
+
+def test_one_devices_failed_load_is_not_anothers(tmp_path):
+    """Concurrent acquires of one file for two devices load once per device: the GPU's
+    failure (here TOO_LARGE) is its own, and the CPU's load goes on."""
+
+    class TooSmallGpu(LookalikeGpu):
+        def footprint(self, nbytes: int) -> int:
+            return 1 << 40
+
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    save_file({"a.lora_down.weight": torch.ones(4, 8)}, str(loras / "a.safetensors"))
+    config = load_config({"lora_dirs": [str(loras)], "max_bytes": "64MiB"}, environ={})
+    service = CacheService(config, [ShmTransport(tmp_path / "cpu"),
+                                    TooSmallGpu(tmp_path / "gpu")])
+    try:
+        session = session_of(service, "")
+
+        async def both():
+            asked = [service.handle(RequestFrame(id=i, session=session, request=Acquire(
+                path="a.safetensors", device=device))) for i, device in enumerate((GPU, "cpu"))]
+            return await asyncio.gather(*asked, return_exceptions=True)
+
+        on_gpu, on_cpu = asyncio.run(both())
+        assert isinstance(on_gpu, LoraCacheError) and on_gpu.code is ErrorCode.TOO_LARGE
+        assert isinstance(on_cpu, AcquireResult) and on_cpu.entry.device == "cpu"
+    finally:
+        service.close()
+
+
+def test_a_probe_made_for_a_session_that_expired_meanwhile_leaks_nothing(service):
+    session = session_of(service, "")
+
+    async def expire_while_probing():
+        probing = asyncio.ensure_future(service.handle(RequestFrame(
+            id=1, session=session, request=Probe(device=GPU))))
+        await asyncio.sleep(0)  # the probe is being made on the device's thread
+        service.sessions.close(service.sessions.sessions[session])
+        return await asyncio.gather(probing, return_exceptions=True)
+
+    (outcome,) = asyncio.run(expire_while_probing())
+    assert isinstance(outcome, LoraCacheError) and outcome.code is ErrorCode.UNKNOWN_SESSION
+    cache = service.devices[GPU].cache
+    assert (cache.leases, cache.leased_bytes, cache.reserved) == (0, 0, 0)

@@ -1,0 +1,287 @@
+"""One device the daemon serves: its transport, its cache, the thread its copies run on, the
+signal that room was freed, and its loads in flight. The lifecycle of its entries lives here:
+look up, load once for all askers, make room, fill, remove, trim, reconfigure, collect, close.
+
+Everything but the copies runs on the event loop, so the state needs no locks; a load or a
+free is handed to the device's executor (one thread per GPU, for CUDA calls).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import itertools
+import logging
+import time
+from typing import Any, Callable, Hashable, TypeVar
+
+from loracache.shared.errors import ErrorCode, LoraCacheError
+from loracache.shared.humanize import human_bytes
+from loracache.shared.protocol import TensorSpec
+from loracache.shared.transport import PROBE_BYTES, DeviceBuffer, Transport, probe_pattern
+
+from .cache import DeviceCache, Entry
+from .config import DaemonConfig
+from .files import FileIdentity
+from .loader import LoadPlan, fill_buffer, plan_load
+
+log = logging.getLogger("loracache.daemon")
+
+CPU_LOAD_THREADS = 4
+PROBE_PATH = "<probe>"  # what lists and logs show for a probe's entry
+T = TypeVar("T")
+
+
+class Device:
+    """``name`` is what clients call it (``cpu``, ``cuda:<uuid>``)."""
+
+    def __init__(self, transport: Transport, config: DaemonConfig,
+                 header_pool: concurrent.futures.Executor,
+                 entry_ids: itertools.count[int]) -> None:
+        """``header_pool`` reads file headers (shared by all devices); ``entry_ids`` numbers
+        entries daemon-wide."""
+        self.name = transport.device
+        self.transport = transport
+        self.total_memory = transport.total_memory()
+        self.cache = DeviceCache(self.name, config.budget(self.name, self.total_memory),
+                                 config.cache_size_for(self.name))
+        self.pool = concurrent.futures.ThreadPoolExecutor(
+            CPU_LOAD_THREADS if self.name == "cpu" else 1, f"loracache-{self.name[:12]}")
+        self._header_pool = header_pool
+        self._entry_ids = entry_ids
+        self._loading: dict[Hashable, asyncio.Future[None]] = {}  # single flight, per file
+        self._room_freed = asyncio.Event()
+        self._collecting: concurrent.futures.Future[None] | None = None
+
+    # ------------------------------------------------------------------------------ entries
+
+    def cached(self, identity: FileIdentity, layout: str) -> Entry | None:
+        """The cached entry for the file, touched, or None when it must be (or is being) loaded."""
+        entry = self.cache.entries.get((identity, layout))
+        if entry is not None:
+            self.cache.touch(entry)
+        return entry
+
+    async def entry(self, identity: FileIdentity, layout: str,
+                    acquire_timeout: float) -> tuple[Entry, bool]:
+        """The cached entry for the file, loading it once for all concurrent askers.
+
+        Returns ``(entry, loaded_by_this_call)``. The entry is in the cache when this returns,
+        and stays there until the caller next awaits.
+        """
+        key = (identity, layout)  # a plain tuple: hashed in C on every hit
+        while (pending := self._loading.get(key)) is not None or key not in self.cache.entries:
+            if pending is None:
+                return await self._load_once(key, identity, layout, acquire_timeout), True
+            await asyncio.shield(pending)  # re-raises the loader's error for every waiter
+        return self.cache.entries[key], False
+
+    async def _load_once(self, key: Hashable, identity: FileIdentity, layout: str,
+                         acquire_timeout: float) -> Entry:
+        done = asyncio.get_running_loop().create_future()
+        self._loading[key] = done
+        try:
+            entry = await self._load(key, identity, layout, acquire_timeout)
+        except Exception as exc:
+            done.set_exception(exc)
+            done.exception()  # waiters re-raise it; with none, it must not be reported as lost
+            raise
+        except BaseException:
+            done.cancel()
+            raise
+        finally:
+            del self._loading[key]
+        done.set_result(None)
+        return entry
+
+    async def _load(self, key: Hashable, identity: FileIdentity, layout: str,
+                    acquire_timeout: float) -> Entry:
+        cache = self.cache
+        started = time.monotonic()
+        plan = await self.run_in(self._header_pool, plan_load, identity, layout)
+        try:
+            need = self.transport.footprint(plan.nbytes)
+            if need > cache.budget:
+                raise LoraCacheError(ErrorCode.TOO_LARGE,
+                                     f"{identity.path} needs {need} bytes on {self.name} but "
+                                     f"its whole budget is {cache.budget}; raise --max-bytes")
+            await self.reserve(need, acquire_timeout)
+            entry_id = f"{next(self._entry_ids):x}"
+            try:
+                buffer = await self._fill(plan, entry_id)
+            finally:
+                self.unreserve(need)
+        finally:
+            plan.file.close()
+        entry = Entry(id=entry_id, key=key, path=identity.path, device=self.name,
+                      layout=layout, buffer=buffer, tensors=plan.layout.specs,
+                      file=identity.token)
+        cache.add(entry)
+        cache.loads += 1
+        seconds = time.monotonic() - started
+        cache.load_times.record(seconds)
+        log.info("loaded %s on %s: %s (%d bytes), %d tensors in %.3f s", identity.path,
+                 self.name, human_bytes(entry.nbytes), entry.nbytes, len(entry.tensors),
+                 seconds)
+        return entry
+
+    async def _fill(self, plan: LoadPlan, entry_id: str) -> DeviceBuffer:
+        """Allocate and fill the entry's buffer. When the device (or the tmpfs) has less room
+        than the budget promised, evict idle entries one by one and retry, then CACHE_FULL."""
+        while True:
+            try:
+                return await self.run(fill_buffer, self.transport, plan, entry_id)
+            except LoraCacheError as exc:
+                if exc.code is not ErrorCode.CACHE_FULL or not self.cache.idle:
+                    raise
+                victim = next(iter(self.cache.idle.values()))
+                log.warning("%s has no room for %s (%s): evicting %s and retrying", self.name,
+                            plan.path, human_bytes(plan.nbytes), victim.path)
+                self.cache.remove(victim)
+                await self.run(_free_all, self.transport, [victim.buffer])
+
+    async def make_probe(self, acquire_timeout: float) -> Entry:
+        """A fresh probe (``loracache doctor``'s test lease): a small buffer holding
+        :func:`probe_pattern`, lent like an entry but never cached. It takes room in the budget
+        as a load does (``reserved``) until :meth:`give_back` frees it."""
+        need = self.transport.footprint(PROBE_BYTES)
+        await self.reserve(need, acquire_timeout)
+        entry_id = f"probe-{next(self._entry_ids):x}"
+        try:
+            buffer = await self.run(_probe_buffer, self.transport, entry_id)
+        except BaseException:
+            self.unreserve(need)
+            raise
+        return Entry(id=entry_id, key=(PROBE_PATH, entry_id), path=PROBE_PATH,
+                     device=self.name, layout="raw", buffer=buffer, cached=False,
+                     tensors=[TensorSpec("probe", "U8", [PROBE_BYTES], 0)])
+
+    # --------------------------------------------------------------------------------- room
+
+    async def reserve(self, nbytes: int, acquire_timeout: float) -> None:
+        """Make room for ``nbytes`` by evicting, waiting for releases up to the timeout."""
+        cache = self.cache
+        deadline = time.monotonic() + acquire_timeout
+        while (victims := cache.victims_for(nbytes)) is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise LoraCacheError(
+                    ErrorCode.CACHE_FULL,
+                    f"no room for {nbytes} bytes on {self.name} after waiting "
+                    f"{acquire_timeout:g} s: budget {cache.budget}, used {cache.used}, leased "
+                    f"{cache.leased_bytes}, pinned {cache.pinned_bytes}, loading "
+                    f"{cache.reserved}; release leases, unpin entries, or raise --max-bytes / "
+                    "acquire_timeout")
+            try:
+                await asyncio.wait_for(self._room_freed.wait(), remaining)
+            except TimeoutError:
+                pass
+        self.remove(victims)
+        cache.reserved += nbytes
+
+    def unreserve(self, nbytes: int) -> None:
+        self.cache.reserved -= nbytes
+        self.room_changed()
+
+    def room_changed(self) -> None:
+        """Wake everyone waiting for room (they check again)."""
+        event, self._room_freed = self._room_freed, asyncio.Event()
+        event.set()
+
+    def give_back(self, entry: Entry) -> None:
+        """One lease on ``entry`` ended; a probe is freed once its lease is back."""
+        self.cache.give_back(entry)
+        if not entry.cached and entry.leases == 0:
+            self.discard_probe(entry)
+
+    def discard_probe(self, probe: Entry) -> None:
+        """Free a probe nobody holds, and the room it took."""
+        self.unreserve(probe.nbytes)
+        self.pool.submit(_free_all, self.transport, [probe.buffer])
+
+    def remove(self, entries: list[Entry]) -> None:
+        """Take ``entries`` out of the cache now; free their memory on the device's thread."""
+        for entry in entries:
+            self.cache.remove(entry)
+            log.info("evicted %s from %s: %s (%d bytes)", entry.path, self.name,
+                     human_bytes(entry.nbytes), entry.nbytes)
+        if entries:
+            self.pool.submit(_free_all, self.transport, [e.buffer for e in entries])
+
+    def trim(self) -> None:
+        """Drop idle entries beyond the cache-size cap."""
+        self.remove(self.cache.over_cap())
+
+    def drop(self, match: Callable[[Entry], bool]) -> tuple[int, int]:
+        """Evict the idle entries ``match`` accepts; returns (evicted, still leased)."""
+        matching = [e for e in self.cache.entries.values() if match(e)]
+        idle = [e for e in matching if e.leases == 0]
+        self.remove(idle)
+        self.room_changed()
+        return len(idle), len(matching) - len(idle)
+
+    def reconfigure(self, config: DaemonConfig) -> None:
+        """Apply a reloaded configuration's limits: lower ones evict idle entries at once."""
+        cache = self.cache
+        cache.budget = config.budget(self.name, self.total_memory)
+        cache.cache_size = config.cache_size_for(self.name)
+        self.remove(cache.over_limits())
+        self.room_changed()
+        log.info("device %s: budget %s (%d bytes), cache size %d", self.name,
+                 human_bytes(cache.budget), cache.budget, cache.cache_size)
+
+    # ---------------------------------------------------------------------- device memory
+
+    def allocator_stats(self) -> dict[str, int]:
+        """What the device's allocator holds (GPUs): ``waiting_bytes`` is memory of evicted
+        entries that workers still map, which the budget no longer counts."""
+        memory = self.transport.memory()
+        if not memory:
+            return {}
+        return {"allocated_bytes": memory["allocated"], "reserved_bytes": memory["reserved"],
+                "waiting_bytes": max(0, memory["allocated"] - self.cache.used
+                                     - self.cache.reserved)}
+
+    def collect_memory(self) -> None:
+        """Free device memory that workers let go of since its entry was evicted. torch frees
+        such memory only when asked (or at the next eviction), so ask whenever the allocator
+        holds more than the cache counts: waiting memory, or segments freed already (torch
+        frees a block at its next IPC bookkeeping, an export on the event loop) but still
+        cached. On the device's thread, one collection at a time."""
+        if self._collecting is not None and not self._collecting.done():
+            return
+        held = self.allocator_stats()
+        if held and (held["waiting_bytes"] > 0
+                     or held["reserved_bytes"] > held["allocated_bytes"]):
+            self._collecting = self.pool.submit(self.transport.collect)
+
+    # ------------------------------------------------------------------------------ threads
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on the device's thread."""
+        return await self.run_in(self.pool, fn, *args)
+
+    @staticmethod
+    async def run_in(pool: concurrent.futures.Executor, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(fn, *args))
+
+    def close(self) -> None:
+        """Free every entry (leased ones too: the daemon is stopping) and what the transport
+        made on the host; waits for the device's thread to finish."""
+        entries = self.cache.take_all()
+        self.pool.submit(_free_all, self.transport, [e.buffer for e in entries])
+        self.pool.shutdown(wait=True)
+        self.transport.close()
+
+
+def _probe_buffer(transport: Transport, name: str) -> DeviceBuffer:
+    buffer = transport.allocate(PROBE_BYTES, name)
+    buffer.write_tensors([(0, probe_pattern())])
+    return buffer
+
+
+def _free_all(transport: Transport, buffers: list[DeviceBuffer]) -> None:
+    for buffer in buffers:
+        buffer.free()
+    transport.collect()
