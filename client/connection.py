@@ -93,7 +93,7 @@ class LoraCacheClient:
         try:
             self._endpoint = endpoint(self.socket_path)
         except ValueError as exc:
-            raise LoraCacheError(ErrorCode.BAD_REQUEST, str(exc)) from None
+            raise LoraCacheError(ErrorCode.BAD_SOCKET_PATH, str(exc)) from None
         self.request_timeout = request_timeout
         self._pid = os.getpid()
         self._context = zmq.Context()
@@ -129,9 +129,7 @@ class LoraCacheClient:
         """Lease the LoRA file at ``path`` (absolute, or relative to a daemon LoRA directory)
         on ``device``, loading it into the daemon's cache on a miss. The lease's ``tensors``
         are zero-copy views of the shared copy."""
-        if not self._wants_session:
-            raise LoraCacheError(ErrorCode.NOT_ALLOWED, "this client was made with "
-                                 "session=False, which cannot hold leases")
+        self._require_session()
         path, device = os.fspath(path), device_name(device)
         known = self._known_entry(path, device, layout)
         result = AcquireResult.from_wire(
@@ -167,6 +165,7 @@ class LoraCacheClient:
         the daemon's memory correctly. What ``loracache doctor`` checks with."""
         from .lease import Lease
 
+        self._require_session()
         result = AcquireResult.from_wire(self._request(Probe(device=device_name(device))))
         instance = self._local.instance
         tensors = self._attach(instance, result, result.tensors or [])
@@ -258,6 +257,11 @@ class LoraCacheClient:
             self.session_ttl, self.devices = hello.session_ttl, hello.devices
             self.daemon_torch = hello.torch
 
+    def _require_session(self) -> None:
+        if not self._wants_session:
+            raise ValueError("this client was made with session=False, which cannot hold "
+                             "leases; make it with session=True (the default)")
+
     def _known_entry(self, path: str, device: str, layout: str) -> str:
         with self._lock:
             entry_id = self._hints.get((path, device, layout), "")
@@ -290,11 +294,12 @@ class LoraCacheClient:
         (the daemon restarted, or forgot this silent client) renews the session and the leases
         held, then sends the request once more."""
         if os.getpid() != self._pid:
-            raise LoraCacheError(ErrorCode.NOT_ALLOWED,
+            raise LoraCacheError(ErrorCode.CLIENT_CLOSED,
                                  f"this LoraCacheClient was created in process {self._pid}; "
                                  "create a new one in each process after fork()")
         if self._closed.is_set():
-            raise LoraCacheError(ErrorCode.NOT_ALLOWED, "this LoraCacheClient is closed")
+            raise LoraCacheError(ErrorCode.CLIENT_CLOSED, "this LoraCacheClient is closed; "
+                                 "make a new one")
         with self._lock:
             sent_session, instance = self.session if session is None else session, self.instance
         try:
@@ -331,7 +336,7 @@ class LoraCacheClient:
             try:
                 raw = sock.recv() if sock.poll(int(wait * 1000) + 1) else None
             except zmq.ZMQError:  # close() from another thread closed this socket
-                raise LoraCacheError(ErrorCode.NOT_ALLOWED,
+                raise LoraCacheError(ErrorCode.CLIENT_CLOSED,
                                      "this LoraCacheClient was closed while waiting") from None
             if raw is None:
                 if not self._daemon_listening():

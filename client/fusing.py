@@ -5,7 +5,7 @@
 A LoRA given by path is leased from the daemon in its family's canonical layout and fused
 straight from the shared tensors: the worker keeps no copy of them (``memory_efficient=True``).
 The lease stays held while the adapter is loaded, because unfusing subtracts the same deltas.
-Every change of the fused set goes through :func:`_refuse`, which rewrites each touched weight
+Every change of the fused set goes through :func:`_fuse_exactly`, which rewrites each touched weight
 once. The state lives on the pipeline object (``pipeline._loracache``).
 """
 
@@ -108,7 +108,7 @@ def load_and_fuse_lora(pipeline: Any, source: str | os.PathLike[str] | Mapping[s
                               for k, f in adapter.layers.items()}
             _release(adapter)
         state.adapters[name] = adapter
-        _refuse(state, {**state.active, name: lora_scale})
+        _fuse_exactly(state, {**state.active, name: lora_scale})
     except BaseException:
         state.adapters.pop(name, None)
         if lease is not None:
@@ -120,7 +120,7 @@ def unfuse_lora(pipeline: Any) -> None:
     """Take every fused adapter out of the weights; the adapters stay loaded."""
     state = getattr(pipeline, STATE_ATTR, None)
     if state is not None:
-        _refuse(state, {})
+        _fuse_exactly(state, {})
 
 
 def set_and_fuse_adapters(pipeline: Any, adapter_names: str | Sequence[str] | None = None,
@@ -141,7 +141,7 @@ def set_and_fuse_adapters(pipeline: Any, adapter_names: str | Sequence[str] | No
     unknown = [n for n in names if n not in state.adapters]
     if unknown:
         log.warning("set_and_fuse_adapters: no adapters named %s are loaded; skipped", unknown)
-    _refuse(state, {n: w for n, w in zip(names, weights) if n in state.adapters})
+    _fuse_exactly(state, {n: w for n, w in zip(names, weights) if n in state.adapters})
 
 
 def delete_adapters(pipeline: Any, adapter_names: str | Sequence[str] | None = None) -> None:
@@ -151,7 +151,7 @@ def delete_adapters(pipeline: Any, adapter_names: str | Sequence[str] | None = N
         return
     names = list(state.adapters) if adapter_names is None else (
         [adapter_names] if isinstance(adapter_names, str) else list(adapter_names))
-    _refuse(state, {n: w for n, w in state.active.items() if n not in names})
+    _fuse_exactly(state, {n: w for n, w in state.active.items() if n not in names})
     for name in names:
         adapter = state.adapters.pop(name, None)
         if adapter is not None:
@@ -192,7 +192,7 @@ def _state(pipeline: Any, restore: str) -> PipelineLoras:
     return state
 
 
-def _refuse(state: PipelineLoras, wanted: dict[str, float]) -> None:
+def _fuse_exactly(state: PipelineLoras, wanted: dict[str, float]) -> None:
     """Make ``wanted`` (name -> weight) the fused set, rewriting each touched weight once."""
     lenders = {id(a.lender): a.lender for a in state.adapters.values()
                if a.lease is not None and a.lender is not None and not a.lender.closed}

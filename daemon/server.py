@@ -22,7 +22,7 @@ from typing import Any, Callable, Coroutine
 import zmq
 
 from loracache.shared.endpoints import endpoint
-from loracache.shared.errors import ErrorCode, LoraCacheError
+from loracache.shared.errors import BadRequest, ErrorCode, LoraCacheError
 from loracache.shared.humanize import human_bytes
 from loracache.shared.protocol import decode_request, encode_error, encode_reply
 from loracache.shared.transport import Transport
@@ -290,7 +290,8 @@ class DaemonServer:
                                  f"internal error ({type(exc).__name__}: {exc}); the daemon "
                                  "carries on, and its log has the details")
         else:
-            request_id = getattr(exc, "request_id", request_id)
+            if isinstance(exc, BadRequest):  # the id it could read, if the frame was not
+                request_id = exc.request_id or request_id
             self._error_log.info((peer.hex(), exc.code.value), "%s %d failed: %s", op,
                                  request_id, exc)
         self.service.record_error(exc.code)

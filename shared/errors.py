@@ -1,13 +1,20 @@
 """Errors shared by the daemon and its clients.
 
-Every failure that crosses the wire is one code from :class:`ErrorCode` plus a message that
-says what to do. Both sides raise it as one exception type::
+Every failure is one code from :class:`ErrorCode` plus a message that says what to do, raised
+as one exception type on both sides::
 
     LoraCacheError            .code: ErrorCode, .message: str
-      raised by the daemon's handlers  -> sent as {"code", "message"}
-      raised by the client             <- rebuilt from the reply, or made locally
-                                          (DAEMON_UNAVAILABLE, TIMEOUT,
-                                          MAPPING_FAILED)
+      raised by the daemon's handlers  -> sent as {"code", "message"}; the client raises it
+                                          again from the reply
+      BadRequest                       a request the daemon could not take as it came
+                                          (BAD_REQUEST, VERSION_MISMATCH), with .request_id
+                                          when the envelope was read that far
+      raised by the client itself      the client-side codes below: DAEMON_UNAVAILABLE,
+                                          TIMEOUT, MAPPING_FAILED, CLIENT_CLOSED,
+                                          BAD_SOCKET_PATH
+    ValueError                         a call that misuses the API (an argument out of its
+                                          allowed values, a lease asked of a session=False
+                                          client, a duplicate adapter name): fix the code
 
 Foreign errors (ZeroMQ, OS, torch) are translated at the boundary with ``raise ... from exc``.
 """
@@ -35,6 +42,8 @@ class ErrorCode(str, enum.Enum):
     DAEMON_UNAVAILABLE = "DAEMON_UNAVAILABLE"  # client side: nobody answers on the socket
     TIMEOUT = "TIMEOUT"  # client side: the daemon did not reply in time
     MAPPING_FAILED = "MAPPING_FAILED"  # client side: this process cannot map the daemon's memory
+    CLIENT_CLOSED = "CLIENT_CLOSED"  # client side: the client is closed, or from before a fork
+    BAD_SOCKET_PATH = "BAD_SOCKET_PATH"  # client side: the socket path cannot be connected to
     INTERNAL = "INTERNAL"  # a bug in the daemon; the request failed, the daemon carries on
 
 
@@ -48,3 +57,15 @@ class LoraCacheError(Exception):
 
     def __reduce__(self):  # keep the two fields across pickling (multiprocessing, pytest-xdist)
         return (type(self), (self.code, self.message))
+
+
+class BadRequest(LoraCacheError):
+    """A request the daemon could not take as it came. ``request_id``: the request's id, when
+    the envelope was read that far (else 0), so the reply still reaches the right caller."""
+
+    def __init__(self, code: ErrorCode | str, message: str, request_id: int = 0) -> None:
+        super().__init__(code, message)
+        self.request_id = request_id
+
+    def __reduce__(self):
+        return (type(self), (self.code, self.message, self.request_id))

@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Union
 
 import msgpack
 
-from .errors import ErrorCode, LoraCacheError
+from .errors import BadRequest, ErrorCode, LoraCacheError
 
 PROTOCOL_VERSION = 1
 
@@ -254,11 +254,9 @@ def encode_request(request_id: int, session: str, request: Request) -> bytes:
 
 
 def decode_request(data: bytes) -> RequestFrame:
-    """Decode and validate one request, or raise BAD_REQUEST / VERSION_MISMATCH.
-
-    The raised error carries ``request_id`` when the envelope got that far, so the reply can
-    still be matched by the client.
-    """
+    """Decode and validate one request, or raise :class:`BadRequest` (BAD_REQUEST or
+    VERSION_MISMATCH), which carries the request's id when the envelope got that far, so the
+    reply can still be matched by the client."""
     body = _unpack(data, REQUEST_LIMITS)
     if not isinstance(body, dict):
         raise _bad("a request must be a msgpack map")
@@ -268,7 +266,7 @@ def decode_request(data: bytes) -> RequestFrame:
     try:
         version = body.get("v")
         if type(version) is not int or version != PROTOCOL_VERSION:
-            raise LoraCacheError(
+            raise BadRequest(
                 ErrorCode.VERSION_MISMATCH,
                 f"this daemon speaks protocol v{PROTOCOL_VERSION}, the request says v{version!r}; "
                 "install matching loracache versions on the daemon and the workers",
@@ -282,8 +280,7 @@ def decode_request(data: bytes) -> RequestFrame:
             raise _bad("field 'session' must be a string")
         return RequestFrame(id=request_id, session=session, request=from_map(cls, body))
     except LoraCacheError as exc:
-        exc.request_id = request_id  # type: ignore[attr-defined]
-        raise
+        raise BadRequest(exc.code, exc.message, request_id) from None
 
 
 def encode_reply(request_id: int, result: Any) -> bytes:
@@ -418,5 +415,5 @@ def _describe(hint: Any) -> str:
     return getattr(hint, "__name__", str(hint))
 
 
-def _bad(message: str) -> LoraCacheError:
-    return LoraCacheError(ErrorCode.BAD_REQUEST, message)
+def _bad(message: str) -> BadRequest:
+    return BadRequest(ErrorCode.BAD_REQUEST, message)

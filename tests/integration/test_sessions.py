@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
 import pytest
 import torch
 
-from loracache.client import ErrorCode, LoraCacheError
+from loracache.client import ErrorCode, LoraCacheClient, LoraCacheError
 from loracache.shared.protocol import Release
 from tests.support import Worker, wait_until, write_lora
 
@@ -80,7 +81,7 @@ def test_closing_a_client_releases_its_leases(daemon, lora_dir):
     assert stats["leases"] == 0 and stats["sessions"] == 1  # the session ended with the client
     with pytest.raises(LoraCacheError) as error:
         client.acquire("a.safetensors")
-    assert error.value.code is ErrorCode.NOT_ALLOWED
+    assert error.value.code is ErrorCode.CLIENT_CLOSED
 
 
 def test_an_expired_session_is_renewed_with_its_leases(start_daemon, lora_dir):
@@ -149,5 +150,31 @@ def test_closing_a_client_ends_a_request_waiting_in_another_thread(start_daemon,
         waiter.join(10)
         assert not waiter.is_alive() and time.monotonic() - started < 5
         (error,) = outcome
-        assert isinstance(error, LoraCacheError) and error.code is ErrorCode.NOT_ALLOWED
+        assert isinstance(error, LoraCacheError) and error.code is ErrorCode.CLIENT_CLOSED
     assert daemon.stats()["leases"] == 0
+
+
+def test_client_side_misuse_has_client_side_errors(daemon, lora_dir, tmp_path):
+    """A socket path the kernel cannot take, a lease asked of a look-only client, and a client
+    used after fork() fail with their own codes (or ValueError), not with daemon policy codes."""
+    with pytest.raises(LoraCacheError) as too_long:
+        LoraCacheClient(tmp_path / ("x" * 200) / "d.sock")
+    assert too_long.value.code is ErrorCode.BAD_SOCKET_PATH
+    write_lora(lora_dir / "a.safetensors", {"w": torch.ones(4)})
+    with daemon.client(session=False) as looker, pytest.raises(ValueError):
+        looker.acquire("a.safetensors")
+    with daemon.client() as client:
+        read, write = os.pipe()
+        child = os.fork()
+        if child == 0:  # the child reports the code it got, and exits at once
+            try:
+                client.stats()
+                code = b"no error"
+            except LoraCacheError as exc:
+                code = exc.code.value.encode()
+            os.write(write, code)
+            os._exit(0)
+        os.close(write)
+        os.waitpid(child, 0)
+        assert os.read(read, 64) == b"CLIENT_CLOSED"
+        os.close(read)

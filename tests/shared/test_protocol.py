@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from loracache.shared.errors import ErrorCode, LoraCacheError
+from loracache.shared.errors import BadRequest, ErrorCode, LoraCacheError
 from loracache.shared.protocol import (
     PROTOCOL_VERSION,
     REQUEST_LIMITS,
@@ -143,7 +143,7 @@ def test_error_codes_are_a_closed_set_whose_wire_value_is_the_name() -> None:
         "BAD_REQUEST", "VERSION_MISMATCH", "FORBIDDEN_PATH", "NOT_FOUND", "INVALID_LORA",
         "UNSUPPORTED_FORMAT", "TOO_LARGE", "CACHE_FULL", "UNKNOWN_DEVICE", "UNKNOWN_LEASE",
         "UNKNOWN_SESSION", "NOT_ALLOWED", "DAEMON_UNAVAILABLE", "TIMEOUT",
-        "MAPPING_FAILED", "INTERNAL"}
+        "MAPPING_FAILED", "CLIENT_CLOSED", "BAD_SOCKET_PATH", "INTERNAL"}
     assert all(code.value == code.name for code in ErrorCode)
 
 
@@ -318,7 +318,7 @@ def test_non_map_is_bad_request(body: Any) -> None:
 def test_bad_id_is_bad_request(request_id: Any) -> None:
     error = refused(pack({**envelope(), "id": request_id}))
     assert "'id'" in error.message
-    assert not hasattr(error, "request_id")
+    assert isinstance(error, BadRequest) and error.request_id == 0  # not read: no id
 
 
 def test_missing_id_is_bad_request_without_request_id() -> None:
@@ -326,13 +326,13 @@ def test_missing_id_is_bad_request_without_request_id() -> None:
     del body["id"]
     error = refused(pack(body))
     assert "'id'" in error.message
-    assert not hasattr(error, "request_id")
+    assert isinstance(error, BadRequest) and error.request_id == 0  # not read: no id
 
 
 @pytest.mark.parametrize("version", [2, 0, "1", None], ids=["2", "0", "str", "nil"])
 def test_wrong_version_is_version_mismatch(version: Any) -> None:
     error = refused(pack({**envelope(), "v": version}), ErrorCode.VERSION_MISMATCH)
-    assert error.request_id == 42  # type: ignore[attr-defined]
+    assert isinstance(error, BadRequest) and error.request_id == 42
 
 
 @pytest.mark.parametrize("version", [True, 1.0], ids=["true", "float"])
@@ -352,7 +352,7 @@ def test_missing_version_is_version_mismatch() -> None:
 def test_unknown_op_is_bad_request(op: Any) -> None:
     error = refused(pack({**envelope(), "op": op}))
     assert "unknown op" in error.message
-    assert error.request_id == 42  # type: ignore[attr-defined]
+    assert isinstance(error, BadRequest) and error.request_id == 42
 
 
 @pytest.mark.parametrize("op, field", [("acquire", "path"), ("release", "lease"),
@@ -360,7 +360,7 @@ def test_unknown_op_is_bad_request(op: Any) -> None:
 def test_missing_required_field_is_bad_request(op: str, field: str) -> None:
     error = refused(pack(envelope(op)))
     assert f"{field!r}" in error.message and "required" in error.message
-    assert error.request_id == 42  # type: ignore[attr-defined]
+    assert isinstance(error, BadRequest) and error.request_id == 42
 
 
 @pytest.mark.parametrize("op, fields, bad_field", [
@@ -383,14 +383,14 @@ def test_missing_required_field_is_bad_request(op: str, field: str) -> None:
 def test_mistyped_field_is_bad_request(op: str, fields: dict[str, Any], bad_field: str) -> None:
     error = refused(pack(envelope(op, **fields)))
     assert repr(bad_field) in error.message
-    assert error.request_id == 42  # type: ignore[attr-defined]
+    assert isinstance(error, BadRequest) and error.request_id == 42
 
 
 @pytest.mark.parametrize("session", [5, None, b"tok", ["tok"]], ids=["int", "nil", "bin", "list"])
 def test_mistyped_session_is_bad_request(session: Any) -> None:
     error = refused(pack({**envelope(), "session": session}))
     assert "'session'" in error.message
-    assert error.request_id == 42  # type: ignore[attr-defined]
+    assert isinstance(error, BadRequest) and error.request_id == 42
 
 
 def test_oversized_message_is_bad_request() -> None:
