@@ -15,10 +15,10 @@ import inspect
 from multiprocessing.connection import Connection
 from pathlib import Path
 
+import psutil
 from safetensors.torch import load_file
 
 from loracache.client import LoraCacheClient
-from loracache.shared.procmem import mapping_pss_bytes, pss_bytes
 
 from .common import (MiB, DaemonProcess, Report, Target, WorkerGroup, ratio, reporting_failure,
                      scratch_dir, touch, warm_page_cache, write_lora, x)
@@ -71,11 +71,12 @@ def _measure(n: int, mode: str, daemon: DaemonProcess, paths: list[Path]) -> dic
     args = [(mode, str(daemon.socket), [str(p) for p in paths])] * n
     with WorkerGroup(_worker, args) as workers:
         workers.expect("ready")
-        before = [pss_bytes(pid) for pid in workers.pids]
+        before = [psutil.Process(pid).memory_full_info().pss for pid in workers.pids]
         workers.send_all("go")
         workers.expect("held")
-        after = [pss_bytes(pid) for pid in workers.pids]
-        mapped = [mapping_pss_bytes(str(daemon.shm_root), pid) for pid in workers.pids]
+        after = [psutil.Process(pid).memory_full_info().pss for pid in workers.pids]
+        mapped = [sum(m.pss for m in psutil.Process(pid).memory_maps()
+                      if str(daemon.shm_root) in m.path) for pid in workers.pids]
         workers.send_all("exit")
         workers.join()
     return {"pss_growth": sum(after) - sum(before), "mapping_pss": sum(mapped),

@@ -24,11 +24,11 @@ from safetensors.torch import save_file
 
 from loracache.client import LoraCacheClient, LoraCacheError
 from loracache.shared.endpoints import default_socket_path, user_runtime_dir
-from tests.tiny import save, sd_lora_peft, tiny_sd_pipeline
+from examples.tiny_models import save, sd_lora_peft, tiny_sd_pipeline
 
 HERE = Path(__file__).resolve().parent
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no notes about optional extras
-WORKER_ENV = {**os.environ, "PYTHONPATH": str(HERE.parent)}  # workers import tests.tiny
+WORKER_ENV = {**os.environ, "PYTHONPATH": str(HERE.parent)}  # workers import examples.tiny_models
 CLI = [sys.executable, "-m", "loracache.client.cli"]
 
 

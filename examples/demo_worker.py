@@ -5,11 +5,11 @@ import hashlib
 import os
 import sys
 
+import psutil
 import torch
 
 from loracache.client import LoraCacheClient, load_and_fuse_lora
-from loracache.shared.procmem import mapping_pss_bytes, pss_bytes
-from tests.tiny import image, tiny_sd_pipeline  # the same tiny pipeline the tests build
+from examples.tiny_models import image, tiny_sd_pipeline  # the tests build the same
 
 socket, lora, style, name = sys.argv[1:5]
 MiB = 2**20
@@ -28,8 +28,10 @@ with LoraCacheClient(socket) as client, client.acquire(lora, device="cpu") as le
     print(f"{name}: fused {style} into its own pipeline: image sha256 {digest}, "
           f"mean pixel change {float((styled - plain).abs().mean()):.4f}", flush=True)
     sys.stdin.readline()  # wait until both workers hold their leases, then report memory
-    shared = mapping_pss_bytes("/loracache-")
+    # PSS splits a shared page among the processes that map it (RSS counts it in full in each).
+    memory = psutil.Process()
+    shared = sum(m.pss for m in memory.memory_maps() if "/loracache-" in m.path)
     print(f"{name}: PSS of the shared LoRA mappings {shared / MiB:.1f} MiB "
           f"(one copy of {lease.entry.nbytes / MiB:.1f} MiB, split between its users); "
-          f"whole process PSS {pss_bytes() / MiB:.1f} MiB", flush=True)
+          f"whole process PSS {memory.memory_full_info().pss / MiB:.1f} MiB", flush=True)
     sys.stdin.readline()  # hold the leases until the demo is done with stats

@@ -9,14 +9,14 @@ import logging
 import os
 import sys
 
+import psutil
 import torch
 from safetensors.torch import load_file
 
 from loracache.client import (LoraCacheClient, LoraCacheError, delete_adapters,
                               load_and_fuse_lora, unfuse_lora)
-from loracache.shared.procmem import mapping_pss_bytes, pss_bytes
 from tests.support import become, digest
-from tests.tiny import tiny_sd_pipeline
+from examples.tiny_models import tiny_sd_pipeline
 
 
 class Remember(logging.Handler):
@@ -79,7 +79,10 @@ def run(op, args):
         loaded[args["path"]] = {k: v.clone() for k, v in load_file(args["path"]).items()}
         return sum(float(t.float().sum()) for t in loaded[args["path"]].values())
     if op == "pss":
-        return {"total": pss_bytes(), "mapping": mapping_pss_bytes(args.get("path_part", "\0"))}
+        memory = psutil.Process()
+        part = args.get("path_part", "\0")
+        return {"total": memory.memory_full_info().pss,
+                "mapping": sum(m.pss for m in memory.memory_maps() if part in m.path)}
     if op == "cuda_allocated":  # what this process's own allocator holds on the device
         return torch.cuda.memory_allocated()
     if op == "stats":

@@ -4,9 +4,17 @@ import gc
 import json
 import sys
 
+import psutil
+
+from examples.tiny_models import tiny_sd_pipeline
 from loracache.client import LoraCacheClient, load_and_fuse_lora
-from loracache.shared.procmem import anonymous_bytes
-from tests.tiny import tiny_sd_pipeline
+
+
+def anonymous_bytes() -> int:
+    """Memory backed by no file: a private copy of a LoRA lands here, a mapping of the
+    daemon's shared-memory file does not (even when no other process maps it yet)."""
+    return sum(m.anonymous for m in psutil.Process().memory_maps(grouped=False))
+
 
 socket, path, memory_efficient = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
 pipe = tiny_sd_pipeline()

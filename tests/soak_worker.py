@@ -157,7 +157,7 @@ class FusingWorker(Worker):
     """Fuse and unfuse cycles on a tiny SD pipeline through the daemon."""
 
     def __init__(self, config: dict) -> None:
-        from tests.tiny import tiny_sd_pipeline
+        from examples.tiny_models import tiny_sd_pipeline
 
         self.pipe = tiny_sd_pipeline(smallest=True)  # seconds of CPU: before connecting
         super().__init__(config)

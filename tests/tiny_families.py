@@ -11,7 +11,7 @@ import re
 
 import torch
 
-from tests.tiny import CONV_TARGETS, TE_TARGETS, UNET_TARGETS, peft_layers
+from examples.tiny_models import CONV_TARGETS, TE_TARGETS, UNET_TARGETS, peft_layers
 
 VOCAB = 100
 IDS = torch.arange(8).unsqueeze(0) % VOCAB  # fixed "prompt" token ids

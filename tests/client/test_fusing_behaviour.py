@@ -18,8 +18,8 @@ import loracache.client.fusing as fusing
 from loracache.client import (ErrorCode, LoraCacheError, delete_adapters, get_active_adapters,
                               load_and_fuse_lora, set_and_fuse_adapters, unfuse_lora)
 from tests.support import REPO
-from tests.tiny import (image, save, sd15_shaped_pipeline, sd_lora_peft, tiny_sd_pipeline,
-                        to_kohya)
+from examples.tiny_models import image, save, sd_lora_peft, tiny_sd_pipeline
+from tests.tiny import sd15_shaped_pipeline, to_kohya
 
 FIXTURES = REPO / "tests" / "fixtures"  # see its README for provenance
 

@@ -22,7 +22,7 @@ from loracache.shared.errors import ErrorCode, LoraCacheError
 from loracache.shared.families import ALPHA, DOWN, UNMATCHED, UP
 from tests.client.test_fusing_oracle import assert_same_weights
 from tests.support import REPO, Daemon
-from tests.tiny import save, sd_lora_peft, tiny_sd_pipeline
+from examples.tiny_models import save, sd_lora_peft, tiny_sd_pipeline
 from tests.tiny_families import (flux_image, flux_lora_kohya, flux_lora_peft, kohya_with_alphas,
                                  sd3_image, sd3_lora_peft, sdxl_image, sdxl_lora_peft,
                                  sdxl_to_kohya, tiny_flux_pipeline, tiny_sd3_pipeline,

@@ -10,8 +10,8 @@ import torch
 
 from loracache.client import (delete_adapters, get_active_adapters, load_and_fuse_lora,
                               set_and_fuse_adapters, unfuse_lora)
-from tests.tiny import (UNET_TARGETS, image, save, sd_lora_peft, tiny_sd_pipeline, to_kohya,
-                        to_legacy_diffusers)
+from examples.tiny_models import UNET_TARGETS, image, save, sd_lora_peft, tiny_sd_pipeline
+from tests.tiny import to_kohya, to_legacy_diffusers
 
 FORMATS = {
     "peft": lambda pipe: sd_lora_peft(pipe),

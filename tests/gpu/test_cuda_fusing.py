@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from loracache.client import delete_adapters, load_and_fuse_lora, unfuse_lora
-from tests.tiny import save, sd_lora_peft, tiny_sd_pipeline, to_kohya
+from examples.tiny_models import save, sd_lora_peft, tiny_sd_pipeline
+from tests.tiny import to_kohya
 
 pytestmark = pytest.mark.gpu
 

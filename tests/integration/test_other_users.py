@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from loracache.client import ErrorCode, LoraCacheError
 from tests.support import Worker, digest, sized_lora, wait_until
-from tests.tiny import save, sd_lora_peft, tiny_sd_pipeline
+from examples.tiny_models import save, sd_lora_peft, tiny_sd_pipeline
 
 NOBODY = 65534
 MiB = 1 << 20

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from tests.support import Worker
-from tests.tiny import save, sd_lora_peft, tiny_sd_pipeline
+from examples.tiny_models import save, sd_lora_peft, tiny_sd_pipeline
 
 
 @pytest.fixture

@@ -31,7 +31,7 @@ import torch
 from loracache.client import LoraCacheClient, LoraCacheError
 from loracache.shared.packing import TensorItem, pack
 from tests.support import REPO, Daemon
-from tests.tiny import save, sd_lora_peft, tiny_sd_pipeline
+from examples.tiny_models import save, sd_lora_peft, tiny_sd_pipeline
 
 SOAK_SECONDS = float(os.environ.get("LORACACHE_SOAK_SECONDS", "30"))
 WORKERS, FUSING_WORKERS = 16, 4
