@@ -131,25 +131,25 @@ class LoraCacheClient:
         are zero-copy views of the shared copy."""
         self._require_session()
         path, device = os.fspath(path), device_name(device)
-        known = self._known_entry(path, device, layout)
-        result = AcquireResult.from_wire(
-            self._request(Acquire(path=path, device=device, layout=layout, known_entry=known)))
-        instance = self._local.instance  # of the daemon that answered, even if one restarted
-        key = (instance, result.entry.id)
-        with self._lock:
-            if result.tensors is not None:
-                self._tables[key] = result.tensors
-                self._hints[(path, device, layout)] = result.entry.id
-            table = self._tables.get(key)
-            if table is not None:
-                self._tables.move_to_end(key)
-                while len(self._tables) > TABLE_CACHE_SIZE:
-                    self._tables.popitem(last=False)
-        if table is None:  # the table was dropped between asking and the reply: ask again
-            self._give_back(result.lease, opened=False)
+        while True:
+            known = self._known_entry(path, device, layout)
+            result = AcquireResult.from_wire(self._request(
+                Acquire(path=path, device=device, layout=layout, known_entry=known)))
+            instance = self._local.instance  # of the daemon that answered, even if restarted
+            key = (instance, result.entry.id)
             with self._lock:
+                if result.tensors is not None:
+                    self._tables[key] = result.tensors
+                    self._hints[(path, device, layout)] = result.entry.id
+                table = self._tables.get(key)
+                if table is not None:
+                    self._tables.move_to_end(key)
+                    while len(self._tables) > TABLE_CACHE_SIZE:
+                        self._tables.popitem(last=False)
+                    break
+                # The table was dropped between asking and the reply: ask again, with no hint.
                 self._hints.pop((path, device, layout), None)
-            return self.acquire(path, device, layout)
+            self._give_back(result.lease, opened=False)
         from .lease import Lease  # torch loads with the first lease, not with the CLI
 
         tensors = self._attach(instance, result, table)

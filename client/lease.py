@@ -9,6 +9,7 @@ mapped until they are gone, so nothing is ever freed under a live tensor.
 from __future__ import annotations
 
 import dataclasses
+import math
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Callable
@@ -74,7 +75,6 @@ class TensorViews(Mapping[str, torch.Tensor]):
     def __init__(self, buffer: torch.Tensor, specs: Sequence[TensorSpec]) -> None:
         self._buffer = buffer
         self._specs = {spec.name: spec for spec in specs}
-        self._typed: dict[torch.dtype, torch.Tensor] = {}
         self._views: dict[str, torch.Tensor] = {}
 
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -94,14 +94,9 @@ class TensorViews(Mapping[str, torch.Tensor]):
 
     def _make(self, spec: TensorSpec) -> torch.Tensor:
         dtype = TORCH_DTYPES[spec.dtype]
-        typed = self._typed.get(dtype)
-        if typed is None:  # the whole buffer seen as this dtype; offsets are 256-byte aligned
-            typed = self._typed[dtype] = self._buffer.view(dtype)
-        strides, step = [], 1
-        for dim in reversed(spec.shape):
-            strides.append(step)
-            step *= dim
-        return typed.as_strided(spec.shape, strides[::-1], spec.offset // dtype.itemsize)
+        nbytes = math.prod(spec.shape) * dtype.itemsize
+        # The tensor's bytes, seen as its dtype and shape (offsets are 256-byte aligned).
+        return self._buffer.narrow(0, spec.offset, nbytes).view(dtype).view(spec.shape)
 
 
 class Lease:
