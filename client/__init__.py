@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from loracache.shared.errors import ErrorCode, LoraCacheError
 
-from .connection import LoraCacheClient
+from .client import LoraCacheClient
 
 if TYPE_CHECKING:
     from .fusing import (clear_lora_cache, delete_adapters, get_active_adapters,

@@ -21,7 +21,7 @@ from loracache.shared.endpoints import admin_socket_path, default_socket_path
 from loracache.shared.errors import ErrorCode, LoraCacheError
 from loracache.shared.humanize import human_bytes, human_duration
 
-from .connection import LoraCacheClient
+from .client import LoraCacheClient
 
 UNREACHABLE = 2  # also argparse's exit code for bad usage
 

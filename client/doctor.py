@@ -24,7 +24,7 @@ from pathlib import Path
 from loracache.shared.errors import ErrorCode, LoraCacheError
 from loracache.shared.ipc_compat import check_importer, torch_release
 
-from .connection import LoraCacheClient
+from .client import LoraCacheClient
 
 CONNECT_TIMEOUT = 5.0
 

@@ -27,7 +27,7 @@ from loracache.shared.errors import ErrorCode, LoraCacheError
 from loracache.shared.families import ALPHA, DOWN, UNMATCHED, UP, Family
 
 from . import fuser
-from .connection import LoraCacheClient, device_name
+from .client import LoraCacheClient, device_name
 from .lease import Lease
 from .pipelines import component, device_of, family_of, fusable_module
 
@@ -311,7 +311,7 @@ def _shared_client() -> LoraCacheClient:
     """This process's client on the default socket, made on first use (again after failing)."""
     global _default_client
     with _default_lock:
-        if _default_client is None or _default_client._closed.is_set():
+        if _default_client is None or _default_client.closed:
             _default_client = LoraCacheClient(connect_timeout=DEFAULT_CONNECT_TIMEOUT)
         return _default_client
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
 import time
@@ -178,3 +179,15 @@ def test_client_side_misuse_has_client_side_errors(daemon, lora_dir, tmp_path):
         os.waitpid(child, 0)
         assert os.read(read, 64) == b"CLIENT_CLOSED"
         os.close(read)
+
+
+def test_a_client_dropped_without_close_ends_its_session(daemon, lora_dir):
+    """Its heartbeat thread holds the connection, not the client: once the client is garbage,
+    its session ends (the lease it released stays released), rather than heartbeating on."""
+    write_lora(lora_dir / "a.safetensors", {"w": torch.ones(4)})
+    client = daemon.client()
+    client.acquire("a.safetensors").release()
+    assert daemon.stats()["sessions"] == 2  # the client's and stats' own
+    del client
+    gc.collect()
+    wait_until(lambda: daemon.stats()["sessions"] == 1, timeout=5)
