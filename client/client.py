@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from loracache.shared import device_names
 from loracache.shared.errors import ErrorCode, LoraCacheError
 from loracache.shared.protocol import (
     Acquire,
@@ -207,7 +208,7 @@ class LoraCacheClient:
 def device_name(device: str | torch.device) -> str:
     """The daemon's name for ``device``: ``cpu``, or ``cuda:<uuid>`` for a CUDA device (the
     UUID as nvidia-smi -L prints it: ``GPU-...``, or ``MIG-...`` for a MIG instance)."""
-    if str(device) == "cpu" or str(device).startswith(("cuda:GPU-", "cuda:MIG-")):
+    if device_names.is_name(str(device)):
         return str(device)
     import torch
 

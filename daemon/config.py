@@ -16,13 +16,14 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from loracache.shared import device_names
+from loracache.shared.device_names import same_device
 from loracache.shared.families import LAYOUTS, RAW
 from loracache.shared.endpoints import (config_file_path, endpoint, fallback_socket_path,
                                         read_config_file)
 
 ENV_PREFIX = "LORACACHE_"
 LOG_LEVELS = ("debug", "info", "warning", "error")
-DEVICE_PATTERN = r"all|cpu|cuda(:[\w-]+)?"
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
           "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
@@ -111,15 +112,20 @@ class DaemonConfig:
     sources: Mapping[str, str] = dataclasses.field(default_factory=dict, compare=False)
 
     def budget(self, device: str, total_memory: int) -> int:
-        override = self.device.get(device)
+        override = self.override(device)
         spec = override.max_bytes if override and override.max_bytes else self.max_bytes
         return spec.resolve(total_memory)
 
     def cache_size_for(self, device: str) -> int:
-        override = self.device.get(device)
+        override = self.override(device)
         if override is not None and override.cache_size is not None:
             return override.cache_size
         return self.cache_size
+
+    def override(self, device: str) -> DeviceOverride | None:
+        """The ``[device."..."]`` table of ``device``, however its UUID's prefix is spelled."""
+        return self.device.get(device) or next(
+            (o for name, o in self.device.items() if same_device(name, device)), None)
 
 
 # ------------------------------------------------------------------------------- value parsers
@@ -180,7 +186,7 @@ def _lora_dirs(value: Any) -> tuple[Path, ...]:
 
 def _devices(value: Any) -> tuple[str, ...]:
     devices = _strings(value, ",")
-    bad = [d for d in devices if not re.fullmatch(DEVICE_PATTERN, d)]
+    bad = [d for d in devices if not device_names.is_selector(d)]
     if bad or not devices:
         raise ConfigError(f"{bad[0] if bad else 'nothing'!r} is not a device: use cpu, cuda, "
                           "cuda:<index>, cuda:<GPU-uuid> or all")
@@ -245,13 +251,12 @@ def _metrics_addr(value: Any) -> tuple[str, int] | None:
 
 
 def _device_name(name: str) -> str:
-    if name == "cpu":
-        return name
-    uuid = name.removeprefix("cuda:")
-    if not re.fullmatch(r"(GPU|MIG)-[0-9a-fA-F-]+", uuid):
+    """A ``[device."..."]`` key as a device name: ``cpu``, or a UUID with or without cuda:."""
+    canonical = name if name == "cpu" else f"cuda:{name.removeprefix('cuda:')}"
+    if not device_names.is_name(canonical):
         raise ConfigError(f"[device.{json.dumps(name)}]: a device is named \"cpu\" or by its GPU "
-                          "UUID as nvidia-smi -L prints it (GPU-...)")
-    return f"cuda:{uuid}"
+                          "UUID as nvidia-smi -L prints it (GPU-..., or MIG-...)")
+    return canonical
 
 
 def _device_overrides(value: Any) -> dict[str, DeviceOverride]:

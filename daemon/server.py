@@ -21,6 +21,7 @@ from typing import Any, Callable, Coroutine
 
 import zmq
 
+from loracache.shared.device_names import selects
 from loracache.shared.endpoints import endpoint
 from loracache.shared.errors import BadRequest, ErrorCode, LoraCacheError
 from loracache.shared.humanize import human_bytes
@@ -44,10 +45,9 @@ STATUS_INTERVAL = 5.0  # seconds between STATUS= updates to systemd
 
 def make_transports(config: DaemonConfig, shm_dir: Path) -> list[Transport]:
     """The transports for the configured devices: ``cpu`` and/or CUDA devices by index or UUID."""
-    wanted = set(config.devices)
+    gpu_selectors = [s for s in config.devices if s not in ("all", "cpu")]
     transports: list[Transport] = []
-    cuda_wanted = {d for d in wanted if d.startswith("cuda") or d == "all"}
-    if cuda_wanted:
+    if gpu_selectors or "all" in config.devices:
         from loracache.shared.transport.cuda_ipc import CudaIpcTransport, visible_devices
 
         for index in visible_devices():
@@ -55,18 +55,21 @@ def make_transports(config: DaemonConfig, shm_dir: Path) -> list[Transport]:
                 transport = CudaIpcTransport(index)
             except LoraCacheError as exc:  # a GPU whose memory cannot be shared
                 raise ConfigError(exc.message) from exc
-            if cuda_wanted & {"all", "cuda", f"cuda:{index}", transport.device}:
+            if any(selects(s, transport.device, index) for s in config.devices if s != "cpu"):
                 transports.append(transport)
-        if not transports:
-            if wanted - {"all", "cpu"}:
-                raise ConfigError(f"devices {sorted(cuda_wanted)} asked for CUDA, but this "
-                                  "process sees no CUDA device")
-            if os.path.exists("/dev/nvidiactl"):  # a GPU host whose GPUs are not usable
-                log.warning("devices = all, but no CUDA device is usable although this host has "
-                            "NVIDIA devices (is /dev/nvidia-uvm there? see systemd/README.md); "
-                            "serving the CPU only")
-    if wanted & {"all", "cpu"}:  # last: a refused GPU leaves no directory behind
-        transports.insert(0, ShmTransport(shm_dir))
+        unmatched = [s for s in gpu_selectors
+                     if not any(selects(s, t.device, getattr(t, "index", None))
+                                for t in transports)]
+        if unmatched:
+            raise ConfigError(f"devices {unmatched} select no CUDA device this process sees "
+                              f"(it sees {', '.join(t.device for t in transports) or 'none'}); "
+                              "check nvidia-smi -L and CUDA_VISIBLE_DEVICES")
+        if not transports and os.path.exists("/dev/nvidiactl"):  # GPUs here, none usable
+            log.warning("devices = all, but no CUDA device is usable although this host has "
+                        "NVIDIA devices (is /dev/nvidia-uvm there? see systemd/README.md); "
+                        "serving the CPU only")
+    if "all" in config.devices or "cpu" in config.devices:  # last: a refused GPU leaves no
+        transports.insert(0, ShmTransport(shm_dir))  # directory behind
     return transports
 
 

@@ -19,7 +19,7 @@ import secrets
 import time
 from typing import Any, Awaitable, Callable
 
-from loracache.shared.device_names import same_device
+from loracache.shared.device_names import same_device, selects
 from loracache.shared.errors import ErrorCode, LoraCacheError
 from loracache.shared.humanize import human_bytes
 from loracache.shared.ipc_compat import check_importer, torch_release
@@ -301,13 +301,13 @@ class CacheService:
                 self.record_error(exc.code)
                 log.error("preload of %s on %s failed: %s", spec.path, spec.device, exc)
 
-    def device_named(self, name: str) -> str:
-        """The device name for ``cuda`` (the first GPU) or ``cuda:<index>``; others unchanged."""
+    def device_named(self, selector: str) -> str:
+        """The device a preload's ``device`` selects (``cuda``: the first GPU); an unknown
+        one is returned as it is, for _device() to refuse naming the devices there are."""
         for device in self.devices.values():
-            index = getattr(device.transport, "index", None)
-            if index is not None and name in ("cuda", f"cuda:{index}"):
+            if selects(selector, device.name, getattr(device.transport, "index", None)):
                 return device.name
-        return name  # cpu, a UUID, or unknown: _device() names the devices there are
+        return selector
 
     def record_error(self, code: ErrorCode) -> None:
         self.errors[code.value] += 1

@@ -1,7 +1,16 @@
-"""How devices are named: ``cpu``, or ``cuda:<uuid>`` with the UUID as ``nvidia-smi -L`` prints
-it (``GPU-...``, or ``MIG-...`` for a MIG instance)."""
+"""How devices are named, in one place for the configuration, the server, the service and the
+client: ``cpu``, or ``cuda:<uuid>`` with the UUID as ``nvidia-smi -L`` prints it (``GPU-...``,
+or ``MIG-...`` for a MIG instance). Configuration and flags may also select devices with
+``all``, ``cuda`` (every GPU) and ``cuda:<index>`` (an ordinal of the daemon's process).
+"""
 
 from __future__ import annotations
+
+import re
+
+UUID = r"(?:GPU|MIG)-[0-9a-fA-F-]+"
+SELECTOR = re.compile(rf"all|cpu|cuda(?::(?:\d+|{UUID}))?")  # what `devices` accepts
+NAME = re.compile(rf"cpu|cuda:{UUID}")  # what the wire and the client use
 
 
 def bare_uuid(uuid: str) -> str:
@@ -17,3 +26,22 @@ def same_device(a: str, b: str) -> bool:
         return True
     return (a.startswith("cuda:") and b.startswith("cuda:")
             and bare_uuid(a.removeprefix("cuda:")) == bare_uuid(b.removeprefix("cuda:")))
+
+
+def is_selector(text: str) -> bool:
+    return SELECTOR.fullmatch(text) is not None
+
+
+def is_name(text: str) -> bool:
+    return NAME.fullmatch(text) is not None
+
+
+def selects(selector: str, name: str, index: int | None = None) -> bool:
+    """Whether ``selector`` picks the device named ``name`` (``index``: its ordinal in this
+    process, for GPUs)."""
+    if selector == "all" or selector == name:
+        return True
+    if name == "cpu" or selector == "cpu":
+        return False
+    return (selector == "cuda" or (index is not None and selector == f"cuda:{index}")
+            or same_device(selector, name))

@@ -198,3 +198,16 @@ def test_a_probe_made_for_a_session_that_expired_meanwhile_leaks_nothing(service
     assert isinstance(outcome, LoraCacheError) and outcome.code is ErrorCode.UNKNOWN_SESSION
     cache = service.devices[GPU].cache
     assert (cache.leases, cache.leased_bytes, cache.reserved) == (0, 0, 0)
+
+
+def test_a_gpu_selector_that_selects_no_device_stops_the_daemon(tmp_path):
+    from loracache.daemon.config import ConfigError
+    from loracache.daemon.server import make_transports
+
+    nowhere = "cuda:GPU-00000000-0000-0000-0000-000000000000"
+    config = load_config({"lora_dirs": [str(tmp_path)], "devices": f"cpu,{nowhere}"},
+                         environ={})
+    with pytest.raises(ConfigError) as refused:
+        make_transports(config, tmp_path / "shm")
+    assert nowhere in str(refused.value) and "select no CUDA device" in str(refused.value)
+    assert not (tmp_path / "shm").exists()  # nothing made on the way
