@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+LINT_STAMP := $(VENV)/.lint-installed
 
 .PHONY: venv systemd-tools demo lint test test-gpu bench clean
 
@@ -38,8 +39,12 @@ systemd-tools:
 	  $$SUDO apt-get update -qq && \
 	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends systemd; }
 
+$(LINT_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[lint]'
+	touch $(LINT_STAMP)
+
 # mypy needs the import names (loracache.daemon, ...): a tree of links gives them.
-lint: venv
+lint: $(LINT_STAMP)
 	$(PY) -m ruff check .
 	@mkdir -p build/typecheck/loracache
 	@for part in daemon client shared; do ln -sfn ../../../$$part build/typecheck/loracache/$$part; done

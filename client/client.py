@@ -61,9 +61,12 @@ class LoraCacheClient:
                                       session=session)
         self._book = LeaseBook(self._connection)
         self._connection.on_recover = self._book.renew_all
-        # The heartbeat thread holds the connection, not this object: once nothing else holds
-        # it, this ends the session instead of heartbeating it forever.
-        self._finalizer = weakref.finalize(self, self._connection.close)
+        # The heartbeat thread holds the connection, not this object: once nothing holds the
+        # client, its session ends rather than heartbeating forever. Not at interpreter exit:
+        # there the session lapses by its TTL, and the daemon, finding the process gone,
+        # undoes the exports of leases it never released.
+        self._finalizer = weakref.finalize(self, _abandon, self._connection, self._book)
+        self._finalizer.atexit = False
 
     # ---------------------------------------------------------------------------- public API
 
@@ -136,7 +139,8 @@ class LoraCacheClient:
             return
         if os.getpid() == self._connection.pid:
             self._book.release_all()
-        self._finalizer()  # closes the connection, once
+        self._finalizer.detach()
+        self._connection.close()
 
     @property
     def closed(self) -> bool:
@@ -203,6 +207,13 @@ class LoraCacheClient:
     def _release(self, lease: Lease) -> None:
         # Bound to this client, so a lease still held keeps the client (and session) alive.
         self._book.release(lease)
+
+
+def _abandon(connection: Connection, book: LeaseBook) -> None:
+    """A client that nothing holds any more. This may run in any thread (the garbage
+    collector's), so the connection is only told to end; it says Bye when no lease is left in
+    the book (leases still booked keep their mappings: their session lapses by its TTL)."""
+    connection.abandon(bye=book.empty)
 
 
 def device_name(device: str | torch.device) -> str:

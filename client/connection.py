@@ -77,12 +77,13 @@ class Connection:
         self._context = zmq.Context()
         self._local = threading.local()
         self._sockets: list[zmq.Socket] = []
-        self.lock = threading.Lock()  # guards the sockets and the session's fields
+        self.lock = threading.RLock()  # guards the sockets and the session's fields
         self._ids = itertools.count(1)
         self.instance = self.session = self.daemon_torch = ""  # set by hello
         self.session_ttl = 0.0
         self.devices: list[str] = []
         self._closed = threading.Event()
+        self._bye_when_abandoned = False  # set by abandon(): the heartbeat thread says Bye
         self._recovering = threading.Lock()
         self._down_reported = False  # log one warning per outage, not one per heartbeat
         self._suspect_down = False  # the last probe found no daemon: probe again at once
@@ -200,15 +201,27 @@ class Connection:
         forked child it only lets go of the sockets."""
         if self._closed.is_set():
             return
-        if os.getpid() == self.pid and self.session:
-            try:
-                self.request(Bye(), timeout=BYE_TIMEOUT, recover=False)
-            except LoraCacheError as exc:  # the daemon expires the session after its TTL
-                log.debug("ending the session at close failed: %s", exc)
+        if os.getpid() == self.pid:
+            self._bye()
         self._closed.set()
         if self._heartbeat is not None and self._heartbeat is not threading.current_thread():
             self._heartbeat.join()
         self._close_sockets()
+
+    def abandon(self, bye: bool) -> None:
+        """End the connection of a client that nothing holds, from whatever thread collected
+        it: with a heartbeat thread, only tell it to end (it says Bye if ``bye`` and closes
+        the sockets itself), since this thread may be it, holding the lock, mid-request."""
+        if self._closed.is_set() or os.getpid() != self.pid:
+            return
+        if self._heartbeat is None:  # no thread of ours uses the sockets any more
+            if bye:
+                self._bye()
+            self._closed.set()
+            self._close_sockets()
+            return
+        self._bye_when_abandoned = bye
+        self._closed.set()  # wakes the heartbeat thread, which finishes the job
 
     def unavailable(self, why: str) -> LoraCacheError:
         return LoraCacheError(
@@ -258,7 +271,8 @@ class Connection:
         sock = self._local.__dict__.pop("socket", None)
         if sock is not None:
             with self.lock:
-                self._sockets.remove(sock)
+                if sock in self._sockets:  # not when the sockets were all closed already
+                    self._sockets.remove(sock)
             sock.close(linger=0)
 
     def _close_sockets(self) -> None:
@@ -280,4 +294,21 @@ class Connection:
                 self._down_reported = True
             else:
                 self._down_reported = False
-        self._drop_socket()
+        if self._bye_when_abandoned:  # abandon() left the ending to this thread
+            self._bye_when_abandoned = False
+            self._bye(force=True)
+            self._close_sockets()
+        else:
+            self._drop_socket()
+
+    def _bye(self, force: bool = False) -> None:
+        """Tell the daemon the session is over (best effort: else it lapses by its TTL)."""
+        if not self.session:
+            return
+        try:
+            if force:  # the connection is marked closed already: bypass request()
+                self.round_trip(Bye(), self.session, BYE_TIMEOUT)
+            else:
+                self.request(Bye(), timeout=BYE_TIMEOUT, recover=False)
+        except LoraCacheError as exc:
+            log.debug("ending the session failed: %s", exc)

@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from loracache.shared.canonical import canonical_tensors
+from loracache.shared.device_names import same_device
 from loracache.shared.errors import ErrorCode, LoraCacheError
 from loracache.shared.families import ALPHA, DOWN, UNMATCHED, UP, Family
 
@@ -280,8 +281,8 @@ def _canonical_source(pipeline: Any, family: Family, source: Any, client: LoraCa
         # Lease on the pipeline's device when the daemon serves it (and this process could map
         # its memory there); else on the CPU, and the fuser moves each layer's factors over.
         wanted = device_name(device) if device.type in ("cpu", "cuda") else "cpu"
-        if wanted not in lender.devices or wanted in lender.unmappable:
-            wanted = "cpu"
+        served = next((name for name in lender.devices if same_device(name, wanted)), None)
+        wanted = served if served is not None and served not in lender.unmappable else "cpu"
         if wanted in lender.unmappable:  # nothing of the daemon's maps here: load it here
             raise LoraCacheError(ErrorCode.MAPPING_FAILED, "this process could not map the "
                                  f"daemon's memory on {', '.join(sorted(lender.unmappable))}")

@@ -78,6 +78,11 @@ class LeaseBook:
             self._connection.give_back(result.lease)
             raise
 
+    @property
+    def empty(self) -> bool:
+        with self._lock:
+            return not self._leases
+
     def add(self, lease: Lease) -> None:
         with self._lock:
             self._leases.add(lease)
@@ -124,6 +129,8 @@ class LeaseBook:
             log.warning("the loracache daemon on %s restarted (instance %s, was %s); leasing "
                         "%d file(s) again", connection.socket_path, connection.instance,
                         old_instance, len(leases))
+            with self._lock:
+                self.unmappable.clear()  # a new daemon may be mappable from here: try again
         for lease in leases:
             try:
                 self._renew(lease)
@@ -140,6 +147,9 @@ class LeaseBook:
             return
         connection = self._connection
         path, device, layout = lease.request
+        if not path:  # a probe: the daemon that lent it is gone, and so is the test
+            lease.orphan()
+            return
         try:
             result = AcquireResult.from_wire(connection.round_trip(
                 Acquire(path=path, device=device, layout=layout), connection.session, None))

@@ -53,8 +53,11 @@ def _submodule(root: nn.Module, path: str) -> nn.Module | None:
     module = root
     for name in path.split("."):
         child = module._modules.get(name)
-        if child is None:
-            return None
+        if child is None:  # a wrapper that forwards attributes (torch.compile): ask it
+            try:
+                return root.get_submodule(path)
+            except AttributeError:
+                return None
         module = child
     return module
 

@@ -31,6 +31,7 @@ class Entry:
     leases: int = 0
     pinned: bool = False
     cached: bool = True  # False: a probe, lent but never in the cache, freed once released
+    # (its bytes count in the device's ``reserved`` while it lives)
     last_used: float = dataclasses.field(default_factory=time.monotonic)
 
     @property
@@ -122,7 +123,8 @@ class DeviceCache:
         return entries
 
     def lend(self, entry: Entry) -> None:
-        if entry.leases == 0:
+        """Count one more lease (a probe's bytes count as ``reserved``, not as leased)."""
+        if entry.leases == 0 and entry.cached:
             self.idle.pop(entry.key, None)
             self.leased_bytes += entry.nbytes
         entry.leases += 1
@@ -133,7 +135,7 @@ class DeviceCache:
         entry.leases -= 1
         self.leases -= 1
         entry.last_used = time.monotonic()
-        if entry.leases == 0:
+        if entry.leases == 0 and entry.cached:
             self.leased_bytes -= entry.nbytes
             if not entry.pinned and entry.key in self.entries:
                 self.idle[entry.key] = entry  # most recently used

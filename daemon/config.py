@@ -281,7 +281,7 @@ def _preloads(value: Any) -> tuple[PreloadSpec, ...]:
         if not isinstance(table.get("path"), str) or not table["path"]:
             raise ConfigError(f"{where}: path must be a file name under a lora_dir")
         device = table.get("device", "cpu")
-        if not isinstance(device, str) or not re.fullmatch(r"cpu|cuda(:[\w-]+)?", device):
+        if not isinstance(device, str) or device == "all" or not device_names.is_selector(device):
             raise ConfigError(f"{where}: device {device!r} is not cpu, cuda or cuda:<index|uuid>")
         if table.get("layout", RAW) not in LAYOUTS:
             raise ConfigError(f"{where}: layout {table['layout']!r} is not one of "

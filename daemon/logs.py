@@ -67,6 +67,25 @@ class DroppingQueueHandler(logging.handlers.QueueHandler):
             self.dropped += 1
 
 
+class BoundedListener(logging.handlers.QueueListener):
+    """A QueueListener whose stop at exit waits a bounded time: the queued lines are written
+    if stderr takes them within seconds, and a stuck stderr cannot keep the daemon from
+    exiting (the standard one waits forever, or fails on a full queue and loses them all)."""
+
+    STOP_SECONDS = 5.0
+
+    def stop(self) -> None:
+        thread = self._thread
+        if thread is None:
+            return
+        try:
+            self.queue.put(self._sentinel, timeout=self.STOP_SECONDS)  # type: ignore[attr-defined]
+        except queue.Full:
+            return  # stderr is stuck: leave the writer thread (a daemon thread) behind
+        thread.join(self.STOP_SECONDS)
+        self._thread = None
+
+
 def configure_logging(level: str) -> None:
     """Send the daemon's logs to stderr at ``level``, formatted for journald when under it,
     from a thread of their own (see :class:`DroppingQueueHandler`)."""
@@ -76,7 +95,7 @@ def configure_logging(level: str) -> None:
     else:
         writer.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     records: queue.Queue[logging.LogRecord] = queue.Queue(QUEUE_LINES)
-    listener = logging.handlers.QueueListener(records, writer)
+    listener = BoundedListener(records, writer)
     listener.start()
     atexit.register(listener.stop)  # what is queued is written before the process ends
     root = logging.getLogger()
@@ -85,9 +104,10 @@ def configure_logging(level: str) -> None:
 
 
 class RateLimitedLog:
-    """At most ``burst`` lines per key (who, what) in each ``window`` seconds; past that, one
-    line per key and window says how many were left out. A client that sends thousands of bad
-    requests gets every error reply, and the log gets a few lines about it."""
+    """At most ``burst`` lines per key (who, what) in each ``window`` seconds; past that, a line
+    when the window ends says how many were left out (:meth:`flush`, called on a timer, or at
+    the key's next line). A client that sends thousands of bad requests gets every error
+    reply, and the log gets a few lines about it."""
 
     KEYS = 1024  # keys remembered at once; the oldest are forgotten first
 
@@ -100,19 +120,30 @@ class RateLimitedLog:
         now = self.clock()
         state = self._keys.get(key)
         if state is None or now - state[0] >= self.window:
-            if state is not None and state[2]:
-                self.logger.info("%d more like this from %s in %.0f s were not logged: "
-                                 + message, state[2], key, now - state[0], *args)
+            if state is not None:
+                self._summarise(key, state, now)
             state = [now, 0, 0]  # window start, lines logged, lines left out
             self._keys[key] = state
             self._keys.move_to_end(key)
             while len(self._keys) > self.KEYS:
-                self._keys.popitem(last=False)
+                oldest, dropped = self._keys.popitem(last=False)
+                self._summarise(oldest, dropped, now)
         if state[1] < self.burst:
             state[1] += 1
             self.logger.info(message, *args)
         else:
             state[2] += 1
+
+    def flush(self) -> None:
+        """Report and forget the keys whose window has ended."""
+        now = self.clock()
+        for key in [k for k, state in self._keys.items() if now - state[0] >= self.window]:
+            self._summarise(key, self._keys.pop(key), now)
+
+    def _summarise(self, key: Hashable, state: list[float], now: float) -> None:
+        if state[2]:
+            self.logger.info("%d more lines like the last for %s in %.0f s were not logged",
+                             state[2], key, now - state[0])
 
 
 def set_level(level: str) -> None:

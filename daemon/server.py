@@ -61,9 +61,12 @@ def make_transports(config: DaemonConfig, shm_dir: Path) -> list[Transport]:
                      if not any(selects(s, t.device, getattr(t, "index", None))
                                 for t in transports)]
         if unmatched:
-            raise ConfigError(f"devices {unmatched} select no CUDA device this process sees "
-                              f"(it sees {', '.join(t.device for t in transports) or 'none'}); "
-                              "check nvidia-smi -L and CUDA_VISIBLE_DEVICES")
+            why = (f"devices {unmatched} select no CUDA device this process sees (it sees "
+                   f"{', '.join(t.device for t in transports) or 'none'}); check nvidia-smi -L "
+                   "and CUDA_VISIBLE_DEVICES")
+            if not transports and "cpu" not in config.devices and "all" not in config.devices:
+                raise ConfigError(why)  # nothing left to serve
+            log.warning("%s; serving the others", why)  # a fleet-wide list on a smaller host
         if not transports and os.path.exists("/dev/nvidiactl"):  # GPUs here, none usable
             log.warning("devices = all, but no CUDA device is usable although this host has "
                         "NVIDIA devices (is /dev/nvidia-uvm there? see systemd/README.md); "
@@ -306,6 +309,7 @@ class DaemonServer:
             try:
                 self.service.expire_sessions()
                 self.service.collect_memory()
+                self._error_log.flush()
             except Exception:  # a bug here must not stop every later expiry
                 log.exception("expiring sessions failed; retrying at the next tick")
 

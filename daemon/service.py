@@ -149,18 +149,25 @@ class CacheService:
         """Lend a fresh probe buffer, one per session at a time: the same export path as an
         entry's, outside the cache (``loracache doctor``)."""
         device = self._lending_device(req.device, session)
+        self._check_probe_allowed(session)
+        entry = await device.make_probe(self.config.acquire_timeout)
+        try:
+            if not self._still_open(session):
+                raise _expired_meanwhile("the probe was made")
+            self._check_probe_allowed(session)  # again: another may have been made meanwhile
+            lease = self.sessions.add_lease(session, entry, entry.buffer.export())
+        except BaseException:
+            device.discard_probe(entry)
+            raise
+        device.cache.lend(entry)
+        return AcquireResult(lease=lease.id, entry=entry.info(), handle=lease.handle,
+                             tensors=entry.tensors)
+
+    def _check_probe_allowed(self, session: Session) -> None:
         if any(not lease.entry.cached for lease in session.leases.values()):
             raise LoraCacheError(ErrorCode.NOT_ALLOWED, "this session holds a probe already; "
                                  "release it first")
         self._check_lease_count(session)
-        entry = await device.make_probe(self.config.acquire_timeout)
-        if not self._still_open(session):
-            device.discard_probe(entry)
-            raise _expired_meanwhile("the probe was made")
-        lease = self.sessions.add_lease(session, entry, entry.buffer.export())
-        device.cache.lend(entry)
-        return AcquireResult(lease=lease.id, entry=entry.info(), handle=lease.handle,
-                             tensors=entry.tensors)
 
     def _check_quota(self, device: Device, entry: Entry, session: Session) -> None:
         """Refuse a lease beyond the session's quotas (so one client cannot hold the cache)."""
@@ -282,7 +289,8 @@ class CacheService:
         self.sessions.ttl = config.session_ttl
         for device in self.devices.values():
             device.reconfigure(config)
-        unknown = set(config.device) - set(self.devices)
+        unknown = [name for name in config.device
+                   if not any(same_device(name, served) for served in self.devices)]
         if unknown:
             log.warning("configuration has [device] settings for %s, which this daemon does not "
                         "serve (it serves %s)", ", ".join(sorted(unknown)),

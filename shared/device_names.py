@@ -9,7 +9,8 @@ from __future__ import annotations
 import re
 
 UUID = r"(?:GPU|MIG)-[0-9a-fA-F-]+"
-SELECTOR = re.compile(rf"all|cpu|cuda(?::(?:\d+|{UUID}))?")  # what `devices` accepts
+BARE_UUID = r"[0-9a-fA-F]{8}-[0-9a-fA-F-]+"  # as torch prints it
+SELECTOR = re.compile(rf"all|cpu|cuda(?::(?:\d+|{UUID}|{BARE_UUID}))?")  # what `devices` takes
 NAME = re.compile(rf"cpu|cuda:{UUID}")  # what the wire and the client use
 
 

@@ -39,8 +39,14 @@ def test_repeated_lines_are_limited_per_key_and_counted() -> None:
     assert lines == ["bad 0", "bad 1", "other"]
     now[0] = 10.0
     limited.info(("peer-a", "BAD_REQUEST"), "bad %d", 5)
-    assert lines[3:] == ["3 more like this from ('peer-a', 'BAD_REQUEST') in 10 s were not "
-                         "logged: bad 5", "bad 5"]
+    assert lines[3:] == ["3 more lines like the last for ('peer-a', 'BAD_REQUEST') in 10 s "
+                         "were not logged", "bad 5"]
+    for i in range(3):  # a burst, then silence: the count comes at the end of the window
+        limited.info(("peer-b", "NOT_FOUND"), "gone %d", i)
+    now[0] = 25.0
+    limited.flush()
+    assert lines[-1] == ("1 more lines like the last for ('peer-b', 'NOT_FOUND') in 15 s "
+                         "were not logged")
 
 
 def test_a_full_queue_drops_lines_and_says_so_later() -> None:

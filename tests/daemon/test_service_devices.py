@@ -200,14 +200,61 @@ def test_a_probe_made_for_a_session_that_expired_meanwhile_leaks_nothing(service
     assert (cache.leases, cache.leased_bytes, cache.reserved) == (0, 0, 0)
 
 
-def test_a_gpu_selector_that_selects_no_device_stops_the_daemon(tmp_path):
+def test_a_gpu_selector_that_selects_no_device_is_named(tmp_path, caplog):
+    """With something else to serve, a selector of no visible GPU is a warning (one list of
+    devices for a whole fleet); with nothing else, the daemon stops, naming it."""
     from loracache.daemon.config import ConfigError
     from loracache.daemon.server import make_transports
 
     nowhere = "cuda:GPU-00000000-0000-0000-0000-000000000000"
-    config = load_config({"lora_dirs": [str(tmp_path)], "devices": f"cpu,{nowhere}"},
-                         environ={})
+    alone = load_config({"lora_dirs": [str(tmp_path)], "devices": nowhere}, environ={})
     with pytest.raises(ConfigError) as refused:
-        make_transports(config, tmp_path / "shm")
+        make_transports(alone, tmp_path / "shm")
     assert nowhere in str(refused.value) and "select no CUDA device" in str(refused.value)
     assert not (tmp_path / "shm").exists()  # nothing made on the way
+    with_cpu = load_config({"lora_dirs": [str(tmp_path)], "devices": f"cpu,{nowhere}"},
+                           environ={})
+    transports = make_transports(with_cpu, tmp_path / "shm")
+    try:
+        assert [t.device for t in transports] == ["cpu"]
+        assert nowhere in caplog.text and "serving the others" in caplog.text
+    finally:
+        for transport in transports:
+            transport.close()
+
+
+def test_concurrent_probes_of_one_session_leave_one(service):
+    session = session_of(service, "")
+
+    async def two_at_once():
+        asked = [service.handle(RequestFrame(id=i, session=session, request=Probe(device=GPU)))
+                 for i in range(2)]
+        return await asyncio.gather(*asked, return_exceptions=True)
+
+    outcomes = asyncio.run(two_at_once())
+    assert sorted(type(o).__name__ for o in outcomes) == ["AcquireResult", "LoraCacheError"]
+    refused = next(o for o in outcomes if isinstance(o, LoraCacheError))
+    assert refused.code is ErrorCode.NOT_ALLOWED
+    cache = service.devices[GPU].cache
+    assert cache.leases == 1 and cache.reserved == LookalikeGpu.SEGMENT  # the one kept
+    assert cache.leased_bytes == 0  # a probe is counted as reserved, not as leased
+
+
+def test_a_probe_whose_export_fails_gives_its_room_back(service):
+    transport = gpu(service)
+    made = transport.allocate
+
+    def failing_export(nbytes: int, name: str) -> ShmBuffer:
+        buffer = made(nbytes, name)
+
+        def export():
+            raise OSError("chmod of the counter file failed")
+        buffer.export = export  # type: ignore[method-assign]
+        return buffer
+
+    transport.allocate = failing_export  # type: ignore[method-assign]
+    session = session_of(service, "")
+    with pytest.raises(OSError):
+        call(service, Probe(device=GPU), session)
+    cache = service.devices[GPU].cache
+    assert (cache.leases, cache.reserved, cache.leased_bytes) == (0, 0, 0)

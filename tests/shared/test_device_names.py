@@ -36,6 +36,7 @@ def test_selectors_pick_devices(selector, name, index, picked):
 @pytest.mark.parametrize("text, selector, name", [
     ("cpu", True, True), ("all", True, False), ("cuda", True, False), ("cuda:3", True, False),
     (f"cuda:GPU-{UUID}", True, True), (f"cuda:MIG-{UUID}", True, True),
+    (f"cuda:{UUID}", True, False),  # bare, as torch prints it: a selector, not a name
     ("cuda:gpu0", False, False), ("gpu", False, False), (f"GPU-{UUID}", False, False)])
 def test_what_counts_as_a_selector_and_as_a_name(text, selector, name):
     assert (is_selector(text), is_name(text)) == (selector, name)
