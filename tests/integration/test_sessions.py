@@ -191,3 +191,23 @@ def test_a_client_dropped_without_close_ends_its_session(daemon, lora_dir):
     del client
     gc.collect()
     wait_until(lambda: daemon.stats()["sessions"] == 1, timeout=5)
+
+
+def test_a_process_that_exits_without_close_leaves_its_leases_to_expire(start_daemon, lora_dir):
+    """At interpreter exit the client says nothing: its session lapses by the TTL, and the
+    daemon, finding the process gone, undoes the exports its leases left (a Bye would have
+    released them while the dying process might still map them)."""
+    import subprocess
+    import sys
+
+    from tests.support import REPO
+
+    write_lora(lora_dir / "a.safetensors", {"w": torch.ones(4)})
+    daemon = start_daemon("--session-ttl", "1")
+    script = ("import sys; from loracache.client import LoraCacheClient; "
+              "lease = LoraCacheClient(sys.argv[1]).acquire('a.safetensors')")
+    subprocess.run([sys.executable, "-c", script, str(daemon.socket)], check=True, timeout=60,
+                   env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert daemon.stats()["leases"] == 1  # still there: no Bye at exit
+    wait_until(lambda: daemon.stats()["leases"] == 0, timeout=10)
+    daemon.wait_for_log("expired")
