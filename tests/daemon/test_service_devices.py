@@ -258,3 +258,19 @@ def test_a_probe_whose_export_fails_gives_its_room_back(service):
         call(service, Probe(device=GPU), session)
     cache = service.devices[GPU].cache
     assert (cache.leases, cache.reserved, cache.leased_bytes) == (0, 0, 0)
+
+
+def test_eight_concurrent_acquires_load_once(service):
+    """Single flight: the first acquire loads, the seven that arrive meanwhile wait for that
+    load and are hits (one entry, one load, eight leases)."""
+    session = session_of(service, "")
+
+    async def eight():
+        asked = [service.handle(RequestFrame(id=i, session=session, request=Acquire(
+            path="a.safetensors", device=GPU))) for i in range(8)]
+        return await asyncio.gather(*asked)
+
+    results = asyncio.run(eight())
+    cache = service.devices[GPU].cache
+    assert len({r.entry.id for r in results}) == 1
+    assert (cache.loads, cache.misses, cache.hits, cache.leases) == (1, 1, 7, 8)

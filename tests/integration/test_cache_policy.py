@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from loracache.client import ErrorCode, LoraCacheError
-from tests.support import Worker, sized_lora, write_lora
+from tests.support import write_lora
 
 KiB = 1 << 10
 ENTRY = 256 * KiB  # every file below packs to exactly this many bytes
@@ -125,20 +125,3 @@ def test_cache_size_caps_idle_entries(start_daemon, lora_dir):
             client.acquire(lora(lora_dir, name)).release()
         assert cached_names(daemon) == {"c", "d"}
         assert daemon.cpu_stats()["cache_size"] == 2
-
-
-def test_eight_concurrent_acquires_load_once(daemon, lora_dir):
-    # Large enough that the load lasts far longer than the spread of the eight requests.
-    path = sized_lora(lora_dir / "big.safetensors", 128 << 20)
-    workers = [Worker(daemon.socket) for _ in range(8)]
-    try:
-        for w in workers:
-            w.send("acquire", path=str(path))
-        entries = {w.receive()["entry"] for w in workers}
-        stats = daemon.cpu_stats()
-        assert len(entries) == 1
-        assert stats["loads"] == 1 and stats["misses"] == 1 and stats["hits"] == 7
-        assert stats["leases"] == 8
-    finally:
-        for w in workers:
-            w.close()
