@@ -39,6 +39,7 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file, save_file
 
+from examples.model_shapes import SD15_UNET, random_unet, sd15_pipeline
 from loracache.client import (LoraCacheClient, delete_adapters, load_and_fuse_lora,
                               set_and_fuse_adapters)
 
@@ -52,13 +53,6 @@ TARGET_VS_DIFFUSERS = 0.1  # a cached rank-16 LoRA fuses at least 10 x faster th
 # temporaries by 2 x at rank 16; 256 KiB was 2 x slower). float32 weights need no copy.
 BARE_CHUNK_BYTES = 4 << 20
 
-SD15_UNET = dict(  # the UNet of runwayml/stable-diffusion-v1-5 (its config.json)
-    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768,
-    attention_head_dim=8, in_channels=4, out_channels=4, sample_size=64, norm_num_groups=32,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
-                      "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
-                    "CrossAttnUpBlock2D"))
 # What a typical SD 1.5 LoRA trains: every attention projection, the feed-forward layers and
 # the transformers' proj_in/proj_out (1x1 convolutions in SD 1.5).
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in",
@@ -100,7 +94,7 @@ def run(quick: bool) -> Report:
                     client.preload(path, layout="sd")  # "a cached LoRA": converted once
             misses = _misses(client)
             for dtype_name in dict.fromkeys(d for d, _ in configs):
-                pipe = _sd15_pipeline(DTYPES[dtype_name])
+                pipe = sd15_pipeline(DTYPES[dtype_name])
                 try:
                     for i, rank in enumerate(r for d, r in configs if d == dtype_name):
                         bench = _Bench(pipe, client, files[rank]["a"], files[rank]["b"])
@@ -273,45 +267,6 @@ def _naive_update(layers: list[Layer], scale: float) -> None:
 
 
 # ------------------------------------------------------------------- the model and the LoRAs
-
-
-def _sd15_unet(dtype: torch.dtype, device: str) -> torch.nn.Module:
-    return random_unet(SD15_UNET, dtype, device)
-
-
-def random_unet(config: dict[str, Any], dtype: torch.dtype, device: str) -> torch.nn.Module:
-    """A UNet of ``config`` on the meta device (shapes only) or filled with small random values.
-
-    Filling copies windows of one random pool at random offsets: memory-bound, about a second,
-    where initialising each layer (or drawing 860 M normal values) takes tens of seconds here.
-    """
-    from diffusers import UNet2DConditionModel
-
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(**config).to(dtype)
-    if device == "meta":
-        return unet
-    unet.to_empty(device=device)
-    generator = torch.Generator().manual_seed(0)
-    params = list(unet.parameters())
-    largest = max(p.numel() for p in params)
-    pool = (torch.randn(2 * largest, generator=generator) * 0.02).to(dtype).to(device)
-    offsets = torch.randint(0, largest, (len(params),), generator=generator).tolist()
-    with torch.no_grad():
-        for param, offset in zip(params, offsets):
-            param.view(-1).copy_(pool[offset:offset + param.numel()])
-    return unet.eval()
-
-
-def _sd15_pipeline(dtype: torch.dtype) -> Any:
-    """A StableDiffusionPipeline with only the UNet: both loracache (which finds the family
-    from the pipeline's LoRA loader mixin) and diffusers' LoRA loader work on it."""
-    from diffusers import StableDiffusionPipeline
-
-    return StableDiffusionPipeline(
-        unet=_sd15_unet(dtype, "cpu"), vae=None, text_encoder=None, tokenizer=None,
-        scheduler=None, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False)
 
 
 def _lora_shapes(config: dict[str, Any] = SD15_UNET) -> dict[str, torch.Size]:

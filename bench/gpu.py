@@ -39,6 +39,7 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file
 
+from examples.model_shapes import SDXL_UNET, sdxl_pipeline
 import loracache.client.lease  # noqa: F401  (imported now: a worker that becomes another user
 from loracache.shared.transport.cuda_ipc import device_uuid  # (imported now, as above)
 from loracache.client import (LoraCacheClient, delete_adapters, load_and_fuse_lora,
@@ -47,19 +48,12 @@ from loracache.client import (LoraCacheClient, delete_adapters, load_and_fuse_lo
 from .common import (RESULTS_DIR, DaemonProcess, MiB, WorkerGroup, latency_summary, median,
                      ratio, reporting_failure, scratch_dir, time_calls, warm_page_cache,
                      write_lora)
-from .fuse import _bare_layers, _lora_shapes, _quiet_diffusers, _write_peft_lora, random_unet
+from .fuse import _bare_layers, _lora_shapes, _quiet_diffusers, _write_peft_lora
 
 GiB = 1 << 30
 DEVICE = "cuda:0"
 NOBODY = 65534
-SDXL_UNET = dict(  # the UNet of stabilityai/stable-diffusion-xl-base-1.0 (its config.json)
-    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
-    block_out_channels=(320, 640, 1280), cross_attention_dim=2048,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10),
-    use_linear_projection=True, addition_embed_type="text_time",
-    addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816, norm_num_groups=32)
+
 
 
 # --------------------------------------------------------------------------- device memory
@@ -312,7 +306,7 @@ def fuse(deadline: float, results: dict[str, Any]) -> None:
                 for path in pair.values():
                     client.preload(path, device=DEVICE, layout="sdxl")
             for dtype in (torch.float16, torch.bfloat16):
-                pipe = _sdxl_pipeline(dtype)
+                pipe = sdxl_pipeline(dtype, DEVICE)
                 for rank in (16, 128):
                     if time.monotonic() > deadline:
                         results["stopped"] = "time budget spent"
@@ -325,14 +319,6 @@ def fuse(deadline: float, results: dict[str, Any]) -> None:
                 del pipe
                 gc.collect()
                 torch.cuda.empty_cache()
-
-
-def _sdxl_pipeline(dtype: torch.dtype) -> Any:
-    from diffusers import StableDiffusionXLPipeline
-
-    return StableDiffusionXLPipeline(
-        vae=None, text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None,
-        unet=random_unet(SDXL_UNET, dtype, DEVICE), scheduler=None)
 
 
 def _synced(fn: Callable[[], object]) -> float:

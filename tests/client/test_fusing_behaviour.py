@@ -19,7 +19,8 @@ from loracache.client import (ErrorCode, LoraCacheError, delete_adapters, get_ac
                               load_and_fuse_lora, set_and_fuse_adapters, unfuse_lora)
 from tests.support import REPO
 from examples.tiny_models import image, save, sd_lora_peft, tiny_sd_pipeline
-from tests.tiny import sd15_shaped_pipeline, to_kohya
+from examples.model_shapes import sd15_pipeline
+from tests.tiny import to_kohya
 
 FIXTURES = REPO / "tests" / "fixtures"  # see its README for provenance
 
@@ -39,7 +40,7 @@ def unet_lora(pipe, rank: int, seed: int) -> dict[str, torch.Tensor]:
 
 def test_real_diffusers_fixture_fuses_like_diffusers(daemon, lora_dir):
     path = shutil.copy(FIXTURES / "diffusers_pr8283_sd15_pokemon_lora.safetensors", lora_dir)
-    pipe = sd15_shaped_pipeline()
+    pipe = sd15_pipeline()
     params = dict(pipe.unet.named_parameters())
     with daemon.client() as client:
         load_and_fuse_lora(pipe, path, "pokemon", lora_scale=0.9, client=client, restore="backup")
