@@ -333,7 +333,7 @@ def _own_cpu_s() -> float:
 
 
 def _misses(client: LoraCacheClient) -> int:
-    return next(d for d in client.stats()["devices"] if d["device"] == "cpu")["misses"]
+    return client.stats().device("cpu").misses
 
 
 def _quiet_diffusers() -> None:

@@ -41,6 +41,7 @@ from safetensors.torch import load_file
 
 from examples.model_shapes import SDXL_UNET, sdxl_pipeline
 import loracache.client.lease  # noqa: F401  (imported now: a worker that becomes another user
+from loracache.shared.protocol import DeviceStats
 from loracache.shared.transport.cuda_ipc import device_uuid  # (imported now, as above)
 from loracache.client import (LoraCacheClient, delete_adapters, load_and_fuse_lora,
                               set_and_fuse_adapters)
@@ -92,8 +93,8 @@ def gpu_daemon(loras: Path, max_bytes: str, *args: str) -> DaemonProcess:
     return daemon
 
 
-def cuda_stats(client: LoraCacheClient) -> dict[str, Any]:
-    return next(d for d in client.stats()["devices"] if d["device"].startswith("cuda:"))
+def cuda_stats(client: LoraCacheClient) -> DeviceStats:
+    return next(d for d in client.stats().devices if d.device.startswith("cuda:"))
 
 
 # ---------------------------------------------------------------------------------- sharing
@@ -177,14 +178,14 @@ def eviction(deadline: float, results: dict[str, Any]) -> None:
                         for pid in group.pids:
                             os.kill(pid, signal.SIGKILL)
                 with daemon.client(session=False) as client:
-                    settle(lambda: client.stats()["leases"] == 0)
+                    settle(lambda: client.stats().leases == 0)
                     evicted = client.evict(path)
                     returned = settle(lambda b=before: device_used() <= b + 16 * MiB)
                     stats = cuda_stats(client)
-                results[case] = {"entry_bytes": path.stat().st_size, "evicted": evicted,
+                results[case] = {"entry_bytes": path.stat().st_size, "evicted": evicted.evicted,
                                  "held_growth_bytes": held - before,
                                  "after_eviction_over_before_bytes": device_used() - before,
-                                 "returned": returned, "waiting_bytes": stats["waiting_bytes"]}
+                                 "returned": returned, "waiting_bytes": stats.waiting_bytes}
 
 
 def _eviction_worker(link: Connection, socket: str, path: str, other_user: bool) -> None:
@@ -225,7 +226,7 @@ def hot(deadline: float, results: dict[str, Any]) -> None:
                 stats = cuda_stats(client)
                 windows.append({"done": done, **latency_summary(samples),
                                 "daemon_rss_bytes": daemon_process.memory_info().rss,
-                                "allocated_bytes": stats["allocated_bytes"],
+                                "allocated_bytes": stats.allocated_bytes,
                                 "counter_files": len(glob.glob(
                                     f"/dev/shm/torch_{daemon.proc.pid}_*"))})
             kept.release()

@@ -46,9 +46,9 @@ def run(quick: bool) -> Report:
             for _ in range(repetitions):
                 for name, case in cases.items():
                     samples[name].append(case())
-            counters = next(d for d in client.stats()["devices"] if d["device"] == "cpu")
+            counters = client.stats().device("cpu")
         file_bytes = path.stat().st_size
-    if counters["misses"] != 1 + 2 * repetitions:
+    if counters.misses != 1 + 2 * repetitions:
         raise RuntimeError(f"expected {1 + 2 * repetitions} misses, the daemon counted {counters}")
     med = {name: median(values) for name, values in samples.items()}
     same_work = {MISS: LOAD_FILE, MISS_READ: LOAD_FILE_READ}
@@ -79,7 +79,7 @@ def _cases(client: LoraCacheClient, path: Path) -> dict[str, Callable[[], float]
     """Each case returns the seconds it took."""
 
     def miss(read: bool) -> float:
-        if client.evict(path)["evicted"] != 1:
+        if client.evict(path).evicted != 1:
             raise RuntimeError(f"evicting {path} did not evict it: {client.list()}")
         started = time.perf_counter()
         with client.acquire(path) as lease:

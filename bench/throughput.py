@@ -137,7 +137,7 @@ def _latency_by_entries(loras: Path, sizes: tuple[int, ...],
         for size in sizes:
             _preload(daemon, paths[loaded:size])
             loaded = size
-            entries = next(d for d in client.stats()["devices"] if d["device"] == "cpu")["entries"]
+            entries = client.stats().device("cpu").entries
             if entries != size:
                 raise RuntimeError(f"expected {size} cached entries, the daemon has {entries}")
             subset = rng.sample(paths[:size], min(SUBSET, size))

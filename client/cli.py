@@ -11,6 +11,7 @@ and ``preload --pin`` first look for an admin socket the same way (``$LORACACHE_
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -20,6 +21,7 @@ from typing import Any, Callable
 from loracache.shared.endpoints import admin_socket_path, default_socket_path
 from loracache.shared.errors import ErrorCode, LoraCacheError
 from loracache.shared.humanize import human_bytes, human_duration
+from loracache.shared.protocol import StatsResult
 
 from .client import LoraCacheClient
 
@@ -105,7 +107,8 @@ def _stats(client: LoraCacheClient, args: argparse.Namespace) -> int:
     while True:
         stats = client.stats()
         if args.json:
-            print(json.dumps(stats, indent=None if args.watch else 2), flush=True)
+            print(json.dumps(dataclasses.asdict(stats), indent=None if args.watch else 2),
+                  flush=True)
         else:
             if args.watch and sys.stdout.isatty():
                 print("\033[H\033[2J", end="")  # clear the screen, like watch(1)
@@ -115,43 +118,42 @@ def _stats(client: LoraCacheClient, args: argparse.Namespace) -> int:
         time.sleep(args.watch)
 
 
-def print_stats(stats: dict[str, Any], watching: bool = False) -> None:
-    errors = sum(stats["errors"].values())
+def print_stats(stats: StatsResult, watching: bool = False) -> None:
+    errors = sum(stats.errors.values())
     print(f"{datetime.now():%H:%M:%S} " if watching else "", end="")
-    print(f"daemon {stats['instance']} (pid {stats['pid']}), up "
-          f"{human_duration(stats['uptime_s'])}, {stats['sessions']} session(s), "
-          f"{stats['leases']} lease(s), {errors} error(s)"
-          + (f", metrics on {stats['metrics']}" if stats["metrics"] else ""))
+    print(f"daemon {stats.instance} (pid {stats.pid}), up {human_duration(stats.uptime_s)}, "
+          f"{stats.sessions} session(s), {stats.leases} lease(s), {errors} error(s)"
+          + (f", metrics on {stats.metrics}" if stats.metrics else ""))
     rows = []
-    for d in stats["devices"]:
-        times = d["load_seconds"]
-        rows.append([d["device"], human_bytes(d["budget"]), human_bytes(d["used"]),
-                     human_bytes(d["pinned_bytes"]), d["entries"], d["leases"], d["sessions"],
-                     d["hits"], d["misses"], _percent(d["hit_rate"]), d["evictions"], d["loads"],
-                     " / ".join(_seconds(times[p]) for p in ("p50", "p90", "p99"))])
+    for d in stats.devices:
+        times = d.load_seconds
+        rows.append([d.device, human_bytes(d.budget), human_bytes(d.used),
+                     human_bytes(d.pinned_bytes), d.entries, d.leases, d.sessions, d.hits,
+                     d.misses, _percent(d.hit_rate), d.evictions, d.loads,
+                     " / ".join(_seconds(p) for p in (times.p50, times.p90, times.p99))])
     print_table(["DEVICE", "BUDGET", "USED", "PINNED", "ENTRIES", "LEASES", "SESSIONS", "HITS",
                  "MISSES", "HIT RATE", "EVICTIONS", "LOADS", "LOAD p50 / p90 / p99"], rows)
     print_allocators(stats)
     sys.stdout.flush()
 
 
-def print_allocators(stats: dict[str, Any]) -> None:
+def print_allocators(stats: StatsResult) -> None:
     """A line per GPU: what torch's allocator in the daemon holds beyond the cached entries."""
-    for d in stats["devices"]:
-        if "allocated_bytes" in d:
-            print(f"{d['device']}: allocator holds {human_bytes(d['allocated_bytes'])} "
-                  f"({human_bytes(d['reserved_bytes'])} reserved), of which "
-                  f"{human_bytes(d['waiting_bytes'])} of evicted entries that workers still "
+    for d in stats.devices:
+        if d.allocated_bytes is not None:
+            print(f"{d.device}: allocator holds {human_bytes(d.allocated_bytes)} "
+                  f"({human_bytes(d.reserved_bytes or 0)} reserved), of which "
+                  f"{human_bytes(d.waiting_bytes or 0)} of evicted entries that workers still "
                   "map")
 
 
 def _ls(client: LoraCacheClient, args: argparse.Namespace) -> int:
     entries = client.list()
     if args.json:
-        print(json.dumps(entries, indent=2))
+        print(json.dumps([dataclasses.asdict(e) for e in entries], indent=2))
         return 0
-    rows = [[e["path"], e["device"], e["layout"], human_bytes(e["nbytes"]), e["leases"],
-             "yes" if e["pinned"] else "", human_duration(e["idle_s"])] for e in entries]
+    rows = [[e.path, e.device, e.layout, human_bytes(e.nbytes), e.leases,
+             "yes" if e.pinned else "", human_duration(e.idle_s)] for e in entries]
     print_table(["PATH", "DEVICE", "LAYOUT", "SIZE", "LEASES", "PINNED", "IDLE"], rows)
     print_allocators(client.stats())
     return 0
@@ -159,8 +161,8 @@ def _ls(client: LoraCacheClient, args: argparse.Namespace) -> int:
 
 def _preload(client: LoraCacheClient, args: argparse.Namespace) -> int:
     entry = client.preload(args.path, device=args.device, layout=args.layout, pin=args.pin)
-    print(f"{entry['path']} on {entry['device']} ({entry['layout']}): "
-          f"{human_bytes(entry['nbytes'])}{', pinned' if entry['pinned'] else ''}")
+    print(f"{entry.path} on {entry.device} ({entry.layout}): "
+          f"{human_bytes(entry.nbytes)}{', pinned' if entry.pinned else ''}")
     return 0
 
 
@@ -168,7 +170,7 @@ def _evict(client: LoraCacheClient, args: argparse.Namespace) -> int:
     """``evict PATH``, ``evict --all`` and ``clear`` (which is ``evict --all``)."""
     every = getattr(args, "all", True)
     result = client.clear(args.device) if every else client.evict(args.path, args.device)
-    print(f"evicted {result['evicted']}, still leased {result['busy']}")
+    print(f"evicted {result.evicted}, still leased {result.busy}")
     return 0
 
 
@@ -176,7 +178,7 @@ def _ping(client: LoraCacheClient, args: argparse.Namespace) -> int:
     started = time.monotonic()
     stats = client.stats()
     print(f"ok: {client.socket_path} answered in {(time.monotonic() - started) * 1000:.1f} ms "
-          f"(daemon {stats['instance']}, pid {stats['pid']})")
+          f"(daemon {stats.instance}, pid {stats.pid})")
     return 0
 
 

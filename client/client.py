@@ -17,13 +17,18 @@ from loracache.shared.protocol import (
     Acquire,
     AcquireResult,
     Clear,
+    DropResult,
+    EntriesResult,
+    EntryInfo,
     Evict,
     Heartbeat,
     ListEntries,
     Preload,
     Probe,
     Stats,
+    StatsResult,
     TensorSpec,
+    from_map,
 )
 
 from .connection import DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, Connection
@@ -98,28 +103,29 @@ class LoraCacheClient:
         return self._lend(self._connection.answered_by, result, result.tensors or [],
                           ("", result.entry.device, "raw"))
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> StatsResult:
         """The daemon's counters: per device budget, used bytes, entries, leases, hits, ..."""
-        return self._request(Stats())
+        return StatsResult.from_wire(self._request(Stats()))
 
-    def list(self) -> list[dict[str, Any]]:
+    def list(self) -> list[EntryInfo]:
         """Every cached entry: path, device, layout, size, leases, pinned, idle seconds."""
-        return self._request(ListEntries())["entries"]
+        return EntriesResult.from_wire(self._request(ListEntries())).entries
 
     def preload(self, path: str | os.PathLike[str], device: str | torch.device = "cpu",
-                layout: str = "raw", pin: bool = False) -> dict[str, Any]:
+                layout: str = "raw", pin: bool = False) -> EntryInfo:
         """Load an entry without leasing it; ``pin`` keeps it from eviction until evicted."""
-        return self._request(Preload(path=os.fspath(path), device=device_name(device),
-                                     layout=layout, pin=pin))
+        return from_map(EntryInfo, self._request(Preload(
+            path=os.fspath(path), device=device_name(device), layout=layout, pin=pin)))
 
-    def evict(self, path: str | os.PathLike[str], device: str = "") -> dict[str, int]:
-        """Evict the unleased entries of ``path``; returns counts ``evicted`` and ``busy``."""
-        return self._request(Evict(path=os.fspath(path), device=device_name(device) if device
-                                   else ""))
+    def evict(self, path: str | os.PathLike[str], device: str = "") -> DropResult:
+        """Evict the unleased entries of ``path``: how many were, and how many are leased."""
+        return from_map(DropResult, self._request(Evict(
+            path=os.fspath(path), device=device_name(device) if device else "")))
 
-    def clear(self, device: str = "") -> dict[str, int]:
+    def clear(self, device: str = "") -> DropResult:
         """Evict every unleased entry, pinned ones included."""
-        return self._request(Clear(device=device_name(device) if device else ""))
+        return from_map(DropResult, self._request(Clear(
+            device=device_name(device) if device else "")))
 
     def verify_session(self) -> bool:
         """Check that the daemon still knows this session; if it restarted, renew the session

@@ -14,7 +14,7 @@ import itertools
 import time
 from typing import Any, Hashable
 
-from loracache.shared.protocol import EntryInfo, TensorSpec
+from loracache.shared.protocol import EntryInfo, LoadTimesInfo, TensorSpec
 from loracache.shared.transport import DeviceBuffer
 
 
@@ -74,11 +74,12 @@ class LoadTimes:
         ordered = sorted(self.recent)
         return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
 
-    def stats(self) -> dict[str, Any]:
-        return {"count": self.count, "sum": self.sum,
-                "buckets": [[le, n] for le, n in zip((*self.BUCKETS, "+Inf"),
-                                                     itertools.accumulate(self.counts))],
-                **{f"p{q}": self.percentile(q) for q in (50, 90, 99)}}
+    def stats(self) -> LoadTimesInfo:
+        return LoadTimesInfo(
+            count=self.count, sum=self.sum,
+            buckets=[[le, n] for le, n in zip((*self.BUCKETS, "+Inf"),
+                                              itertools.accumulate(self.counts))],
+            p50=self.percentile(50), p90=self.percentile(90), p99=self.percentile(99))
 
 
 class DeviceCache:
@@ -181,6 +182,7 @@ class DeviceCache:
         return [entry for entry, _ in zip(self.idle.values(), range(excess))]
 
     def stats(self) -> dict[str, Any]:
+        """The cache's part of its device's :class:`DeviceStats`."""
         return {
             "device": self.device,
             "budget": self.budget,

@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 from prometheus_client import start_http_server
 from prometheus_client.core import (CollectorRegistry, CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily, Metric)
 from prometheus_client.registry import Collector
 
+from loracache.shared.protocol import StatsResult
+
 SNAPSHOT_TIMEOUT = 5.0
 
-DEVICE_GAUGES = {  # stats key -> (metric name, help)
+DEVICE_GAUGES = {  # DeviceStats field -> (metric name, help)
     "budget": ("loracache_budget_bytes", "Cache budget of the device"),
     "used": ("loracache_used_bytes", "Bytes of cached entries on the device"),
     "leased_bytes": ("loracache_leased_bytes", "Bytes of entries with at least one lease"),
@@ -46,48 +48,44 @@ DEVICE_COUNTERS = {
 class StatsCollector(Collector):
     """Turns one stats snapshot per scrape into metric families."""
 
-    def __init__(self, snapshot: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, snapshot: Callable[[], StatsResult]) -> None:
         self._snapshot = snapshot
 
     def collect(self) -> Iterator[Metric]:
         stats = self._snapshot()
-        devices = stats["devices"]
-        for key, (name, help_text) in DEVICE_GAUGES.items():
+        devices = stats.devices
+        for key, (name, help_text) in (*DEVICE_GAUGES.items(), *ALLOCATOR_GAUGES.items()):
             family = GaugeMetricFamily(name, help_text, labels=["device"])
             for device in devices:
-                family.add_metric([device["device"]], device[key])
-            yield family
-        for key, (name, help_text) in ALLOCATOR_GAUGES.items():
-            family = GaugeMetricFamily(name, help_text, labels=["device"])
-            for device in devices:
-                if key in device:
-                    family.add_metric([device["device"]], device[key])
+                value = getattr(device, key)
+                if value is not None:  # allocator figures exist for GPUs only
+                    family.add_metric([device.device], value)
             yield family
         for key, (name, help_text) in DEVICE_COUNTERS.items():
             counter = CounterMetricFamily(name, help_text, labels=["device"])
             for device in devices:
-                counter.add_metric([device["device"]], device[key])
+                counter.add_metric([device.device], getattr(device, key))
             yield counter
         histogram = HistogramMetricFamily("loracache_load_duration_seconds",
                                           "Time to load a file into the cache", labels=["device"])
         for device in devices:
-            times = device["load_seconds"]
-            histogram.add_metric([device["device"]], [(str(le), n) for le, n in times["buckets"]],
-                                 times["sum"])
+            times = device.load_seconds
+            histogram.add_metric([device.device], [(str(le), n) for le, n in times.buckets],
+                                 times.sum)
         yield histogram
         errors = CounterMetricFamily("loracache_errors", "Error replies by code", labels=["code"])
-        for code, count in sorted(stats["errors"].items()):
+        for code, count in sorted(stats.errors.items()):
             errors.add_metric([code], count)
         yield errors
         yield GaugeMetricFamily("loracache_sessions", "Open client sessions",
-                                value=stats["sessions"])
+                                value=stats.sessions)
 
 
 def loop_snapshot(loop: asyncio.AbstractEventLoop,
-                  stats: Callable[[], dict[str, Any]]) -> Callable[[], dict[str, Any]]:
+                  stats: Callable[[], StatsResult]) -> Callable[[], StatsResult]:
     """A function, callable from any thread, that runs ``stats`` on ``loop`` and returns it."""
-    def snapshot() -> dict[str, Any]:
-        future: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
+    def snapshot() -> StatsResult:
+        future: concurrent.futures.Future[StatsResult] = concurrent.futures.Future()
 
         def take() -> None:
             try:
@@ -103,7 +101,7 @@ def loop_snapshot(loop: asyncio.AbstractEventLoop,
 class MetricsServer:
     """The /metrics endpoint on its own thread; ``address`` is where it listens."""
 
-    def __init__(self, host: str, port: int, snapshot: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, host: str, port: int, snapshot: Callable[[], StatsResult]) -> None:
         registry = CollectorRegistry(auto_describe=False)
         registry.register(StatsCollector(snapshot))
         self._server, self._thread = start_http_server(port, host, registry)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import dataclasses
 import inspect
 import itertools
 import logging
@@ -28,6 +27,10 @@ from loracache.shared.protocol import (
     AcquireResult,
     Bye,
     Clear,
+    DeviceStats,
+    DropResult,
+    EntriesResult,
+    EntryInfo,
     Evict,
     Heartbeat,
     Hello,
@@ -39,6 +42,7 @@ from loracache.shared.protocol import (
     Request,
     RequestFrame,
     Stats,
+    StatsResult,
 )
 from loracache.shared.transport import Transport
 
@@ -205,23 +209,21 @@ class CacheService:
         self._released(self.sessions.close(session))
         return {}
 
-    def _stats(self, req: Stats, _: Session | None) -> dict[str, Any]:
+    def _stats(self, req: Stats, _: Session | None) -> StatsResult:
         return self.stats()
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> StatsResult:
         """Counters of the daemon and of each device (what ``loracache stats`` prints)."""
         sessions_by_device: collections.Counter[str] = collections.Counter()
         for session in self.sessions.sessions.values():
             sessions_by_device.update({lease.entry.device for lease in session.leases.values()})
-        return {"instance": self.instance, "pid": os.getpid(),
-                "uptime_s": time.monotonic() - self.started,
-                "sessions": len(self.sessions.sessions),
-                "leases": sum(d.cache.leases for d in self.devices.values()),
-                "errors": dict(self.errors),
-                "metrics": self.metrics_address,
-                "devices": [{**device.cache.stats(), "sessions": sessions_by_device[name],
-                             **device.allocator_stats()}
-                            for name, device in self.devices.items()]}
+        return StatsResult(
+            instance=self.instance, pid=os.getpid(), uptime_s=time.monotonic() - self.started,
+            sessions=len(self.sessions.sessions),
+            leases=sum(d.cache.leases for d in self.devices.values()),
+            errors=dict(self.errors), metrics=self.metrics_address,
+            devices=[_device_stats(device, sessions_by_device[name])
+                     for name, device in self.devices.items()])
 
     def summary(self) -> str:
         """One line for ``systemctl status``: entries, bytes, sessions and leases."""
@@ -231,11 +233,12 @@ class CacheService:
                 f"{human_bytes(sum(c.budget for c in caches))} used, "
                 f"{len(self.sessions.sessions)} sessions, {sum(c.leases for c in caches)} leases")
 
-    def _list(self, req: ListEntries, _: Session | None) -> dict[str, Any]:
-        return {"entries": [dataclasses.asdict(entry.info()) for device in self.devices.values()
-                            for entry in device.cache.entries.values()]}
+    def _list(self, req: ListEntries, _: Session | None) -> EntriesResult:
+        return EntriesResult(entries=[entry.info() for device in self.devices.values()
+                                      for entry in device.cache.entries.values()])
 
-    def _preload(self, req: Preload, _: Session | None) -> dict[str, Any] | Awaitable[dict]:
+    def _preload(self, req: Preload,
+                 _: Session | None) -> EntryInfo | Awaitable[EntryInfo]:
         device = self._device(req.device)
         identity = identify(req.path, self.config.lora_dirs)
         entry = device.cached(identity, req.layout)
@@ -244,31 +247,31 @@ class CacheService:
         return self._settle_preload(device, entry, req)
 
     async def _preload_loading(self, device: Device, identity: FileIdentity,
-                               req: Preload) -> dict[str, Any]:
+                               req: Preload) -> EntryInfo:
         entry, _loaded = await device.entry(identity, req.layout, self.config.acquire_timeout)
         return self._settle_preload(device, entry, req)
 
-    def _settle_preload(self, device: Device, entry: Entry, req: Preload) -> dict[str, Any]:
+    def _settle_preload(self, device: Device, entry: Entry, req: Preload) -> EntryInfo:
         if req.pin:
             device.cache.pin(entry)
         info = entry.info()
         device.trim()
-        return dataclasses.asdict(info)
+        return info
 
-    def _evict(self, req: Evict, _: Session | None) -> dict[str, int]:
+    def _evict(self, req: Evict, _: Session | None) -> DropResult:
         path = confine(req.path, self.config.lora_dirs)
         return self._drop(lambda e: e.path == path, req.device)
 
-    def _clear(self, req: Clear, _: Session | None) -> dict[str, int]:
+    def _clear(self, req: Clear, _: Session | None) -> DropResult:
         return self._drop(lambda e: True, req.device)
 
-    def _drop(self, match: Callable[[Entry], bool], device: str) -> dict[str, int]:
+    def _drop(self, match: Callable[[Entry], bool], device: str) -> DropResult:
         devices = [self._device(device)] if device else list(self.devices.values())
         evicted = busy = 0
         for each in devices:
             dropped, leased = each.drop(match)
             evicted, busy = evicted + dropped, busy + leased
-        return {"evicted": evicted, "busy": busy}
+        return DropResult(evicted=evicted, busy=busy)
 
     def _released(self, leases: list[Lease]) -> None:
         touched = {}
@@ -367,6 +370,14 @@ class CacheService:
         for device in self.devices.values():
             device.close()
         self._header_pool.shutdown(wait=True)
+
+
+def _device_stats(device: Device, sessions: int) -> DeviceStats:
+    held = device.allocator_stats()  # empty where there is no allocator (the CPU)
+    return DeviceStats(**device.cache.stats(), sessions=sessions,
+                       allocated_bytes=held.get("allocated_bytes"),
+                       reserved_bytes=held.get("reserved_bytes"),
+                       waiting_bytes=held.get("waiting_bytes"))
 
 
 def _expired_meanwhile(what: str) -> LoraCacheError:

@@ -244,6 +244,98 @@ class AcquireResult:
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class LoadTimesInfo:
+    """How long a device's loads took: the cumulative histogram (``[le, count]`` pairs,
+    ``"+Inf"`` last) and percentiles of the recent ones (None before any load)."""
+
+    count: int
+    sum: float
+    buckets: list[list[Any]]
+    p50: float | None = None
+    p90: float | None = None
+    p99: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceStats:
+    """One device's counters in ``stats``: bytes of its budget, entries, leases, traffic."""
+
+    device: str
+    budget: int
+    used: int  # bytes of cached entries
+    reserved: int  # bytes of loads (and probes) in flight
+    leased_bytes: int
+    pinned_bytes: int
+    entries: int
+    leases: int
+    cache_size: int  # idle entries kept
+    hits: int
+    misses: int
+    loads: int
+    evictions: int
+    hit_rate: float | None
+    load_seconds: LoadTimesInfo
+    sessions: int = 0  # sessions holding leases here
+    # GPUs only: what torch's allocator in the daemon holds; waiting = of evicted entries
+    # that workers still map.
+    allocated_bytes: int | None = None
+    reserved_bytes: int | None = None
+    waiting_bytes: int | None = None
+
+    @classmethod
+    def from_wire(cls, m: Any) -> "DeviceStats":
+        if not isinstance(m, dict):
+            raise _bad("device stats must be a map")
+        return from_map(cls, {**m, "load_seconds": from_map(LoadTimesInfo,
+                                                             m.get("load_seconds"))})
+
+
+@dataclasses.dataclass(frozen=True)
+class StatsResult:
+    """The daemon's counters (``stats``), per device in ``devices``."""
+
+    instance: str
+    pid: int
+    uptime_s: float
+    sessions: int
+    leases: int
+    errors: dict[str, int]  # error replies by code
+    metrics: str | None  # where /metrics is served, if it is
+    devices: list[DeviceStats]
+
+    def device(self, name: str) -> DeviceStats:
+        """The counters of the device named ``name`` (``cpu``, ``cuda:GPU-...``)."""
+        return next(d for d in self.devices if d.device == name)
+
+    @classmethod
+    def from_wire(cls, m: Any) -> "StatsResult":
+        if not isinstance(m, dict) or not isinstance(m.get("devices"), list):
+            raise _bad("stats must be a map with a list of devices")
+        return from_map(cls, {**m, "devices": [DeviceStats.from_wire(d) for d in m["devices"]]})
+
+
+@dataclasses.dataclass(frozen=True)
+class EntriesResult:
+    """What ``list`` answers: every cached entry."""
+
+    entries: list[EntryInfo]
+
+    @classmethod
+    def from_wire(cls, m: Any) -> "EntriesResult":
+        if not isinstance(m, dict) or not isinstance(m.get("entries"), list):
+            raise _bad("list must answer a map with a list of entries")
+        return cls(entries=[from_map(EntryInfo, e) for e in m["entries"]])
+
+
+@dataclasses.dataclass(frozen=True)
+class DropResult:
+    """What ``evict`` and ``clear`` answer: entries evicted, and matching ones still leased."""
+
+    evicted: int
+    busy: int
+
+
 # --------------------------------------------------------------------------------- encoding
 
 

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from loracache.client import LoraCacheClient, LoraCacheError
+from loracache.shared.protocol import DeviceStats, StatsResult
 
 REPO = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "client_worker.py"
@@ -104,12 +105,12 @@ class Daemon:
     def client(self, **kwargs: Any) -> LoraCacheClient:
         return LoraCacheClient(self.socket, **kwargs)
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> StatsResult:
         with self.client(heartbeat=False) as client:
             return client.stats()
 
-    def cpu_stats(self) -> dict[str, Any]:
-        return next(d for d in self.stats()["devices"] if d["device"] == "cpu")
+    def cpu_stats(self) -> DeviceStats:
+        return self.stats().device("cpu")
 
     def shm_files(self) -> list[Path]:
         return sorted(self.shm_root.rglob("*.bin"))

@@ -172,7 +172,7 @@ def test_preload_pin_evict_clear_and_ping(daemon, lora_dir):
     assert raw.returncode == 0 and "(raw)" in raw.stdout and "pinned" not in raw.stdout
     assert cli("preload", "c.safetensors", socket=daemon.socket).returncode == 0
     with daemon.client(heartbeat=False) as client:
-        assert [e["pinned"] for e in client.list()] == [True, False, False]
+        assert [e.pinned for e in client.list()] == [True, False, False]
     evicted = cli("evict", "a.safetensors", socket=daemon.socket)
     assert evicted.stdout == "evicted 1, still leased 0\n"  # pinned entries go when named
     assert set(listed(daemon.socket)) == {"b.safetensors", "c.safetensors"}
@@ -180,7 +180,7 @@ def test_preload_pin_evict_clear_and_ping(daemon, lora_dir):
         assert cli("evict", "--all", socket=daemon.socket).stdout == "evicted 1, still leased 1\n"
         assert set(listed(daemon.socket)) == {"b.safetensors"}
     assert "evicted 1" in cli("clear", socket=daemon.socket).stdout
-    assert daemon.cpu_stats()["entries"] == 0
+    assert daemon.cpu_stats().entries == 0
     assert cli("ping", socket=daemon.socket).returncode == 0
     assert cli("--socket", str(daemon.socket), "ping").returncode == 0
 
@@ -202,7 +202,7 @@ def test_with_an_admin_socket_evict_clear_and_pin_are_served_only_there(start_da
     assert pinned.returncode == 0 and "pinned" in pinned.stdout, pinned.stderr
     assert listed(admin)["a.safetensors"]["pinned"] is True
     assert cli("clear", "--socket", str(admin)).stdout == "evicted 1, still leased 0\n"
-    assert daemon.cpu_stats()["entries"] == 0
+    assert daemon.cpu_stats().entries == 0
     # Without --socket, the admin commands find the admin socket as the others find theirs.
     config = tmp_path / "config.toml"
     config.write_text(f'socket = "{daemon.socket}"\nadmin_socket = "{admin}"\n')

@@ -45,8 +45,8 @@ def test_all_checks_pass_where_sharing_works(daemon):
     assert [line.split(":")[0] for line in lines(output, "ok")] == [
         "ok    socket", "ok    daemon", "ok    cpu test lease"]
     assert "3 of 3 checks passed" in output
-    assert daemon.stats()["leases"] == 0  # the test lease went back
-    assert daemon.cpu_stats()["entries"] == 0  # and it never was a cache entry
+    assert daemon.stats().leases == 0  # the test lease went back
+    assert daemon.cpu_stats().entries == 0  # and it never was a cache entry
 
 
 def test_no_socket_says_how_to_point_at_one(tmp_path):
@@ -81,4 +81,4 @@ def test_a_worker_without_the_daemons_dev_shm_cannot_map(daemon):
     assert code == 1
     assert [line.split(":")[0] for line in lines(output, "FAIL")] == ["FAIL  cpu test lease"]
     assert "shared-memory file" in output
-    assert daemon.stats()["leases"] == 0  # the lease it could not map went back
+    assert daemon.stats().leases == 0  # the lease it could not map went back

@@ -184,9 +184,9 @@ def test_loads_use_the_daemon_again_once_it_is_back(no_daemon, start_daemon, lor
     os.symlink(daemon.socket, no_daemon)
     load_and_fuse_lora(pipe, path, "shared")
     assert pipe._loracache.adapters["shared"].lease is not None
-    assert daemon.stats()["leases"] == 1
+    assert daemon.stats().leases == 1
     delete_adapters(pipe)
-    assert daemon.stats()["leases"] == 0
+    assert daemon.stats().leases == 0
 
 
 def test_contract_errors(daemon, lora_dir):
@@ -204,7 +204,7 @@ def test_contract_errors(daemon, lora_dir):
         set_and_fuse_adapters(pipe, ["a", "missing"], [1.0, 2.0])  # unknown names are skipped
         assert get_active_adapters(pipe) == ["a"]
         delete_adapters(pipe, "a")
-        assert get_active_adapters(pipe) == [] and daemon.stats()["leases"] == 0
+        assert get_active_adapters(pipe) == [] and daemon.stats().leases == 0
 
 
 def test_unfusing_needs_no_daemon_after_the_client_is_closed(daemon, lora_dir):

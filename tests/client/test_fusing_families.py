@@ -146,7 +146,7 @@ def test_fused_weights_and_image_equal_diffusers(pipelines, family_daemon, famil
         assert get_active_adapters(pipe) == ["x"]
         delete_adapters(pipe)
         assert_same_weights(weights(pipe), original)
-        assert family_daemon.stats()["leases"] == 0
+        assert family_daemon.stats().leases == 0
 
 
 def test_state_dict_source_is_left_unchanged(pipelines):
@@ -212,7 +212,7 @@ def test_kohya_per_layer_alphas_follow_the_file(pipelines, family_daemon, family
         load_and_fuse_lora(pipe, path, adapter_name="x", lora_scale=0.7, client=client)
         assert_same_weights(weights(pipe), expected)
         delete_adapters(pipe)
-        assert family_daemon.stats()["leases"] == 0
+        assert family_daemon.stats().leases == 0
 
 
 # ------------------------------------------------- 2. real key sets against real models
@@ -509,4 +509,4 @@ def test_cloneofsimo_safeloras_file_is_refused_by_the_daemon(family_daemon, fami
         assert "safeloras" in caught.value.message
         assert get_active_adapters(pipe) == []
     assert not changed(weights(pipe), original)
-    assert family_daemon.stats()["leases"] == 0
+    assert family_daemon.stats().leases == 0

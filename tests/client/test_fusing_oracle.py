@@ -56,7 +56,7 @@ def test_fused_weights_and_image_equal_diffusers(daemon, lora_dir, fmt):
         assert torch.allclose(image(pipe), image(reference), atol=1e-5)
         assert get_active_adapters(pipe) == ["x"]
         delete_adapters(pipe)
-        assert daemon.stats()["leases"] == 0
+        assert daemon.stats().leases == 0
 
 
 def test_set_and_fuse_adapters_equals_diffusers_set_adapters(daemon, lora_dir):

@@ -96,7 +96,7 @@ def test_a_probe_is_lent_like_an_entry_but_never_cached(service):
     assert probe.entry.path == "<probe>" and probe.tensors[0].name == "probe"
     assert cache.leases == 1 and cache.entries == {} and cache.used == 0
     gpu(service).held = {"allocated": LookalikeGpu.SEGMENT, "reserved": LookalikeGpu.SEGMENT}
-    assert service.stats()["devices"][0]["waiting_bytes"] == 0  # nor is it waiting memory
+    assert service.stats().devices[0].waiting_bytes == 0  # nor is it waiting memory
     path = Path(probe.handle["path"])
     assert path.read_bytes()[:3] == b"\x00\x01\x02"
     call(service, Release(lease=probe.lease), session)
@@ -129,7 +129,7 @@ def test_memory_the_cache_does_not_count_is_collected(service):
     service.collect_memory()
     assert wait_for_collections(service) == 0  # nothing to give back: no work queued
     transport.held = {"allocated": 3 << 20, "reserved": 3 << 20}  # evicted, still mapped
-    assert service.stats()["devices"][0]["waiting_bytes"] == 3 << 20
+    assert service.stats().devices[0].waiting_bytes == 3 << 20
     service.collect_memory()
     assert wait_for_collections(service) == 1
     transport.held = {"allocated": 0, "reserved": 2 << 20}  # let go, segments still cached

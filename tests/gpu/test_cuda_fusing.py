@@ -37,7 +37,7 @@ def test_fusing_from_a_cuda_lease_equals_diffusers(start_daemon, lora_dir, dtype
         unfuse_lora(pipe)
         assert all(torch.equal(pipe.unet.state_dict()[k], v) for k, v in original.items())
         delete_adapters(pipe)
-        assert daemon.stats()["leases"] == 0
+        assert daemon.stats().leases == 0
 
 
 def test_unfuse_after_the_daemon_restarts_uses_the_new_copy(start_daemon, lora_dir):
@@ -62,6 +62,6 @@ def test_unfuse_after_the_daemon_restarts_uses_the_new_copy(start_daemon, lora_d
         assert worker.call("lease_generations", name="restarted") == [1]
         distance = worker.call("max_diff", a="restarted", b="original")
         assert distance["diff"] <= 1e-5 * max(1.0, distance["scale"])
-        assert second.stats()["leases"] == 1
+        assert second.stats().leases == 1
     finally:
         worker.kill()

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from loracache.client import ErrorCode, LoraCacheError
-from loracache.shared.protocol import Acquire, AcquireResult, Release
+from loracache.shared.protocol import Acquire, AcquireResult, DropResult, Release
 from loracache.shared.transport.cuda_ipc import MIN_SEGMENT, SEGMENT_ROUNDING, device_uuid
 from tests.support import Worker, digest, sized_lora, wait_until
 
@@ -28,7 +28,7 @@ def start_gpu_daemon(start_daemon, lora_dir, *args: str, **kwargs):
     warm = sized_lora(lora_dir / "warm-up.safetensors", MiB, seed=99)
     with daemon.client(session=False) as client:
         client.preload(warm, device="cuda:0")
-        assert client.evict(warm)["evicted"] == 1
+        assert client.evict(warm).evicted == 1
     return daemon
 
 
@@ -45,17 +45,17 @@ def free_memory() -> int:
 
 def device_stats(daemon) -> dict:
     name = f"cuda:{device_uuid(0)}"
-    return next(d for d in daemon.stats()["devices"] if d["device"] == name)
+    return daemon.stats().device(name)
 
 
 def evict_and_wait_for_memory(daemon, path, free_before: int) -> None:
     """Wait for the leases to end (dead clients' expire), evict ``path``, and wait for the
     device to have its memory back (within 32 MiB of ``free_before``)."""
-    wait_until(lambda: daemon.stats()["leases"] == 0, timeout=20, interval=0.2)
+    wait_until(lambda: daemon.stats().leases == 0, timeout=20, interval=0.2)
     with daemon.client(session=False) as client:
-        assert client.evict(path) == {"evicted": 1, "busy": 0}
+        assert client.evict(path) == DropResult(evicted=1, busy=0)
     wait_until(lambda: free_memory() >= free_before - 32 * MiB, timeout=20, interval=0.2)
-    assert device_stats(daemon)["waiting_bytes"] == 0
+    assert device_stats(daemon).waiting_bytes == 0
 
 
 def counter_files(daemon) -> list[str]:
@@ -76,8 +76,8 @@ def test_four_processes_share_one_device_copy(gpu_daemon, lora_dir):
         assert all(lease["digests"] == expected for lease in leases)
         assert len({lease["entry"] for lease in leases}) == 1
         stats = device_stats(gpu_daemon)
-        assert stats["loads"] == 2 and stats["leases"] == 4  # the warm-up file, then this
-        assert stats["used"] == leases[0]["nbytes"] == stats["allocated_bytes"]
+        assert stats.loads == 2 and stats.leases == 4  # the warm-up file, then this
+        assert stats.used == leases[0]["nbytes"] == stats.allocated_bytes
         # Zero-copy: the workers' own allocators hold nothing; the memory is the daemon's.
         assert [w.call("cuda_allocated") for w in workers] == [0, 0, 0, 0]
     finally:
@@ -108,11 +108,11 @@ def test_exports_map_one_segment_per_entry_and_no_event(gpu_daemon, lora_dir):
             assert handle["size"] >= MIN_SEGMENT and handle["size"] % SEGMENT_ROUNDING == 0
             assert handle["offset"] == 0 and handle["event_sync"] is False
         assert handles[0]["handle"] != handles[1]["handle"]
-        reserved = device_stats(gpu_daemon)["reserved_bytes"]
+        reserved = device_stats(gpu_daemon).reserved_bytes
         for result in results:  # never opened here: the daemon releases their counter slots
             client._request(Release(lease=result.lease, opened=False))
-        assert client.evict(paths[0])["evicted"] == 1
-        wait_until(lambda: device_stats(gpu_daemon)["reserved_bytes"] <= reserved - MIN_SEGMENT,
+        assert client.evict(paths[0]).evicted == 1
+        wait_until(lambda: device_stats(gpu_daemon).reserved_bytes <= reserved - MIN_SEGMENT,
                    timeout=10, interval=0.2)
 
 
@@ -135,7 +135,7 @@ def test_dead_sessions_ipc_counters_are_released(gpu_daemon, lora_dir):
     for worker in workers:
         worker.call("acquire", path=str(path), device="cuda:0")
         worker.call("acquire", path=str(path), device="cuda:0")  # a second slot, discarded
-    assert device_stats(gpu_daemon)["leases"] == 6
+    assert device_stats(gpu_daemon).leases == 6
     for worker in workers:
         worker.kill()
     evict_and_wait_for_memory(gpu_daemon, path, free_before)
@@ -166,12 +166,12 @@ def test_a_worker_without_the_daemons_dev_shm_is_refused_and_leaks_nothing(gpu_d
             worker.call("acquire", path=str(path), device="cuda:0")
         assert refused.value.code is ErrorCode.MAPPING_FAILED
         assert "reference counter" in refused.value.message
-        wait_until(lambda: gpu_daemon.stats()["leases"] == 0, timeout=5)
+        wait_until(lambda: gpu_daemon.stats().leases == 0, timeout=5)
     finally:
         worker.close()
     free_before = free_memory()
     with gpu_daemon.client(session=False) as client:
-        assert client.evict(path)["evicted"] == 1
+        assert client.evict(path).evicted == 1
     wait_until(lambda: free_memory() >= free_before + 14 * MiB, timeout=20, interval=0.2)
 
 
@@ -186,17 +186,17 @@ def test_memory_still_mapped_after_eviction_is_counted_then_collected(gpu_daemon
         worker.call("keep_views")
         worker.call("release", lease=lease["lease"])
         with gpu_daemon.client(session=False) as client:
-            assert client.evict(path)["evicted"] == 1
+            assert client.evict(path).evicted == 1
         stats = device_stats(gpu_daemon)
-        assert stats["waiting_bytes"] >= 128 * MiB and stats["used"] == 0
+        assert stats.waiting_bytes >= 128 * MiB and stats.used == 0
         worker.call("drop_views")
         with gpu_daemon.client() as client:  # an export meanwhile frees the block, not its
             client.acquire(small, device="cuda:0").release()  # segment: still given back
         # (Device-wide free memory would also count the worker's own CUDA context.)
-        wait_until(lambda: device_stats(gpu_daemon)["waiting_bytes"] == 0, timeout=10,
+        wait_until(lambda: device_stats(gpu_daemon).waiting_bytes == 0, timeout=10,
                    interval=0.2)
-        wait_until(lambda: device_stats(gpu_daemon)["reserved_bytes"]
-                   == device_stats(gpu_daemon)["used"], timeout=10, interval=0.2)
+        wait_until(lambda: device_stats(gpu_daemon).reserved_bytes
+                   == device_stats(gpu_daemon).used, timeout=10, interval=0.2)
     finally:
         worker.close()
 
@@ -246,8 +246,8 @@ def test_concurrent_loads_exports_and_evictions(start_daemon, lora_dir):
         client.clear()
     # The daemon's allocator gives every segment back. (Not device-wide free memory: the
     # threads' kernels grew this process's own CUDA context.)
-    wait_until(lambda: device_stats(daemon)["reserved_bytes"] == 0, timeout=20, interval=0.2)
-    assert device_stats(daemon)["evictions"] > 0
+    wait_until(lambda: device_stats(daemon).reserved_bytes == 0, timeout=20, interval=0.2)
+    assert device_stats(daemon).evictions > 0
 
 
 def test_unknown_device_uuid_is_refused(gpu_daemon, lora_dir):
@@ -278,7 +278,7 @@ def test_device_out_of_memory_evicts_and_retries_then_cache_full(start_daemon, l
                               device="cuda:0")
         held = client.acquire(paths[1], device="cuda:0")  # a idle, b leased
         with client.acquire(paths[2], device="cuda:0"):  # no room: a is evicted, c loads
-            assert device_stats(gpu_daemon)["evictions"] >= 2  # the warm-up file, then a
+            assert device_stats(gpu_daemon).evictions >= 2  # the warm-up file, then a
             with pytest.raises(LoraCacheError) as full:  # b and c leased, nothing to evict
                 client.acquire(paths[3], device="cuda:0")
             assert full.value.code is ErrorCode.CACHE_FULL

@@ -142,8 +142,8 @@ def test_bad_paths_and_files_get_their_codes(daemon, lora_dir, tmp_path):
                 client.acquire(path)
             assert error.value.code is code, (path, error.value)
         stats = daemon.cpu_stats()
-        assert stats["entries"] == 0 and stats["used"] == 0 and stats["reserved"] == 0
-        assert daemon.stats()["leases"] == 0 and daemon.shm_files() == []
+        assert stats.entries == 0 and stats.used == 0 and stats.reserved == 0
+        assert daemon.stats().leases == 0 and daemon.shm_files() == []
     assert_still_serving(daemon, lora_dir)
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from loracache.client import ErrorCode, LoraCacheError
+from loracache.shared.protocol import DropResult
 from tests.support import write_lora
 
 KiB = 1 << 10
@@ -23,7 +24,7 @@ def lora(lora_dir, name: str, seed: int = 0) -> str:
 
 def cached_names(daemon) -> set[str]:
     with daemon.client(heartbeat=False) as client:
-        return {e["path"].rsplit("/", 1)[1].removesuffix(".safetensors") for e in client.list()}
+        return {e.path.rsplit("/", 1)[1].removesuffix(".safetensors") for e in client.list()}
 
 
 def test_least_recently_used_entry_is_evicted_first(start_daemon, lora_dir):
@@ -36,7 +37,7 @@ def test_least_recently_used_entry_is_evicted_first(start_daemon, lora_dir):
         assert cached_names(daemon) == {"a", "c", "d"}
         client.acquire(lora(lora_dir, "e")).release()
         assert cached_names(daemon) == {"a", "d", "e"}
-        assert daemon.cpu_stats()["evictions"] == 2
+        assert daemon.cpu_stats().evictions == 2
 
 
 def test_budget_is_never_exceeded_and_leased_entries_stay(start_daemon, lora_dir):
@@ -46,7 +47,7 @@ def test_budget_is_never_exceeded_and_leased_entries_stay(start_daemon, lora_dir
         for i in range(8):
             client.acquire(lora(lora_dir, f"f{i}", seed=i)).release()
             stats = daemon.cpu_stats()
-            assert stats["used"] <= stats["budget"]
+            assert stats.used <= stats.budget
             assert "held" in cached_names(daemon)
         assert torch.all(held.tensors["w"] == 0)
         held.release()
@@ -63,7 +64,7 @@ def test_pinned_entries_are_not_evicted_until_evicted_by_name(start_daemon, lora
             with pytest.raises(LoraCacheError) as full:
                 client.acquire(lora(lora_dir, "f9"))
             assert full.value.code is ErrorCode.CACHE_FULL
-        assert client.evict("pinned.safetensors") == {"evicted": 1, "busy": 0}
+        assert client.evict("pinned.safetensors") == DropResult(evicted=1, busy=0)
         client.acquire("f9.safetensors").release()
 
 
@@ -103,7 +104,7 @@ def test_too_large_fails_at_once(start_daemon, lora_dir):
             client.acquire(lora(lora_dir, "a"))
         assert error.value.code is ErrorCode.TOO_LARGE
         assert time.monotonic() - started < 10
-        assert daemon.cpu_stats()["used"] == 0
+        assert daemon.cpu_stats().used == 0
 
 
 def test_cache_size_zero_keeps_nothing_unleased_but_shares_while_leased(start_daemon, lora_dir):
@@ -111,7 +112,7 @@ def test_cache_size_zero_keeps_nothing_unleased_but_shares_while_leased(start_da
     with daemon.client() as client:
         first = client.acquire(lora(lora_dir, "a"))
         second = client.acquire("a.safetensors")
-        assert first.entry.id == second.entry.id and daemon.cpu_stats()["loads"] == 1
+        assert first.entry.id == second.entry.id and daemon.cpu_stats().loads == 1
         first.release()
         assert cached_names(daemon) == {"a"}
         second.release()
@@ -124,4 +125,4 @@ def test_cache_size_caps_idle_entries(start_daemon, lora_dir):
         for name in "abcd":
             client.acquire(lora(lora_dir, name)).release()
         assert cached_names(daemon) == {"c", "d"}
-        assert daemon.cpu_stats()["cache_size"] == 2
+        assert daemon.cpu_stats().cache_size == 2

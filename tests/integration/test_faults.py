@@ -40,14 +40,14 @@ def test_storage_exhausted_evicts_and_retries_then_cache_full(small_tmpfs, start
         client.acquire("a.safetensors").release()  # idle: the one to evict
         b = client.acquire("b.safetensors")
         c = client.acquire("c.safetensors")  # 4.5 MiB would not fit: a is evicted, c loads
-        assert sorted(Path(e["path"]).name for e in client.list()) == ["b.safetensors",
+        assert sorted(Path(e.path).name for e in client.list()) == ["b.safetensors",
                                                                        "c.safetensors"]
-        assert daemon.cpu_stats()["evictions"] == 1
+        assert daemon.cpu_stats().evictions == 1
         with pytest.raises(LoraCacheError) as full:  # nothing idle left to evict
             client.acquire("d.safetensors")
         assert full.value.code is ErrorCode.CACHE_FULL
         assert str(small_tmpfs) in full.value.message and "no space left" in full.value.message
-        assert daemon.cpu_stats()["entries"] == 2  # no partial entry
+        assert daemon.cpu_stats().entries == 2  # no partial entry
         b.release()
         with client.acquire("d.safetensors") as d:  # b is idle now: evicted, d fits
             assert d.entry.nbytes > 0
@@ -69,10 +69,10 @@ def test_client_killed_in_the_middle_of_an_acquire(start_daemon, lora_dir):
     with daemon.client() as client:
         with client.acquire("big.safetensors") as lease:
             assert lease.entry.nbytes >= 64 * MIB
-    wait_until(lambda: daemon.stats()["leases"] == 0)
+    wait_until(lambda: daemon.stats().leases == 0)
     stats = daemon.stats()
-    assert stats["sessions"] == 1  # the one asking: the killed worker's session expired
-    assert stats["devices"][0]["entries"] == 1 and stats["devices"][0]["loads"] == 1
+    assert stats.sessions == 1  # the one asking: the killed worker's session expired
+    assert stats.devices[0].entries == 1 and stats.devices[0].loads == 1
 
 
 def test_client_killed_while_holding_leases_of_several_files(start_daemon, lora_dir):
@@ -85,7 +85,7 @@ def test_client_killed_while_holding_leases_of_several_files(start_daemon, lora_
     with daemon.client() as bystander:
         kept = bystander.acquire("a.safetensors")
         worker.kill()
-        wait_until(lambda: daemon.cpu_stats()["leases"] == 1)
+        wait_until(lambda: daemon.cpu_stats().leases == 1)
         assert torch.equal(kept.tensors["w"], torch.ones(1024))  # untouched
         kept.release()
     daemon.wait_for_log("expired")
@@ -101,4 +101,4 @@ def test_file_deleted_while_leased_keeps_the_lease_working(daemon, lora_dir):
             client.acquire("a.safetensors")
         assert gone.value.code is ErrorCode.NOT_FOUND
         lease.release()
-        assert client.clear()["evicted"] == 1
+        assert client.clear().evicted == 1

@@ -476,7 +476,7 @@ def test_live_fuzz_leaves_the_daemon_serving_and_clean(start_daemon, lora_dir):
         assert device["sessions"] == 0 and device["leases"] == 0, device
     with LoraCacheClient(daemon.socket, heartbeat=False) as client:
         entries = client.list()
-    assert entries and all(e["leases"] == 0 for e in entries), entries
+    assert entries and all(e.leases == 0 for e in entries), entries
     assert daemon.proc.poll() is None
 
     log = daemon.read_log()

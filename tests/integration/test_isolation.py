@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from loracache.client import ErrorCode, LoraCacheClient, LoraCacheError
+from loracache.shared.protocol import DropResult
 from tests.support import write_lora
 
 
@@ -28,10 +29,10 @@ def test_lease_count_quota_per_session(start_daemon, lora_dir):
         assert "session_max_leases = 2" in refused.value.message
         other.acquire("c.safetensors").release()  # other sessions are not affected
         cpu = daemon.cpu_stats()
-        assert cpu["hits"] + cpu["misses"] == 3  # the refused acquire is not counted
+        assert cpu.hits + cpu.misses == 3  # the refused acquire is not counted
         held.pop().release()
         greedy.acquire("c.safetensors").release()
-    assert daemon.stats()["leases"] == 0
+    assert daemon.stats().leases == 0
 
 
 def test_leased_bytes_quota_counts_each_entry_once(start_daemon, lora_dir):
@@ -47,7 +48,7 @@ def test_leased_bytes_quota_counts_each_entry_once(start_daemon, lora_dir):
         assert "session_max_bytes" in refused.value.message
         first.release()
         client.acquire("b.safetensors").release()
-    assert daemon.stats()["leases"] == 0
+    assert daemon.stats().leases == 0
 
 
 def test_admin_operations_only_on_the_admin_socket(start_daemon, lora_dir, tmp_path):
@@ -67,8 +68,8 @@ def test_admin_operations_only_on_the_admin_socket(start_daemon, lora_dir, tmp_p
             assert str(admin_path) in refused.value.message
         worker.acquire("a.safetensors").release()  # the rest works as before
     with LoraCacheClient(admin_path) as operator:
-        assert operator.preload("a.safetensors", pin=True)["pinned"]
-        assert operator.evict("a.safetensors") == {"evicted": 1, "busy": 0}
+        assert operator.preload("a.safetensors", pin=True).pinned
+        assert operator.evict("a.safetensors") == DropResult(evicted=1, busy=0)
     cli = subprocess.run([sys.executable, "-m", "loracache.client.cli", "--socket",
                           str(admin_path), "evict", "--all"], capture_output=True, text=True,
                          timeout=60)

@@ -60,7 +60,7 @@ def test_a_daemon_whose_stderr_nobody_reads_keeps_answering(lora_dir):
         with LoraCacheClient(socket_path, connect_timeout=10) as client:  # and serves on
             with client.acquire("a.safetensors") as lease:
                 assert torch.equal(lease.tensors["w"], torch.ones(16))
-            assert client.stats()["errors"]["BAD_REQUEST"] == BAD_REQUESTS
+            assert client.stats().errors["BAD_REQUEST"] == BAD_REQUESTS
         for sock in peers:
             sock.close(linger=0)
     finally:

@@ -324,22 +324,22 @@ def test_daemon_is_clean_after_the_corpus(served: Served) -> None:
     with served.client.acquire("good.safetensors") as lease:
         assert torch.equal(lease.tensors["w"], good)
         served.accepted.add(lease.entry.path)
-        assert served.daemon.stats()["leases"] == 1
+        assert served.daemon.stats().leases == 1
 
     stats = served.daemon.stats()
-    assert stats["leases"] == 0
-    assert stats["errors"].get("INVALID_LORA", 0) == served.invalid_replies
+    assert stats.leases == 0
+    assert stats.errors.get("INVALID_LORA", 0) == served.invalid_replies
     assert served.invalid_replies >= len(CORPUS)
     entries = served.client.list()
-    paths = {e["path"] for e in entries}
+    paths = {e.path for e in entries}
     refused = {os.path.realpath(p) for p in served.refused.values()}
     assert not paths & refused, f"entries left by refused files: {paths & refused}"
     assert paths <= served.accepted, paths - served.accepted
-    assert all(e["leases"] == 0 for e in entries)
+    assert all(e.leases == 0 for e in entries)
     cpu = served.daemon.cpu_stats()
-    assert cpu["entries"] == len(entries) >= 1
-    assert cpu["reserved"] == 0 and cpu["leases"] == 0
-    assert cpu["used"] == sum(e["nbytes"] for e in entries)
+    assert cpu.entries == len(entries) >= 1
+    assert cpu.reserved == 0 and cpu.leases == 0
+    assert cpu.used == sum(e.nbytes for e in entries)
     assert len(served.daemon.shm_files()) == len(entries)
 
 
@@ -366,10 +366,10 @@ def test_file_truncated_between_header_check_and_copy(start_daemon, lora_dir: Pa
         assert "truncated" in error.value.message, error.value.message
         assert "victim.safetensors" in error.value.message, error.value.message
         stats = daemon.cpu_stats()
-        assert stats["reserved"] == 0 and stats["leases"] == 0
-        assert all(e["path"] != str(victim.resolve()) for e in client.list())
-        assert len(daemon.shm_files()) == stats["entries"]
-        assert stats["used"] == sum(e["nbytes"] for e in client.list())
+        assert stats.reserved == 0 and stats.leases == 0
+        assert all(e.path != str(victim.resolve()) for e in client.list())
+        assert len(daemon.shm_files()) == stats.entries
+        assert stats.used == sum(e.nbytes for e in client.list())
         # The shrunk file is a new identity, refused by its header now.
         with pytest.raises(LoraCacheError) as again:
             client.acquire("victim.safetensors")
@@ -379,7 +379,7 @@ def test_file_truncated_between_header_check_and_copy(start_daemon, lora_dir: Pa
         write_lora(victim, {"w": fresh})
         with client.acquire("victim.safetensors") as lease:
             assert torch.equal(lease.tensors["w"], fresh)
-    assert daemon.stats()["leases"] == 0
+    assert daemon.stats().leases == 0
 
 
 def wait_until_open(daemon: Daemon, path: Path, timeout: float = 10.0) -> None:

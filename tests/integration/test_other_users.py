@@ -10,6 +10,7 @@ import pytest
 from safetensors.torch import load_file
 
 from loracache.client import ErrorCode, LoraCacheError
+from loracache.shared.protocol import DropResult
 from tests.support import Worker, digest, sized_lora, wait_until
 from examples.tiny_models import save, sd_lora_peft, tiny_sd_pipeline
 
@@ -24,9 +25,9 @@ def test_a_worker_of_another_user_in_the_group_leases_and_releases(daemon, lora_
     try:
         lease = worker.call("acquire", path=str(path))
         assert lease["digests"] == expected
-        assert daemon.stats()["leases"] == 1
+        assert daemon.stats().leases == 1
         worker.call("release", lease=lease["lease"])
-        assert daemon.stats()["leases"] == 0
+        assert daemon.stats().leases == 0
     finally:
         worker.close()
 
@@ -58,9 +59,9 @@ def test_a_handle_the_worker_cannot_map_is_given_back(daemon, lora_dir, worker, 
         worker.call("acquire", path=str(path))
     assert refused.value.code is ErrorCode.MAPPING_FAILED
     assert "cannot open the daemon's shared-memory file" in refused.value.message
-    wait_until(lambda: daemon.stats()["leases"] == 0, timeout=5)  # nothing leaks
+    wait_until(lambda: daemon.stats().leases == 0, timeout=5)  # nothing leaks
     with daemon.client() as client:  # and the entry is idle: it can be evicted
-        assert client.evict(path) == {"evicted": 1, "busy": 0}
+        assert client.evict(path) == DropResult(evicted=1, busy=0)
 
 
 def test_fusing_falls_back_to_a_local_load_with_one_warning(daemon, lora_dir, contained):
@@ -73,8 +74,8 @@ def test_fusing_falls_back_to_a_local_load_with_one_warning(daemon, lora_dir, co
     contained.call("fuse", name="p", path=str(lora_dir / "b.safetensors"), adapter="b")
     warnings = [w for w in contained.call("warnings") if "without sharing" in w]
     assert len(warnings) == 1 and "shared-memory file" in warnings[0]
-    assert daemon.stats()["leases"] == 0
-    assert daemon.cpu_stats()["loads"] == 1  # b was not loaded for a worker that cannot map
+    assert daemon.stats().leases == 0
+    assert daemon.cpu_stats().loads == 1  # b was not loaded for a worker that cannot map
     contained.call("unfuse", name="p")  # fused from the worker's own copies, undone exactly
     distance = contained.call("max_diff", a="p", b="reference")
     assert distance["diff"] <= 1e-5 * max(1.0, distance["scale"])

@@ -55,8 +55,8 @@ def assert_healthy(daemon: Daemon, lora_dir: Path) -> None:
     with daemon.client(heartbeat=False) as client:
         loads(client, "healthy.safetensors", good)
     stats = daemon.stats()
-    assert stats["leases"] == 0
-    assert daemon.cpu_stats()["reserved"] == 0
+    assert stats.leases == 0
+    assert daemon.cpu_stats().reserved == 0
 
 
 def swap_symlink(link: Path, target: Path | str) -> None:
@@ -110,8 +110,8 @@ def test_symlinks_are_judged_by_their_target(daemon: Daemon, lora_dir: Path,
         assert loads(client, "subdir-link/rel.safetensors", inside) == resolved
         assert loads(client, "real.safetensors", inside) == resolved
         # One file, one entry, however it was named.
-        assert [e["path"] for e in client.list()] == [resolved]
-        assert daemon.cpu_stats()["entries"] == 1
+        assert [e.path for e in client.list()] == [resolved]
+        assert daemon.cpu_stats().entries == 1
     assert_healthy(daemon, lora_dir)
 
 
@@ -314,6 +314,6 @@ def test_file_replaced_by_a_symlink_after_an_acquire(daemon: Daemon, lora_dir: P
         write_lora(path, {"w": last})  # a regular file again, with new contents
         assert loads(client, "a.safetensors", last) == str(path.resolve())
         assert torch.equal(held.tensors["w"], first)
-        assert daemon.stats()["leases"] == 1
+        assert daemon.stats().leases == 1
         held.release()
     assert_healthy(daemon, lora_dir)

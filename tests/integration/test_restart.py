@@ -57,13 +57,13 @@ def test_workers_lease_again_after_a_restart_and_unfuse_exactly(start_daemon, sd
     worker.call("unfuse", name="restarted")  # meets UNKNOWN_SESSION: renews, then unfuses
     assert worker.call("lease_generations", name="restarted") == [1]
     cpu = second.cpu_stats()
-    assert (cpu["entries"], cpu["leases"], cpu["sessions"]) == (1, 1, 1)
+    assert (cpu.entries, cpu.leases, cpu.sessions) == (1, 1, 1)
     assert any("restarted" in w for w in worker.call("warnings"))
     distance = worker.call("max_diff", a="restarted", b="original")
     assert distance["diff"] <= 1e-5 * max(1.0, distance["scale"])
 
     worker.call("delete", name="restarted")
-    assert second.cpu_stats()["leases"] == 0
+    assert second.cpu_stats().leases == 0
 
 
 def test_a_file_changed_while_the_daemon_was_down_is_not_swapped_in(start_daemon, sd_loras,
@@ -81,5 +81,5 @@ def test_a_file_changed_while_the_daemon_was_down_is_not_swapped_in(start_daemon
     assert worker.call("lease_generations", name="restarted") == [0]  # the old copy stays
     distance = worker.call("max_diff", a="restarted", b="original")
     assert distance["diff"] <= 1e-5 * max(1.0, distance["scale"])
-    assert second.cpu_stats()["leases"] == 0  # the new lease was given back at once
+    assert second.cpu_stats().leases == 0  # the new lease was given back at once
     worker.call("delete", name="restarted")

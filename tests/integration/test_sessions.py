@@ -21,15 +21,15 @@ def test_killed_client_loses_its_leases_after_the_ttl(start_daemon, lora_dir):
     write_lora(lora_dir / "b.safetensors", {"w": torch.ones(300_000, dtype=torch.float16)})
     worker = Worker(daemon.socket)
     worker.call("acquire", path="a.safetensors")
-    assert daemon.stats()["leases"] == 1
+    assert daemon.stats().leases == 1
     worker.kill()
     with daemon.client() as client:
         with pytest.raises(LoraCacheError) as full:  # a is still leased: b does not fit
             client.acquire("b.safetensors")
         assert full.value.code is ErrorCode.CACHE_FULL
-        wait_until(lambda: daemon.stats()["leases"] == 0, timeout=10)
+        wait_until(lambda: daemon.stats().leases == 0, timeout=10)
         client.acquire("b.safetensors").release()  # a was evictable, so b fits now
-        assert [e["path"].endswith("b.safetensors") for e in client.list()] == [True]
+        assert [e.path.endswith("b.safetensors") for e in client.list()] == [True]
     daemon.wait_for_log("expired")
 
 
@@ -39,7 +39,7 @@ def test_heartbeats_keep_an_idle_client_alive(start_daemon, lora_dir):
     with daemon.client() as client:
         lease = client.acquire("a.safetensors")
         time.sleep(2)  # four TTLs
-        assert daemon.stats()["leases"] == 1
+        assert daemon.stats().leases == 1
         lease.release()
 
 
@@ -53,7 +53,7 @@ def test_rewritten_file_is_a_new_entry_and_old_leases_keep_working(daemon, lora_
         assert new.entry.id != old.entry.id
         assert torch.all(old.tensors["w"] == 0) and "extra" not in old.tensors
         assert torch.all(new.tensors["w"] == 1) and "extra" in new.tensors
-        assert daemon.cpu_stats()["entries"] == 2
+        assert daemon.cpu_stats().entries == 2
         old.release()
         new.release()
 
@@ -67,7 +67,7 @@ def test_release_is_idempotent_and_foreign_leases_are_refused(daemon, lora_dir):
         assert error.value.code is ErrorCode.UNKNOWN_LEASE
         lease.release()
         lease.release()
-        assert daemon.stats()["leases"] == 0
+        assert daemon.stats().leases == 0
 
 
 def test_closing_a_client_releases_its_leases(daemon, lora_dir):
@@ -76,10 +76,10 @@ def test_closing_a_client_releases_its_leases(daemon, lora_dir):
     client.acquire("a.safetensors")
     client.acquire("a.safetensors")
     stats = daemon.stats()
-    assert stats["leases"] == 2 and stats["sessions"] == 2  # the client's and stats' own
+    assert stats.leases == 2 and stats.sessions == 2  # the client's and stats' own
     client.close()
     stats = daemon.stats()
-    assert stats["leases"] == 0 and stats["sessions"] == 1  # the session ended with the client
+    assert stats.leases == 0 and stats.sessions == 1  # the session ended with the client
     with pytest.raises(LoraCacheError) as error:
         client.acquire("a.safetensors")
     assert error.value.code is ErrorCode.CLIENT_CLOSED
@@ -95,16 +95,16 @@ def test_an_expired_session_is_renewed_with_its_leases(start_daemon, lora_dir):
     with daemon.client(heartbeat=False) as client:
         kept, lost = client.acquire("kept.safetensors"), client.acquire("gone.safetensors")
         gone.unlink()
-        wait_until(lambda: daemon.stats()["leases"] == 0, timeout=10)
+        wait_until(lambda: daemon.stats().leases == 0, timeout=10)
         assert client.verify_session()
         assert (kept.generation, kept.orphaned, lost.generation, lost.orphaned) == (
             1, False, 0, True)
         assert torch.equal(kept.tensors["w"], torch.arange(8.0))
         assert torch.equal(lost.tensors["w"], torch.arange(8.0))  # the old mapping stays
-        assert daemon.cpu_stats()["leases"] == 1
+        assert daemon.cpu_stats().leases == 1
         lost.release()
         kept.release()
-        assert daemon.cpu_stats()["leases"] == 0
+        assert daemon.cpu_stats().leases == 0
 
 
 def test_a_lease_orphaned_once_and_renewed_later_is_given_back(start_daemon, lora_dir):
@@ -121,9 +121,9 @@ def test_a_lease_orphaned_once_and_renewed_later_is_given_back(start_daemon, lor
             time.sleep(1.5)  # three TTLs without a message: the session expires
             assert client.verify_session()
             assert (lease.orphaned, lease.generation) == (orphaned, generation)
-        assert daemon.cpu_stats()["leases"] == 1
+        assert daemon.cpu_stats().leases == 1
         lease.release()
-        assert daemon.cpu_stats()["leases"] == 0
+        assert daemon.cpu_stats().leases == 0
 
 
 def test_closing_a_client_ends_a_request_waiting_in_another_thread(start_daemon, lora_dir):
@@ -152,7 +152,7 @@ def test_closing_a_client_ends_a_request_waiting_in_another_thread(start_daemon,
         assert not waiter.is_alive() and time.monotonic() - started < 5
         (error,) = outcome
         assert isinstance(error, LoraCacheError) and error.code is ErrorCode.CLIENT_CLOSED
-    assert daemon.stats()["leases"] == 0
+    assert daemon.stats().leases == 0
 
 
 def test_client_side_misuse_has_client_side_errors(daemon, lora_dir, tmp_path):
@@ -187,10 +187,10 @@ def test_a_client_dropped_without_close_ends_its_session(daemon, lora_dir):
     write_lora(lora_dir / "a.safetensors", {"w": torch.ones(4)})
     client = daemon.client()
     client.acquire("a.safetensors").release()
-    assert daemon.stats()["sessions"] == 2  # the client's and stats' own
+    assert daemon.stats().sessions == 2  # the client's and stats' own
     del client
     gc.collect()
-    wait_until(lambda: daemon.stats()["sessions"] == 1, timeout=5)
+    wait_until(lambda: daemon.stats().sessions == 1, timeout=5)
 
 
 def test_a_process_that_exits_without_close_leaves_its_leases_to_expire(start_daemon, lora_dir):
@@ -208,6 +208,6 @@ def test_a_process_that_exits_without_close_leaves_its_leases_to_expire(start_da
               "lease = LoraCacheClient(sys.argv[1]).acquire('a.safetensors')")
     subprocess.run([sys.executable, "-c", script, str(daemon.socket)], check=True, timeout=60,
                    env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert daemon.stats()["leases"] == 1  # still there: no Bye at exit
-    wait_until(lambda: daemon.stats()["leases"] == 0, timeout=10)
+    assert daemon.stats().leases == 1  # still there: no Bye at exit
+    wait_until(lambda: daemon.stats().leases == 0, timeout=10)
     daemon.wait_for_log("expired")

@@ -48,7 +48,7 @@ def test_four_processes_share_one_copy(daemon, lora_dir):
         shared = sum(w.call("pss", path_part=str(daemon.shm_root))["mapping"] for w in workers)
         assert shared <= 1.1 * nbytes, (shared, nbytes)
         assert shared >= 0.9 * nbytes  # the pages really are mapped, just once
-        assert daemon.cpu_stats()["used"] == nbytes
+        assert daemon.cpu_stats().used == nbytes
     finally:
         for w in workers:
             w.close()
@@ -77,11 +77,11 @@ def test_leases_in_one_process_share_one_mapping(daemon, lora_dir):
         name = next(iter(first.tensors))
         assert first.tensors[name].data_ptr() == second.tensors[name].data_ptr()
         assert first.id != second.id
-        assert daemon.cpu_stats()["leases"] == 2
+        assert daemon.cpu_stats().leases == 2
         first.release()
         assert torch.equal(second.tensors[name], load_file(lora_dir / "a.safetensors")[name])
         second.release()
-        assert daemon.cpu_stats()["leases"] == 0
+        assert daemon.cpu_stats().leases == 0
 
 
 def test_client_mappings_are_read_only(daemon, lora_dir):

@@ -30,6 +30,7 @@ import torch
 
 from loracache.client import LoraCacheClient, LoraCacheError
 from loracache.shared.packing import TensorItem, pack
+from loracache.shared.protocol import StatsResult
 from tests.support import REPO, Daemon
 from examples.tiny_models import save, sd_lora_peft, tiny_sd_pipeline
 
@@ -76,8 +77,8 @@ def test_soak_with_kills_keeps_budget_leases_counters_and_memory(start_daemon, l
     assert set(tally.errors) <= {"CACHE_FULL"}, f"unexpected errors: {dict(tally.errors)}"
     assert tally.ok > 100 and tally.fused > 10, "the workers hardly did anything"
     assert soak.fleet.kills > 0
-    assert final["leases"] == 0, f"leases left after every session ended: {final}"
-    assert final["sessions"] == 1, f"sessions left besides the asking one: {final}"
+    assert final.leases == 0, f"leases left after every session ended: {final}"
+    assert final.sessions == 1, f"sessions left besides the asking one: {final}"
     # Each acquire a worker saw succeed is exactly one hit or miss. An acquire whose worker was
     # killed before the reply may or may not have been completed (and counted) by the daemon,
     # and a renewed session leases its files again: those only widen the upper bound.
@@ -109,8 +110,8 @@ class Soak:
         self.fleet: Fleet | None = None
         self.monitor: BudgetMonitor | None = None
         self.tally = Tally()
-        self.baseline: dict = {}
-        self.final: dict = {}
+        self.baseline: StatsResult | None = None
+        self.final: StatsResult | None = None
         self.rss: list[int] = []  # the daemon's, every RSS_EVERY s from the end of the warm-up
         self.rss_end: int | None = None
 
@@ -123,7 +124,7 @@ class Soak:
             self.phases[name] = time.monotonic() - started
 
     def run(self, daemon: Daemon) -> None:
-        self.daemon_pid = daemon.stats()["pid"]
+        self.daemon_pid = daemon.stats().pid
         self.baseline = self.prime(daemon)
         self.fleet = Fleet(daemon.socket, self.lora_dir, self.names, self.fusable, self.home,
                            self.rng)
@@ -137,7 +138,7 @@ class Soak:
         self.final = self.phase("expiry", wait_for_expiry, daemon)
         self.rss_end = rss_bytes(self.daemon_pid)
 
-    def prime(self, daemon: Daemon) -> dict:
+    def prime(self, daemon: Daemon) -> StatsResult:
         """One raw and one SD acquire, so the daemon has imported its converters before the
         RSS is first measured. Returns the stats after them: the counters' baseline."""
         with daemon.client(heartbeat=False) as client:
@@ -171,8 +172,8 @@ class Soak:
             self.fleet.kill_all()
             self.tally = self.fleet.tally()
 
-    def device_total(self, stats: dict, key: str) -> int:
-        return sum(device[key] for device in stats.get("devices", []))
+    def device_total(self, stats: StatsResult | None, key: str) -> int:
+        return sum(getattr(device, key) for device in stats.devices) if stats else 0
 
     def counted(self) -> int:
         """Hits plus misses since the baseline: the acquires the daemon completed."""
@@ -209,7 +210,7 @@ class Soak:
                 f"{self.device_total(final, 'hits')}, misses "
                 f"{self.device_total(final, 'misses')} in all), loads "
                 f"{self.device_total(final, 'loads')}, evictions "
-                f"{self.device_total(final, 'evictions')}, error replies {final['errors']}")
+                f"{self.device_total(final, 'evictions')}, error replies {final.errors}")
         if monitor is not None:
             lines.append(f"max used {monitor.max_used} of budget {self.budget} bytes "
                          f"({monitor.max_used / self.budget:.1%}); max used + reserved "
@@ -220,8 +221,8 @@ class Soak:
                          f"{mib(self.rss_end)} MiB, growth {100 * self.rss_growth():+.2f} % "
                          f"(every {RSS_EVERY} s: {', '.join(mib(r) for r in self.rss)})")
         if final:
-            lines.append(f"final sessions {final['sessions']} (1 is the asking client), leases "
-                         f"{final['leases']}")
+            lines.append(f"final sessions {final.sessions} (1 is the asking client), leases "
+                         f"{final.leases}")
         return "\n".join(["--- soak figures ---", *lines, "--------------------"])
 
 
@@ -249,12 +250,12 @@ def write_soak_loras(lora_dir: Path) -> tuple[list[str], list[str], int]:
     return names, names[:FUSABLE_FILES], packed.nbytes
 
 
-def wait_for_expiry(daemon: Daemon) -> dict:
+def wait_for_expiry(daemon: Daemon) -> StatsResult:
     """The daemon's stats once the killed workers' sessions have expired (or the timeout)."""
     deadline = time.monotonic() + SESSION_TTL + EXPIRY_TIMEOUT
     while True:
         stats = daemon.stats()  # its own client: one session, closed again after
-        if (stats["sessions"] == 1 and stats["leases"] == 0) or time.monotonic() > deadline:
+        if (stats.sessions == 1 and stats.leases == 0) or time.monotonic() > deadline:
             return stats
         time.sleep(0.2)
 
@@ -446,15 +447,15 @@ class BudgetMonitor(threading.Thread):
                 except LoraCacheError as exc:
                     self.problems.append(f"stats failed: {exc}")
 
-    def check(self, stats: dict) -> None:
+    def check(self, stats: StatsResult) -> None:
         self.polls += 1
-        for device in stats["devices"]:
-            used, committed = device["used"], device["used"] + device["reserved"]
+        for device in stats.devices:
+            used, committed = device.used, device.used + device.reserved
             self.max_used = max(self.max_used, used)
             self.max_committed = max(self.max_committed, committed)
-            if used > device["budget"] or committed > device["budget"]:
-                self.problems.append(f"{device['device']}: used {used}, reserved "
-                                     f"{device['reserved']}, budget {device['budget']}")
+            if used > device.budget or committed > device.budget:
+                self.problems.append(f"{device.device}: used {used}, reserved "
+                                     f"{device.reserved}, budget {device.budget}")
 
     def stop(self) -> None:
         self.halt.set()

@@ -116,9 +116,9 @@ def test_sighup_with_a_smaller_budget_evicts_idle_entries(start_daemon, lora_dir
         assert int(listener.wait_for("RELOADING", "1")["MONOTONIC_USEC"]) > 0
         listener.wait_for("READY", "1")
         cpu = daemon.cpu_stats()
-        assert cpu["budget"] == 1536 * 1024
-        assert cpu["used"] == MIB and cpu["entries"] == 1 and cpu["evictions"] == 2
-        assert [e["path"] for e in client.list()] == [str(lora_dir / "c.safetensors")]
+        assert cpu.budget == 1536 * 1024
+        assert cpu.used == MIB and cpu.entries == 1 and cpu.evictions == 2
+        assert [e.path for e in client.list()] == [str(lora_dir / "c.safetensors")]
         assert torch.equal(lease.tensors["w"], torch.ones(MIB // 4))
         lease.release()
     daemon.wait_for_log("configuration reloaded")
@@ -138,7 +138,7 @@ def test_sighup_with_a_bad_file_keeps_the_old_configuration(start_daemon, lora_d
         daemon.proc.send_signal(signal.SIGHUP)
         listener.wait_for("RELOADING", "1")
         assert "last reload failed" in listener.wait_for("READY", "1")["STATUS"]
-        assert daemon.cpu_stats()["budget"] == 8 * MIB
+        assert daemon.cpu_stats().budget == 8 * MIB
         with daemon.client() as client:
             client.acquire("a.safetensors").release()  # the old lora_dirs still apply
     daemon.wait_for_log("reload failed, keeping the previous configuration", count=3)
@@ -146,7 +146,7 @@ def test_sighup_with_a_bad_file_keeps_the_old_configuration(start_daemon, lora_d
     write_config(config, lora_dir, max_bytes="2MiB")
     daemon.proc.send_signal(signal.SIGHUP)
     assert "reload failed" not in listener.wait_for("READY", "1")["STATUS"]
-    assert daemon.cpu_stats()["budget"] == 2 * MIB
+    assert daemon.cpu_stats().budget == 2 * MIB
 
 
 def test_sighup_applies_new_roots_to_new_loads(start_daemon, lora_dir, tmp_path):
@@ -185,7 +185,7 @@ def test_sighup_with_a_shorter_session_ttl_keeps_live_sessions(start_daemon, lor
         daemon.proc.send_signal(signal.SIGHUP)
         daemon.wait_for_log("configuration reloaded", timeout=30)
         time.sleep(2.5)  # five new TTLs, less than one old one
-        assert daemon.cpu_stats()["leases"] == 1
+        assert daemon.cpu_stats().leases == 1
         with daemon.client() as newcomer:
             assert newcomer.session_ttl == 0.5
     assert "expired" not in daemon.read_log()
@@ -201,9 +201,9 @@ def test_metrics_endpoint_matches_stats(start_daemon, lora_dir):
         with pytest.raises(LoraCacheError):
             client.acquire("missing.safetensors")
         stats = client.stats()
-        metrics = _scrape(stats["metrics"])
+        metrics = _scrape(stats.metrics)
         lease.release()
-    (cpu,) = stats["devices"]
+    (cpu,) = stats.devices
     for metric, key in [("loracache_budget_bytes", "budget"), ("loracache_used_bytes", "used"),
                         ("loracache_entries", "entries"), ("loracache_leases", "leases"),
                         ("loracache_hits_total", "hits"), ("loracache_misses_total", "misses"),
@@ -211,9 +211,9 @@ def test_metrics_endpoint_matches_stats(start_daemon, lora_dir):
                         ("loracache_evictions_total", "evictions"),
                         ("loracache_leased_bytes", "leased_bytes"),
                         ("loracache_device_sessions", "sessions")]:
-        assert metrics[metric, (("device", "cpu"),)] == cpu[key], metric
-    assert (cpu["hits"], cpu["misses"], cpu["leases"], cpu["sessions"]) == (1, 1, 1, 1)
-    assert metrics["loracache_sessions", ()] == stats["sessions"] >= 1
+        assert metrics[metric, (("device", "cpu"),)] == getattr(cpu, key), metric
+    assert (cpu.hits, cpu.misses, cpu.leases, cpu.sessions) == (1, 1, 1, 1)
+    assert metrics["loracache_sessions", ()] == stats.sessions >= 1
     assert metrics["loracache_errors_total", (("code", "NOT_FOUND"),)] == 1
     assert metrics["loracache_load_duration_seconds_count", (("device", "cpu"),)] == 1
     assert metrics["loracache_load_duration_seconds_bucket",
