@@ -1,4 +1,4 @@
-"""The baseline for hits: a bare ZeroMQ + msgpack echo over an ipc:// socket, like the daemon's.
+"""The baseline for hits: a bare ZeroMQ + msgpack echo (msgspec, as the daemon) over ipc://.
 
 The server (``python -m bench.echo asyncio|sync ENDPOINT``) runs in its own process. It decodes
 each request and encodes a reply of the size the daemon would send for it, and does nothing
@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import msgpack
+import msgspec
 import zmq
 import zmq.asyncio
 
@@ -69,8 +69,8 @@ async def serve_asyncio(endpoint: str) -> None:
     sock.bind(endpoint)
     while True:
         *route, payload = await sock.recv_multipart()
-        reply = reply_to(msgpack.unpackb(payload, raw=False))
-        await sock.send_multipart([*route, msgpack.packb(reply, use_bin_type=True)])
+        reply = reply_to(msgspec.msgpack.decode(payload))
+        await sock.send_multipart([*route, msgspec.msgpack.encode(reply)])
 
 
 def serve_sync(endpoint: str) -> None:
@@ -80,8 +80,8 @@ def serve_sync(endpoint: str) -> None:
     sock.bind(endpoint)
     while True:
         *route, payload = sock.recv_multipart()
-        reply = reply_to(msgpack.unpackb(payload, raw=False))
-        sock.send_multipart([*route, msgpack.packb(reply, use_bin_type=True)])
+        reply = reply_to(msgspec.msgpack.decode(payload))
+        sock.send_multipart([*route, msgspec.msgpack.encode(reply)])
 
 
 class EchoServer:
@@ -144,10 +144,10 @@ class EchoClient:
         self._round_trip(release_request(self._id, self._session, "L" * 22))
 
     def _round_trip(self, request: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
-        self._sock.send(msgpack.packb(request, use_bin_type=True))
+        self._sock.send(msgspec.msgpack.encode(request))
         if not self._sock.poll(int(timeout * 1000)):
             raise TimeoutError(f"the echo server did not answer within {timeout:g} s")
-        reply = msgpack.unpackb(self._sock.recv(), raw=False)
+        reply = msgspec.msgpack.decode(self._sock.recv())
         if reply.get("id") != request["id"]:
             raise RuntimeError(f"echo reply {reply.get('id')} to request {request['id']}")
         return reply

@@ -11,12 +11,13 @@ and ``preload --pin`` first look for an admin socket the same way (``$LORACACHE_
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
 from datetime import datetime
 from typing import Any, Callable
+
+import msgspec
 
 from loracache.shared.endpoints import admin_socket_path, default_socket_path
 from loracache.shared.errors import ErrorCode, LoraCacheError
@@ -107,7 +108,7 @@ def _stats(client: LoraCacheClient, args: argparse.Namespace) -> int:
     while True:
         stats = client.stats()
         if args.json:
-            print(json.dumps(dataclasses.asdict(stats), indent=None if args.watch else 2),
+            print(json.dumps(msgspec.to_builtins(stats), indent=None if args.watch else 2),
                   flush=True)
         else:
             if args.watch and sys.stdout.isatty():
@@ -150,7 +151,7 @@ def print_allocators(stats: StatsResult) -> None:
 def _ls(client: LoraCacheClient, args: argparse.Namespace) -> int:
     entries = client.list()
     if args.json:
-        print(json.dumps([dataclasses.asdict(e) for e in entries], indent=2))
+        print(json.dumps(msgspec.to_builtins(entries), indent=2))
         return 0
     rows = [[e.path, e.device, e.layout, human_bytes(e.nbytes), e.leases,
              "yes" if e.pinned else "", human_duration(e.idle_s)] for e in entries]

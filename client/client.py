@@ -28,7 +28,6 @@ from loracache.shared.protocol import (
     Stats,
     StatsResult,
     TensorSpec,
-    from_map,
 )
 
 from .connection import DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, Connection
@@ -83,9 +82,9 @@ class LoraCacheClient:
         self._require_session()
         asked = (os.fspath(path), device_name(device), layout)
         while True:
-            result = AcquireResult.from_wire(self._connection.request(Acquire(
+            result: AcquireResult = self._connection.request(Acquire(
                 path=asked[0], device=asked[1], layout=layout,
-                known_entry=self._book.known_entry(asked))))
+                known_entry=self._book.known_entry(asked)))
             instance = self._connection.answered_by  # even if a daemon restarted meanwhile
             table = self._book.table(instance, asked, result)
             if table is not None:
@@ -98,34 +97,37 @@ class LoraCacheClient:
         ``probe``, holds :func:`loracache.shared.transport.probe_pattern` when this process maps
         the daemon's memory correctly. What ``loracache doctor`` checks with."""
         self._require_session()
-        result = AcquireResult.from_wire(self._connection.request(
-            Probe(device=device_name(device))))
+        result: AcquireResult = self._connection.request(Probe(device=device_name(device)))
         return self._lend(self._connection.answered_by, result, result.tensors or [],
                           ("", result.entry.device, "raw"))
 
     def stats(self) -> StatsResult:
         """The daemon's counters: per device budget, used bytes, entries, leases, hits, ..."""
-        return StatsResult.from_wire(self._request(Stats()))
+        stats: StatsResult = self._request(Stats())
+        return stats
 
     def list(self) -> list[EntryInfo]:
         """Every cached entry: path, device, layout, size, leases, pinned, idle seconds."""
-        return EntriesResult.from_wire(self._request(ListEntries())).entries
+        entries: EntriesResult = self._request(ListEntries())
+        return entries.entries
 
     def preload(self, path: str | os.PathLike[str], device: str | torch.device = "cpu",
                 layout: str = "raw", pin: bool = False) -> EntryInfo:
         """Load an entry without leasing it; ``pin`` keeps it from eviction until evicted."""
-        return from_map(EntryInfo, self._request(Preload(
-            path=os.fspath(path), device=device_name(device), layout=layout, pin=pin)))
+        entry: EntryInfo = self._request(Preload(
+            path=os.fspath(path), device=device_name(device), layout=layout, pin=pin))
+        return entry
 
     def evict(self, path: str | os.PathLike[str], device: str = "") -> DropResult:
         """Evict the unleased entries of ``path``: how many were, and how many are leased."""
-        return from_map(DropResult, self._request(Evict(
-            path=os.fspath(path), device=device_name(device) if device else "")))
+        dropped: DropResult = self._request(Evict(
+            path=os.fspath(path), device=device_name(device) if device else ""))
+        return dropped
 
     def clear(self, device: str = "") -> DropResult:
         """Evict every unleased entry, pinned ones included."""
-        return from_map(DropResult, self._request(Clear(
-            device=device_name(device) if device else "")))
+        dropped: DropResult = self._request(Clear(device=device_name(device) if device else ""))
+        return dropped
 
     def verify_session(self) -> bool:
         """Check that the daemon still knows this session; if it restarted, renew the session

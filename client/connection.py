@@ -37,8 +37,8 @@ from loracache.shared.protocol import (
     Release,
     Request,
     decode_reply,
+    decode_result,
     encode_request,
-    from_map,
 )
 
 log = logging.getLogger("loracache.client")
@@ -110,10 +110,9 @@ class Connection:
     def hello(self, timeout: float) -> None:
         if not self.socket_path.exists():
             raise self.unavailable(f"the socket {self.socket_path} does not exist")
-        reply = self.request(Hello(pid=os.getpid(), client="loracache.client",
-                                   open_session=self.wants_session, torch=torch_release()),
-                             timeout=timeout, session="")
-        hello = from_map(HelloResult, reply)
+        hello: HelloResult = self.request(
+            Hello(pid=os.getpid(), client="loracache.client", open_session=self.wants_session,
+                  torch=torch_release()), timeout=timeout, session="")
         with self.lock:
             self.instance, self.session = hello.instance, hello.session
             self.session_ttl, self.devices = hello.session_ttl, hello.devices
@@ -185,7 +184,7 @@ class Connection:
             # limits); with one request in flight per socket, the reply is this request's.
             if isinstance(result, LoraCacheError):
                 raise result
-            return result
+            return decode_result(result, request.result_type)
 
     def give_back(self, lease_id: str, opened: bool = True) -> None:
         """Release a lease the client never handed out (best effort: the daemon expires the

@@ -151,8 +151,8 @@ class LeaseBook:
             lease.orphan()
             return
         try:
-            result = AcquireResult.from_wire(connection.round_trip(
-                Acquire(path=path, device=device, layout=layout), connection.session, None))
+            result: AcquireResult = connection.round_trip(
+                Acquire(path=path, device=device, layout=layout), connection.session, None)
         except LoraCacheError as exc:
             log.warning("could not lease %s again from the daemon: %s; keeping the old "
                         "mapping", path, exc)

@@ -77,8 +77,7 @@ class LoadTimes:
     def stats(self) -> LoadTimesInfo:
         return LoadTimesInfo(
             count=self.count, sum=self.sum,
-            buckets=[[le, n] for le, n in zip((*self.BUCKETS, "+Inf"),
-                                              itertools.accumulate(self.counts))],
+            buckets=list(zip((*self.BUCKETS, "+Inf"), itertools.accumulate(self.counts))),
             p50=self.percentile(50), p90=self.percentile(90), p99=self.percentile(99))
 
 

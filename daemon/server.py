@@ -263,9 +263,9 @@ class DaemonServer:
     def _answer(self, sock: zmq.Socket, admin: bool, route: list[bytes], payload: bytes) -> None:
         request_id, op = 0, "request"
         try:
-            frame = decode_request(payload)
-            request_id, op = frame.id, frame.request.op
-            outcome = self.service.handle(frame, admin=admin)
+            request = decode_request(payload)
+            request_id, op = request.id, request.op
+            outcome = self.service.handle(request, admin=admin)
         except Exception as exc:
             self._send(sock, route, self._error_reply(route[0], request_id, op, exc))
             return

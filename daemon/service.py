@@ -28,6 +28,7 @@ from loracache.shared.protocol import (
     Bye,
     Clear,
     DeviceStats,
+    Done,
     DropResult,
     EntriesResult,
     EntryInfo,
@@ -40,7 +41,6 @@ from loracache.shared.protocol import (
     Probe,
     Release,
     Request,
-    RequestFrame,
     Stats,
     StatsResult,
 )
@@ -81,24 +81,24 @@ class CacheService:
 
     # ------------------------------------------------------------------------------ dispatch
 
-    def handle(self, frame: RequestFrame, admin: bool = True) -> Any:
-        """Run the handler of ``frame``'s request type.
+    def handle(self, request: Request, admin: bool = True) -> Any:
+        """Run the handler of ``request``'s type.
 
         Returns the result, or an awaitable of it when the request has to wait (for a load, or
         for room in the cache). Everything else, every hit included, is answered at once.
         ``admin``: whether it came on a socket that may evict, clear and pin.
         """
-        if not admin and _is_admin_op(frame.request):
+        if not admin and _is_admin_op(request):
             raise LoraCacheError(ErrorCode.NOT_ALLOWED,
-                                 f"{frame.request.op}{' --pin' if _is_pin(frame.request) else ''}"
+                                 f"{request.op}{' --pin' if _is_pin(request) else ''}"
                                  f" is served on the admin socket {self.config.admin_socket} "
                                  "only; use it (loracache --socket ...) as a member of its group")
         session = None
-        if isinstance(frame.request, SESSION_OPS):
-            session = self.sessions.get(frame.session)
-        elif frame.session in self.sessions.sessions:
-            session = self.sessions.get(frame.session)  # any message refreshes its session
-        return self._handlers[type(frame.request)](frame.request, session)
+        if isinstance(request, SESSION_OPS):
+            session = self.sessions.get(request.session)
+        elif request.session in self.sessions.sessions:
+            session = self.sessions.get(request.session)  # any message refreshes its session
+        return self._handlers[type(request)](request, session)
 
     # ------------------------------------------------------------------------------ handlers
 
@@ -195,19 +195,19 @@ class CacheService:
                                  f"one session may hold (session_max_leases = {limit}); release "
                                  "some first")
 
-    def _release(self, req: Release, session: Session) -> dict[str, Any]:
+    def _release(self, req: Release, session: Session) -> Done:
         lease = self.sessions.release(session, req.lease)
         if not req.opened:  # the client could not map it: undo what the export left to it
             lease.entry.buffer.forget_export(lease.handle)
         self._released([lease])
-        return {}
+        return Done()
 
-    def _heartbeat(self, req: Heartbeat, session: Session) -> dict[str, Any]:
-        return {}
+    def _heartbeat(self, req: Heartbeat, session: Session) -> Done:
+        return Done()
 
-    def _bye(self, req: Bye, session: Session) -> dict[str, Any]:
+    def _bye(self, req: Bye, session: Session) -> Done:
         self._released(self.sessions.close(session))
-        return {}
+        return Done()
 
     def _stats(self, req: Stats, _: Session | None) -> StatsResult:
         return self.stats()

@@ -7,6 +7,7 @@ import asyncio
 import inspect
 from pathlib import Path
 
+import msgspec
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -14,8 +15,7 @@ from safetensors.torch import save_file
 from loracache.daemon.config import load_config
 from loracache.daemon.service import CacheService
 from loracache.shared.errors import ErrorCode, LoraCacheError
-from loracache.shared.protocol import (Acquire, AcquireResult, Hello, Probe, Release,
-                                       RequestFrame)
+from loracache.shared.protocol import Acquire, AcquireResult, Hello, Probe, Release
 from loracache.shared.transport.shm import ShmBuffer, ShmTransport
 
 GPU = "cuda:GPU-00000000-1111-2222-3333-444444444444"
@@ -67,7 +67,7 @@ def gpu(service: CacheService) -> LookalikeGpu:
 
 def call(service: CacheService, request, session: str = ""):
     async def run():
-        outcome = service.handle(RequestFrame(id=1, session=session, request=request))
+        outcome = service.handle(msgspec.structs.replace(request, id=1, session=session))
         return await outcome if inspect.isawaitable(outcome) else outcome
     return asyncio.run(run())
 
@@ -173,8 +173,9 @@ def test_one_devices_failed_load_is_not_anothers(tmp_path):
         session = session_of(service, "")
 
         async def both():
-            asked = [service.handle(RequestFrame(id=i, session=session, request=Acquire(
-                path="a.safetensors", device=device))) for i, device in enumerate((GPU, "cpu"))]
+            asked = [service.handle(Acquire(path="a.safetensors", device=device, id=i,
+                                            session=session))
+                     for i, device in enumerate((GPU, "cpu"))]
             return await asyncio.gather(*asked, return_exceptions=True)
 
         on_gpu, on_cpu = asyncio.run(both())
@@ -188,8 +189,8 @@ def test_a_probe_made_for_a_session_that_expired_meanwhile_leaks_nothing(service
     session = session_of(service, "")
 
     async def expire_while_probing():
-        probing = asyncio.ensure_future(service.handle(RequestFrame(
-            id=1, session=session, request=Probe(device=GPU))))
+        probing = asyncio.ensure_future(service.handle(
+            Probe(device=GPU, id=1, session=session)))
         await asyncio.sleep(0)  # the probe is being made on the device's thread
         service.sessions.close(service.sessions.sessions[session])
         return await asyncio.gather(probing, return_exceptions=True)
@@ -227,7 +228,7 @@ def test_concurrent_probes_of_one_session_leave_one(service):
     session = session_of(service, "")
 
     async def two_at_once():
-        asked = [service.handle(RequestFrame(id=i, session=session, request=Probe(device=GPU)))
+        asked = [service.handle(Probe(device=GPU, id=i, session=session))
                  for i in range(2)]
         return await asyncio.gather(*asked, return_exceptions=True)
 
@@ -266,8 +267,8 @@ def test_eight_concurrent_acquires_load_once(service):
     session = session_of(service, "")
 
     async def eight():
-        asked = [service.handle(RequestFrame(id=i, session=session, request=Acquire(
-            path="a.safetensors", device=GPU))) for i in range(8)]
+        asked = [service.handle(Acquire(
+            path="a.safetensors", device=GPU, id=i, session=session)) for i in range(8)]
         return await asyncio.gather(*asked)
 
     results = asyncio.run(eight())

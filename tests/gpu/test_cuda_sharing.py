@@ -101,8 +101,8 @@ def test_exports_map_one_segment_per_entry_and_no_event(gpu_daemon, lora_dir):
              for i, name in enumerate("ab")]
     device = f"cuda:{device_uuid(0)}"
     with gpu_daemon.client() as client:
-        results = [AcquireResult.from_wire(client._request(Acquire(path=str(p), device=device)))
-                   for p in paths]
+        results: list[AcquireResult] = [client._request(Acquire(path=str(p), device=device))
+                                        for p in paths]
         handles = [r.handle for r in results]
         for handle in handles:
             assert handle["size"] >= MIN_SEGMENT and handle["size"] % SEGMENT_ROUNDING == 0

@@ -10,7 +10,7 @@ import torch
 import zmq
 
 from loracache.client import ErrorCode, LoraCacheError
-from loracache.shared.protocol import REQUEST_LIMITS, decode_reply
+from loracache.shared.protocol import MAX_REQUEST_BYTES, HelloResult, decode_reply, decode_result
 from tests.support import write_lora
 
 
@@ -34,7 +34,7 @@ def raw(daemon):
 
 def session_of(ask) -> str:
     _, hello = ask(msgpack.packb({"v": 1, "id": 1, "op": "hello"}))
-    return hello["session"]
+    return decode_result(hello, HelloResult).session
 
 
 def code_of(ask, message) -> ErrorCode:
@@ -62,13 +62,16 @@ def assert_still_serving(daemon, lora_dir):
     msgpack.packb({"v": 1, "id": 1, "op": "acquire", "path": 42}),
     msgpack.packb({"v": 1, "id": 1, "op": "preload", "path": "a", "pin": "yes"}),
     msgpack.packb({"v": 1, "id": 1, "op": "stats", "session": 5}),
-    msgpack.packb({"v": 1, "id": 1, "op": "stats", "x": [[[[[[[[[[1]]]]]]]]]]}),
+    msgpack.packb({"v": 1, "id": 1, "op": "stats", "session": [[[[[[[[[[1]]]]]]]]]]}),
+    # an unknown field is ignored, but not one nested 200,000 levels deep
+    b"\x84" + b"".join(map(msgpack.packb, ["v", 1, "id", 1, "op", "stats", "x"]))
+    + b"\x91" * 200_000 + b"\xc0",
     msgpack.packb({"v": 1, "id": 1, "op": "stats", "pad": "x" * 100}) + b"trailing",
     b"\x81" + msgpack.packb("v") + b"\xd4\x01\x00",  # an ext type
-    msgpack.packb({"v": 1, "id": 1, "op": "stats", "pad": b"x" * REQUEST_LIMITS.max_bytes}),
+    msgpack.packb({"v": 1, "id": 1, "op": "stats", "pad": b"x" * MAX_REQUEST_BYTES}),
 ], ids=["reserved-byte", "text", "array", "no-id", "unknown-op", "no-op", "missing-field",
-        "mistyped-path", "mistyped-pin", "mistyped-session", "too-deep", "trailing-bytes",
-        "ext-type", "oversized"])
+        "mistyped-path", "mistyped-pin", "mistyped-session", "nested-session", "too-deep",
+        "trailing-bytes", "ext-type", "oversized"])
 def test_malformed_messages_get_bad_request(raw, daemon, lora_dir, message):
     assert code_of(raw, message) is ErrorCode.BAD_REQUEST
     assert_still_serving(daemon, lora_dir)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import msgpack
+import msgspec
 import torch
 import zmq
 
@@ -36,11 +37,14 @@ from loracache.client import LoraCacheClient
 from loracache.shared.errors import ErrorCode, LoraCacheError
 from loracache.shared.families import FAMILIES
 from loracache.shared.protocol import (
+    MAX_REQUEST_BYTES,
+    MAX_TEXT_LEN,
     PROTOCOL_VERSION,
-    REQUEST_LIMITS,
     REQUEST_TYPES,
     AcquireResult,
+    HelloResult,
     decode_reply,
+    decode_result,
 )
 from tests.support import Daemon, write_lora
 
@@ -146,8 +150,8 @@ class Fuzzer:
         return rng.choice([
             "../" + name, f"sub/../../{name}", "a/../../../etc/passwd", "/etc/passwd", "/", "",
             ".", "..", "sub", "sub/", f"{name}/", f"./{name}", f"{name}\x00", "\x00",
-            f"sub/\x00/{name}", "x" * 4097 + ".safetensors", "y" * REQUEST_LIMITS.max_str_len,
-            "z" * (REQUEST_LIMITS.max_str_len + 1), "/" * 5000 + name, "💥.safetensors",
+            f"sub/\x00/{name}", "x" * 4097 + ".safetensors", "y" * MAX_TEXT_LEN,
+            "z" * (MAX_TEXT_LEN + 1), "/" * 5000 + name, "💥.safetensors",
             "missing.safetensors", str(self.lora_dir), str(self.lora_dir) + "/../x.safetensors",
             "a.safetensors" * 300, " a.safetensors", "a.safetensors\n", "a.SAFETENSORS",
             42, -1, 2**64 - 1, None, True, 1.5, [name], {"path": name}, name.encode(),
@@ -232,11 +236,11 @@ class Fuzzer:
         pending = self.pending.pop((sock, request_id), None)
         if pending is None or isinstance(value, LoraCacheError):
             return
-        assert isinstance(value, dict), (pending, value)
         if pending.kind == "hello":
-            self.sessions = (self.sessions + [value["session"]])[-12:]
+            hello = decode_result(value, HelloResult)
+            self.sessions = (self.sessions + [hello.session])[-12:]
         elif pending.kind == "acquire":
-            result = AcquireResult.from_wire(value)  # a well-formed acquire result
+            result = decode_result(value, AcquireResult)  # a well-formed acquire result
             name = os.path.relpath(result.entry.path, os.path.realpath(self.lora_dir))
             if result.tensors is not None:
                 assert {t.name for t in result.tensors} == set(self.files[name]), name
@@ -302,8 +306,8 @@ class Fuzzer:
     def oversized(self) -> list[bytes]:
         """1 MiB (the limit: accepted) to 3 MiB."""
         rng = self.rng
-        size = rng.choice([REQUEST_LIMITS.max_bytes, REQUEST_LIMITS.max_bytes + 1,
-                           rng.randint(REQUEST_LIMITS.max_bytes, 3 << 20)])
+        size = rng.choice([MAX_REQUEST_BYTES, MAX_REQUEST_BYTES + 1,
+                           rng.randint(MAX_REQUEST_BYTES, 3 << 20)])
         if rng.random() < 0.3:
             return [rng.randbytes(size)]
         body = self.body("stats")
@@ -366,7 +370,7 @@ def raw_request(daemon: Daemon, body: dict[str, Any], timeout_ms: int = 5000) ->
         sock.close()
         context.term()
     assert not isinstance(value, LoraCacheError), value
-    return value
+    return msgspec.msgpack.decode(value)
 
 
 def test_live_fuzz_leaves_the_daemon_serving_and_clean(start_daemon, lora_dir):
@@ -524,7 +528,7 @@ def test_fuzz_finding_a_hello_with_a_pid_beyond_pid_t_is_refused(start_daemon, l
             refused = ask({"op": "hello", "pid": pid})
             assert isinstance(refused, LoraCacheError), refused
             assert refused.code is ErrorCode.BAD_REQUEST and str(pid) in refused.message
-        session = ask({"op": "hello", "pid": os.getpid()})["session"]
+        session = decode_result(ask({"op": "hello", "pid": os.getpid()}), HelloResult).session
         ask({"op": "acquire", "session": session, "path": "a.safetensors"})
         assert raw_request(daemon, {"op": "stats"})["leases"] == 1
     finally:
