@@ -18,10 +18,7 @@ import multiprocessing.context
 import multiprocessing.process
 import os
 import shutil
-import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from multiprocessing.connection import Connection
@@ -31,7 +28,7 @@ from typing import Any, Callable, Iterator
 import torch
 from safetensors.torch import save_file
 
-from loracache.client import LoraCacheClient, LoraCacheError
+from examples.daemon_process import PrivateDaemon
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "bench" / "results"
@@ -43,61 +40,11 @@ PAGE = 4096
 # ------------------------------------------------------------------------------ the daemon
 
 
-class DaemonProcess:
-    """A real ``loracache serve`` process on a private socket (under /tmp) and shm directory
-    (under /dev/shm); both are removed by :meth:`stop`. Use it as a context manager."""
-
-    def __init__(self, lora_dir: Path, *args: str, max_bytes: str = "1GiB") -> None:
-        self.home = Path(tempfile.mkdtemp(prefix="lc-bench-", dir="/tmp"))
-        self.socket = self.home / "d.sock"
-        self.shm_root = Path(tempfile.mkdtemp(prefix="lc-bench-", dir="/dev/shm"))
-        self.log_path = self.home / "daemon.log"
-        command = [sys.executable, "-m", "loracache.client.cli", "serve", "--socket",
-                   str(self.socket), "--lora-dir", str(lora_dir), "--devices", "cpu",
-                   "--shm-dir", str(self.shm_root), "--max-bytes", max_bytes,
-                   "--log-level", "INFO", *args]
-        self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT)
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-
-    def _wait_ready(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the daemon exited with {self.proc.returncode}:\n"
-                                   f"{self.log_path.read_text()}")
-            if self.socket.exists():
-                with contextlib.suppress(LoraCacheError):
-                    LoraCacheClient(self.socket, heartbeat=False, connect_timeout=2).close()
-                    return
-            time.sleep(0.05)
-        raise RuntimeError(f"the daemon was not ready after {timeout} s:\n"
-                           f"{self.log_path.read_text()}")
-
-    def client(self, **kwargs: Any) -> LoraCacheClient:
-        return LoraCacheClient(self.socket, **kwargs)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        shutil.rmtree(self.shm_root, ignore_errors=True)
-        shutil.rmtree(self.home, ignore_errors=True)
-
-    def __enter__(self) -> "DaemonProcess":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+def bench_daemon(lora_dir: Path, *args: str, max_bytes: str = "1GiB") -> PrivateDaemon:
+    """A real daemon on the CPU, on a private socket and shm directory (removed on exit: use
+    it as a context manager)."""
+    return PrivateDaemon("--lora-dir", str(lora_dir), "--devices", "cpu", "--max-bytes",
+                         max_bytes, "--log-level", "INFO", *args)
 
 
 @contextlib.contextmanager

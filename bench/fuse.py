@@ -43,7 +43,7 @@ from examples.model_shapes import SD15_UNET, random_unet, sd15_pipeline
 from loracache.client import (LoraCacheClient, delete_adapters, load_and_fuse_lora,
                               set_and_fuse_adapters)
 
-from .common import (MiB, DaemonProcess, Report, Target, median, ms, ratio, scratch_dir,
+from .common import (MiB, bench_daemon, Report, Target, median, ms, ratio, scratch_dir,
                      warm_page_cache, x)
 
 TARGET_VS_BARE = 1.5  # every loracache fuse and switch at most 1.5 x the bare work
@@ -88,7 +88,7 @@ def run(quick: bool) -> Report:
         for pair in files.values():
             for path in pair.values():
                 warm_page_cache(path)
-        with DaemonProcess(loras, max_bytes="2GiB") as daemon, daemon.client() as client:
+        with bench_daemon(loras, max_bytes="2GiB") as daemon, daemon.client() as client:
             for rank in ranks:
                 for path in files[rank].values():
                     client.preload(path, layout="sd")  # "a cached LoRA": converted once

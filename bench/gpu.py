@@ -46,7 +46,9 @@ from loracache.shared.transport.cuda_ipc import device_uuid  # (imported now, as
 from loracache.client import (LoraCacheClient, delete_adapters, load_and_fuse_lora,
                               set_and_fuse_adapters)
 
-from .common import (RESULTS_DIR, DaemonProcess, MiB, WorkerGroup, latency_summary, median,
+from examples.daemon_process import PrivateDaemon
+
+from .common import (RESULTS_DIR, bench_daemon, MiB, WorkerGroup, latency_summary, median,
                      ratio, reporting_failure, scratch_dir, time_calls, warm_page_cache,
                      write_lora)
 from .fuse import _bare_layers, _lora_shapes, _quiet_diffusers, _write_peft_lora
@@ -82,9 +84,9 @@ def settle(condition: Callable[[], bool], timeout: float = 20.0) -> bool:
     return True
 
 
-def gpu_daemon(loras: Path, max_bytes: str, *args: str) -> DaemonProcess:
+def gpu_daemon(loras: Path, max_bytes: str, *args: str) -> PrivateDaemon:
     """A daemon serving cpu and cuda:0 whose CUDA context exists already."""
-    daemon = DaemonProcess(loras, "--devices", "cpu,cuda:0", "--session-ttl", "2", *args,
+    daemon = bench_daemon(loras, "--devices", "cpu,cuda:0", "--session-ttl", "2", *args,
                            max_bytes=max_bytes)
     warm = write_lora(loras / "warm-up.safetensors", rank=4, pairs=4)
     with daemon.client(session=False) as client:

@@ -16,7 +16,7 @@ from typing import Callable
 
 from loracache.client import LoraCacheClient
 
-from .common import (DaemonProcess, Report, Target, latency_summary, ratio, scratch_dir, us,
+from .common import (bench_daemon, Report, Target, latency_summary, ratio, scratch_dir, us,
                      write_lora, x)
 from .echo import EchoClient, EchoServer
 
@@ -38,7 +38,7 @@ def run(quick: bool) -> Report:
     iterations, warmup = (400, 50) if quick else (2000, 300)
     with scratch_dir() as loras:
         path = write_lora(loras / "hit.safetensors", rank=16, pairs=100)
-        with (DaemonProcess(loras) as daemon, daemon.client() as client,
+        with (bench_daemon(loras) as daemon, daemon.client() as client,
               EchoServer("asyncio") as async_server, EchoServer("sync") as sync_server):
             async_echo = EchoClient(async_server.endpoint, str(path))
             sync_echo = EchoClient(sync_server.endpoint, str(path))

@@ -20,7 +20,9 @@ from safetensors.torch import load_file
 
 from loracache.client import LoraCacheClient
 
-from .common import (MiB, DaemonProcess, Report, Target, WorkerGroup, ratio, reporting_failure,
+from examples.daemon_process import PrivateDaemon
+
+from .common import (MiB, bench_daemon, Report, Target, WorkerGroup, ratio, reporting_failure,
                      scratch_dir, touch, warm_page_cache, write_lora, x)
 
 TARGET = 1.1  # total PSS of the mappings at most 1.1 x the LoRAs' size, for every N
@@ -39,7 +41,7 @@ def run(quick: bool) -> Report:
         total = sum(path.stat().st_size for path in paths)
         for path in paths:
             warm_page_cache(path)
-        with DaemonProcess(loras) as daemon:
+        with bench_daemon(loras) as daemon:
             with daemon.client(heartbeat=False) as client:
                 for path in paths:
                     client.preload(path)
@@ -66,7 +68,7 @@ def run(quick: bool) -> Report:
                "whatever N is"])
 
 
-def _measure(n: int, mode: str, daemon: DaemonProcess, paths: list[Path]) -> dict[str, int]:
+def _measure(n: int, mode: str, daemon: PrivateDaemon, paths: list[Path]) -> dict[str, int]:
     """Start ``n`` workers, let each load or lease every LoRA, and sum their PSS."""
     args = [(mode, str(daemon.socket), [str(p) for p in paths])] * n
     with WorkerGroup(_worker, args) as workers:

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from loracache.client import LoraCacheClient
 
-from .common import (MiB, DaemonProcess, Report, Target, median, ms, ratio, scratch_dir, touch,
+from .common import (MiB, bench_daemon, Report, Target, median, ms, ratio, scratch_dir, touch,
                      warm_page_cache, write_lora, x)
 
 TARGET = 1.3  # a miss at most 1.3 x load_file
@@ -38,7 +38,7 @@ def run(quick: bool) -> Report:
     with scratch_dir() as loras:
         path = write_lora(loras / "big.safetensors", rank=128, nbytes=size)
         warm_page_cache(path)
-        with DaemonProcess(loras, max_bytes="2GiB") as daemon, daemon.client() as client:
+        with bench_daemon(loras, max_bytes="2GiB") as daemon, daemon.client() as client:
             with client.acquire(path) as lease:  # starts the daemon's loader threads
                 tensors = len(lease.tensors)
             cases = _cases(client, path)

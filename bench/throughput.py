@@ -21,7 +21,9 @@ from typing import Callable
 
 from loracache.client import LoraCacheClient
 
-from .common import (DaemonProcess, Report, Target, WorkerGroup, latency_summary, ratio,
+from examples.daemon_process import PrivateDaemon
+
+from .common import (bench_daemon, Report, Target, WorkerGroup, latency_summary, ratio,
                      reporting_failure, scratch_dir, time_calls, us, write_lora, x)
 from .echo import EchoClient, EchoServer
 
@@ -39,7 +41,7 @@ def run(quick: bool) -> Report:
     with scratch_dir() as loras:
         paths = [write_lora(loras / f"hit{i}.safetensors", rank=16, pairs=100, seed=i)
                  for i in range(HIT_LORAS)]
-        with DaemonProcess(loras) as daemon, EchoServer("asyncio") as echo:
+        with bench_daemon(loras) as daemon, EchoServer("asyncio") as echo:
             rates = {kind: {n: _rate(n, kind, window, daemon, echo, paths) for n in processes}
                      for kind in (ECHO, LORACACHE)}
     with scratch_dir() as loras:
@@ -73,7 +75,7 @@ def run(quick: bool) -> Report:
 # ------------------------------------------------------------------------------ hits per second
 
 
-def _rate(n: int, kind: str, window: float, daemon: DaemonProcess, echo: EchoServer,
+def _rate(n: int, kind: str, window: float, daemon: PrivateDaemon, echo: EchoServer,
           paths: list[Path]) -> float:
     """Hits per second from ``n`` processes over the same ``window``."""
     target = str(daemon.socket) if kind == LORACACHE else echo.endpoint
@@ -131,7 +133,7 @@ def _latency_by_entries(loras: Path, sizes: tuple[int, ...],
         shutil.copyfile(template, paths[-1])
     rng = random.Random(0)
     results = {}
-    with (DaemonProcess(loras, "--cache-size", str(2 * sizes[-1])) as daemon,
+    with (bench_daemon(loras, "--cache-size", str(2 * sizes[-1])) as daemon,
           daemon.client() as client):
         loaded = 0
         for size in sizes:
@@ -149,7 +151,7 @@ def _latency_by_entries(loras: Path, sizes: tuple[int, ...],
     return results
 
 
-def _preload(daemon: DaemonProcess, paths: list[Path]) -> None:
+def _preload(daemon: PrivateDaemon, paths: list[Path]) -> None:
     """Load ``paths`` into the cache, a few requests in flight at once to save time."""
     def preload_chunk(chunk: list[Path]) -> None:
         with daemon.client(heartbeat=False) as client:

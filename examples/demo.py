@@ -13,23 +13,20 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from loracache.client import LoraCacheClient, LoraCacheError
 from loracache.shared.endpoints import default_socket_path, user_runtime_dir
+from examples.daemon_process import CLI, DaemonProcess
 from examples.tiny_models import save, sd_lora_peft, tiny_sd_pipeline
 
 HERE = Path(__file__).resolve().parent
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no notes about optional extras
 WORKER_ENV = {**os.environ, "PYTHONPATH": str(HERE.parent)}  # workers import examples.tiny_models
-CLI = [sys.executable, "-m", "loracache.client.cli"]
 
 
 def make_demo_lora(path: Path) -> Path:
@@ -51,19 +48,6 @@ def make_demo_lora(path: Path) -> Path:
     return path
 
 
-def wait_for_daemon(socket: Path, daemon: subprocess.Popen, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if daemon.poll() is not None:
-            sys.exit(f"the daemon exited with {daemon.returncode}")
-        try:
-            LoraCacheClient(socket, heartbeat=False, connect_timeout=1).close()
-            return
-        except LoraCacheError:
-            time.sleep(0.1)
-    sys.exit(f"the daemon did not answer on {socket} within {timeout} s")
-
-
 def main() -> None:
     socket = default_socket_path()
     lora_dir = user_runtime_dir() / "demo-loras"
@@ -71,10 +55,9 @@ def main() -> None:
     style = save(sd_lora_peft(tiny_sd_pipeline(), rank=4), lora_dir / "tiny-style.safetensors")
     print(f"demo LoRAs: {lora} ({lora.stat().st_size / 2**20:.1f} MiB), {style.name}")
     print(f"starting: loracache serve --lora-dir {lora_dir} --devices cpu  (socket {socket})")
-    daemon = subprocess.Popen([*CLI, "serve", "--lora-dir", str(lora_dir), "--devices", "cpu",
-                               "--log-level", "WARNING"])
+    daemon = DaemonProcess(socket, "--lora-dir", str(lora_dir), "--devices", "cpu",
+                           "--log-level", "WARNING")
     try:
-        wait_for_daemon(socket, daemon)
         workers = [subprocess.Popen([sys.executable, str(HERE / "demo_worker.py"), str(socket),
                                      lora.name, style.name, name], stdin=subprocess.PIPE,
                                     text=True, stdout=subprocess.PIPE, env=WORKER_ENV)
@@ -95,8 +78,7 @@ def main() -> None:
             w.stdin.close()
             w.wait(30)
     finally:
-        daemon.send_signal(signal.SIGTERM)
-        code = daemon.wait(30)
+        code = daemon.stop()
     print(f"\ndaemon stopped with exit code {code}; socket removed: {not socket.exists()}")
     sys.exit(code)
 

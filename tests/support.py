@@ -5,10 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -16,8 +14,9 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import save_file
 
-from loracache.client import LoraCacheClient, LoraCacheError
-from loracache.shared.protocol import DeviceStats, StatsResult
+from loracache.client import LoraCacheError
+from loracache.shared.protocol import DeviceStats
+from examples.daemon_process import PrivateDaemon
 
 REPO = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "client_worker.py"
@@ -59,64 +58,26 @@ def digest(t: torch.Tensor) -> str:
     return hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode() + raw).hexdigest()
 
 
-class Daemon:
-    """A real ``loracache serve`` process on a private socket and shm directory."""
+class Daemon(PrivateDaemon):
+    """A real daemon for a test: CPU device, DEBUG log, LoRAs from ``lora_dir``.
+
+    ``reuse``: take over the socket path and shm directory of an earlier daemon.
+    ``config``: a configuration file, which then names the LoRA directories itself.
+    """
 
     def __init__(self, lora_dir: Path, *args: str, env: dict[str, str] | None = None,
-                 reuse: "Daemon | None" = None, config: Path | None = None) -> None:
-        """``reuse``: take over the socket path and shm directory of an earlier daemon.
-        ``config``: a configuration file, which then names the LoRA directories itself."""
-        self.home = Path(tempfile.mkdtemp(prefix="lc-", dir="/tmp"))
-        self.socket = reuse.socket if reuse else self.home / "d.sock"
-        self.shm_root = (reuse.shm_root if reuse
-                         else Path(tempfile.mkdtemp(prefix="lc-test-", dir="/dev/shm")))
-        for directory in (self.home, self.shm_root):  # as /run and /dev/shm: the daemon's own
-            directory.chmod(0o755)  # modes decide who gets in (workers of other users)
-        self.log_path = self.home / "daemon.log"
+                 reuse: Daemon | None = None, config: Path | None = None) -> None:
         self.lora_dir = lora_dir
         where = ["--config", str(config)] if config else ["--lora-dir", str(lora_dir)]
-        command = [sys.executable, "-m", "loracache.client.cli", "serve", "--socket",
-                   str(self.socket), *where, "--devices", "cpu",
-                   "--shm-dir", str(self.shm_root), "--log-level", "DEBUG", *args]
         # Later flags win: a test may pass its own --devices.
-        self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **(env or {})})
-        try:
-            self.wait_ready()
-        except BaseException:  # the caller never gets this object to clean up
-            self.cleanup()
-            raise
-
-    def wait_ready(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.read_log()}")
-            if self.socket.exists():
-                try:
-                    LoraCacheClient(self.socket, heartbeat=False, connect_timeout=2).close()
-                    return
-                except LoraCacheError:
-                    pass
-            time.sleep(0.05)
-        raise RuntimeError(f"daemon not ready after {timeout} s:\n{self.read_log()}")
-
-    def client(self, **kwargs: Any) -> LoraCacheClient:
-        return LoraCacheClient(self.socket, **kwargs)
-
-    def stats(self) -> StatsResult:
-        with self.client(heartbeat=False) as client:
-            return client.stats()
+        super().__init__(*where, "--devices", "cpu", "--log-level", "DEBUG", *args,
+                         reuse=reuse, env=env)
 
     def cpu_stats(self) -> DeviceStats:
         return self.stats().device("cpu")
 
     def shm_files(self) -> list[Path]:
         return sorted(self.shm_root.rglob("*.bin"))
-
-    def read_log(self) -> str:
-        return self.log_path.read_text()
 
     def wait_for_log(self, text: str, count: int = 1, timeout: float = 10.0) -> None:
         """Wait until ``text`` has been logged ``count`` times (a thread writes the log)."""
@@ -125,27 +86,6 @@ class Daemon:
         except AssertionError:
             raise AssertionError(f"{text!r} not logged {count} time(s) in {timeout} s:\n"
                                  f"{self.read_log()[-3000:]}") from None
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(timeout)
-        self.log.close()
-        return self.proc.returncode
-
-    def cleanup(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        if not self.log.closed:
-            self.log.close()
-        if self.shm_root.exists():  # a daemon that reused it may have removed it already
-            for path in sorted(self.shm_root.rglob("*"), reverse=True):
-                path.rmdir() if path.is_dir() else path.unlink()
-            self.shm_root.rmdir()
-        for path in self.home.iterdir():
-            path.unlink()
-        self.home.rmdir()
 
 
 def become(spec: str) -> None:
