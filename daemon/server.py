@@ -266,13 +266,13 @@ class DaemonServer:
             request = decode_request(payload)
             request_id, op = request.id, request.op
             outcome = self.service.handle(request, admin=admin)
+            if inspect.isawaitable(outcome):
+                self._spawn(self._finish(sock, admin, route, request_id, op, outcome))
+                return
+            reply = encode_reply(request_id, outcome)
         except Exception as exc:
-            self._send(sock, route, self._error_reply(route[0], request_id, op, exc))
-            return
-        if inspect.isawaitable(outcome):
-            self._spawn(self._finish(sock, admin, route, request_id, op, outcome))
-        else:
-            self._send(sock, route, encode_reply(request_id, outcome))
+            reply = self._error_reply(route[0], request_id, op, exc)
+        self._send(sock, route, reply)
 
     async def _finish(self, sock: zmq.Socket, admin: bool, route: list[bytes], request_id: int,
                       op: str, outcome: Any) -> None:

@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, Any, Self
 
 from loracache.client import LoraCacheClient, LoraCacheError
 from loracache.shared.protocol import StatsResult
@@ -46,7 +46,8 @@ class DaemonProcess:
             raise
 
     def wait_ready(self, timeout: float) -> None:
-        """Return once the daemon answers a hello; RuntimeError if it exits or stays silent."""
+        """Return once this daemon answers on the socket; RuntimeError if it exits or stays
+        silent (another daemon answering there does not count)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -54,8 +55,10 @@ class DaemonProcess:
                                    f"{self.describe()}")
             if self.socket.exists():
                 try:
-                    LoraCacheClient(self.socket, heartbeat=False, connect_timeout=2).close()
-                    return
+                    with LoraCacheClient(self.socket, heartbeat=False, session=False,
+                                         connect_timeout=2) as client:
+                        if client.stats().pid == self.proc.pid:
+                            return
                 except LoraCacheError:
                     pass
             time.sleep(0.05)
@@ -85,13 +88,15 @@ class DaemonProcess:
             self.proc.kill()
             self.proc.wait()
 
-    def __enter__(self) -> DaemonProcess:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         try:
             self.stop()
+        except subprocess.TimeoutExpired:
+            pass  # killed below: what ran in the block is what counts
         finally:
             self.kill()
 
@@ -107,6 +112,7 @@ class PrivateDaemon(DaemonProcess):
     def __init__(self, *flags: str, reuse: PrivateDaemon | None = None,
                  env: dict[str, str] | None = None, ready_timeout: float = 60.0) -> None:
         self.home = Path(tempfile.mkdtemp(prefix="lc-", dir="/tmp"))
+        self.owns_shm_root = reuse is None  # else the first daemon's cleanup removes it
         self.shm_root = (reuse.shm_root if reuse
                          else Path(tempfile.mkdtemp(prefix="lc-", dir="/dev/shm")))
         for directory in (self.home, self.shm_root):
@@ -133,12 +139,13 @@ class PrivateDaemon(DaemonProcess):
         return code
 
     def cleanup(self) -> None:
-        """Kill the daemon if it still runs and remove its directories (a daemon that reused
-        the shm directory may have removed it already)."""
+        """Kill the daemon if it still runs and remove its directories (the shm directory
+        only if it made it)."""
         if hasattr(self, "proc"):
             self.kill()
         self.log.close()
-        shutil.rmtree(self.shm_root, ignore_errors=True)
+        if self.owns_shm_root:
+            shutil.rmtree(self.shm_root, ignore_errors=True)
         shutil.rmtree(self.home, ignore_errors=True)
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,

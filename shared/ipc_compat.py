@@ -41,7 +41,7 @@ def _installed_torch() -> str:
 @functools.cache
 def handle_format(release: str) -> int | None:
     """1: bare 64-byte handles (torch < 2.5); 2: prefixed handles; None: unknown release."""
-    match = re.match(r"(\d+)\.(\d+)", release)
+    match = re.match(r"(\d{1,6})\.(\d{1,6})\b", release)  # a peer's string: bounded
     if match is None:
         return None
     return 2 if (int(match.group(1)), int(match.group(2))) >= PREFIXED_HANDLES_SINCE else 1

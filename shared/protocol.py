@@ -73,7 +73,7 @@ class AcquireResult(msgspec.Struct, frozen=True):
     lease: str
     entry: EntryInfo
     handle: dict[str, Any]  # transport-specific; see loracache.shared.transport
-    tensors: list[TensorSpec] | None  # None when the client said it knows this entry
+    tensors: list[TensorSpec] | None = None  # None when the client said it knows this entry
 
 
 class LoadTimesInfo(msgspec.Struct, frozen=True):
@@ -88,8 +88,9 @@ class LoadTimesInfo(msgspec.Struct, frozen=True):
     p99: float | None = None
 
 
-class DeviceStats(msgspec.Struct, frozen=True):
-    """One device's counters in ``stats``: bytes of its budget, entries, leases, traffic."""
+class DeviceStats(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One device's counters in ``stats``: bytes of its budget, entries, leases, traffic.
+    The allocator fields are left out for a CPU (what readers before them expect)."""
 
     device: str
     budget: int
@@ -106,7 +107,7 @@ class DeviceStats(msgspec.Struct, frozen=True):
     evictions: int
     hit_rate: float | None
     load_seconds: LoadTimesInfo
-    sessions: int = 0  # sessions holding leases here
+    sessions: int  # sessions holding leases here
     # GPUs only: what torch's allocator in the daemon holds; waiting = of evicted entries
     # that workers still map.
     allocated_bytes: int | None = None
@@ -128,7 +129,11 @@ class StatsResult(msgspec.Struct, frozen=True):
 
     def device(self, name: str) -> DeviceStats:
         """The counters of the device named ``name`` (``cpu``, ``cuda:GPU-...``)."""
-        return next(d for d in self.devices if d.device == name)
+        for device in self.devices:
+            if device.device == name:
+                return device
+        raise KeyError(f"no device {name!r} in these stats: "
+                       f"{', '.join(d.device for d in self.devices)}")
 
 
 class EntriesResult(msgspec.Struct, frozen=True):
@@ -299,7 +304,7 @@ def decode_request(data: bytes) -> Request:
     try:
         envelope = _envelope_decoder.decode(data)
     except _DECODE_ERRORS as exc:
-        raise _bad(f"not a valid request: {exc}") from None
+        raise _bad(f"not a valid request: {_cut(exc)}") from None
     if type(envelope.v) is not int or envelope.v != PROTOCOL_VERSION:
         raise BadRequest(
             ErrorCode.VERSION_MISMATCH,
@@ -313,7 +318,7 @@ def decode_request(data: bytes) -> Request:
         if not isinstance(op, str) or op not in REQUEST_TYPES:
             raise BadRequest(ErrorCode.BAD_REQUEST, f"unknown op {_brief(op)}; known ops: "
                              f"{', '.join(sorted(REQUEST_TYPES))}", envelope.id) from None
-        raise BadRequest(ErrorCode.BAD_REQUEST, f"malformed {op!r} request: {exc}",
+        raise BadRequest(ErrorCode.BAD_REQUEST, f"malformed {op!r} request: {_cut(exc)}",
                          envelope.id) from None
 
 
@@ -334,7 +339,7 @@ def decode_reply(data: bytes) -> tuple[int, msgspec.Raw | LoraCacheError]:
     try:
         reply = _reply_decoder.decode(data)
     except _DECODE_ERRORS as exc:
-        raise _bad(f"malformed reply from the daemon: {exc}") from None
+        raise _bad(f"malformed reply from the daemon: {_cut(exc)}") from None
     if reply.ok:
         return reply.id, reply.result
     error = reply.error if isinstance(reply.error, dict) else {
@@ -354,7 +359,7 @@ def decode_result(raw: msgspec.Raw, result_type: type[_R]) -> _R:
     try:
         return decoder.decode(raw)
     except _DECODE_ERRORS as exc:
-        raise _bad(f"malformed {result_type.__name__} from the daemon: {exc}") from None
+        raise _bad(f"malformed {result_type.__name__} from the daemon: {_cut(exc)}") from None
 
 
 def _brief(value: Any) -> str:
@@ -363,6 +368,11 @@ def _brief(value: Any) -> str:
     if value is None or isinstance(value, (bool, int, float, str, bytes)):
         return f"{value!r:.40}"
     return type(value).__name__
+
+
+def _cut(exc: Exception) -> str:
+    """msgspec's message, cut short: it may quote a value the peer sent, of up to 1 MiB."""
+    return f"{exc!s:.200}"
 
 
 def _bad(message: str) -> BadRequest:

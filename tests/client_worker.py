@@ -4,12 +4,12 @@ Kept deliberately dumb: it only calls the public client API, so the tests exerci
 a real worker process does.
 """
 
-import dataclasses
 import json
 import logging
 import os
 import sys
 
+import msgspec
 import psutil
 import torch
 from safetensors.torch import load_file
@@ -87,7 +87,7 @@ def run(op, args):
     if op == "cuda_allocated":  # what this process's own allocator holds on the device
         return torch.cuda.memory_allocated()
     if op == "stats":
-        return dataclasses.asdict(client.stats())
+        return msgspec.to_builtins(client.stats())
     if op == "pipeline":  # a tiny SD pipeline, the same weights for the same seed
         pipe = tiny_sd_pipeline(seed=args.get("seed", 0), smallest=True)
         pipelines[args["name"]] = pipe.to(args.get("device", "cpu"))

@@ -63,6 +63,17 @@ def test_second_daemon_on_a_live_socket_is_refused(daemon, lora_dir):
     daemon.stats()  # the first one is unharmed
 
 
+def test_the_harness_does_not_take_another_daemon_for_its_own(start_daemon, lora_dir):
+    """The harness (examples/daemon_process.py) waits for its own process to answer, and a
+    failed start leaves the first daemon's shared memory alone."""
+    first = start_daemon()
+    write_lora(lora_dir / "a.safetensors", {"w": torch.ones(1000)})
+    with pytest.raises(RuntimeError, match="exited with 2"):
+        start_daemon(reuse=first)
+    with first.client() as client, client.acquire("a.safetensors") as lease:
+        assert torch.equal(lease.tensors["w"], torch.ones(1000))
+
+
 def test_stale_socket_and_shm_dir_of_a_killed_daemon_are_cleaned(start_daemon, lora_dir):
     first = start_daemon()
     write_lora(lora_dir / "a.safetensors", {"w": torch.ones(1000)})

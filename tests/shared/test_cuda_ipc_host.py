@@ -59,7 +59,8 @@ def test_entries_fill_segments_of_their_own(nbytes, expected):
 
 @pytest.mark.parametrize("release, fmt", [("2.3.1", 1), ("2.4.1+cu121", 1), ("2.5.0", 2),
                                           ("2.11.0+cu130", 2), ("3.0.0", 2), ("", None),
-                                          ("nightly", None)])
+                                          ("nightly", None), ("9" * 5000 + ".1", None),
+                                          ("2." + "9" * 5000, None)])
 def test_handle_format_by_release(release, fmt):
     assert handle_format(release) == fmt
 

@@ -318,7 +318,17 @@ STATS = StatsResult(instance="i-1", pid=4242, uptime_s=12.5, sessions=3, leases=
                         device="cpu", budget=1, used=0, reserved=0, leased_bytes=0,
                         pinned_bytes=0, entries=0, leases=0, cache_size=0, hits=0, misses=0,
                         loads=0, evictions=0, hit_rate=None,
-                        load_seconds=LoadTimesInfo(count=0, sum=0.0, buckets=[]))])
+                        load_seconds=LoadTimesInfo(count=0, sum=0.0, buckets=[]), sessions=0)])
+
+
+def test_a_cpu_device_stats_leave_the_allocator_fields_out() -> None:
+    """Readers older than the allocator fields tell a GPU by their presence."""
+    cpu = msgpack.unpackb(encode_reply(1, STATS))["result"]["devices"][1]
+    assert cpu["device"] == "cpu" and cpu["sessions"] == 0 and cpu["hit_rate"] is None
+    assert not {"allocated_bytes", "reserved_bytes", "waiting_bytes"} & set(cpu)
+    gpu = msgpack.unpackb(encode_reply(1, STATS))["result"]["devices"][0]
+    assert gpu["allocated_bytes"] == 8192 and gpu["waiting_bytes"] == 0
+
 
 
 def _acquire_result(tensors: list[TensorSpec] | None) -> AcquireResult:
@@ -406,7 +416,7 @@ def test_integer_is_accepted_for_a_float_field() -> None:
 def test_stats_result_finds_a_device_by_name() -> None:
     assert STATS.device("cpu").budget == 1
     assert STATS.device("cuda:GPU-1") is DEVICE
-    with pytest.raises(StopIteration):
+    with pytest.raises(KeyError, match="cuda:GPU-1, cpu"):
         STATS.device("cuda:GPU-9")
 
 
@@ -849,3 +859,13 @@ def test_damaged_requests_decode_or_raise_loracache_error(op: str, data: st.Data
     raw[position] = data.draw(st.integers(0, 255))
     cut = data.draw(st.integers(1, len(raw)))
     _decode_or_refuse(bytes(raw[:cut]))
+
+
+def test_a_refusal_quotes_a_huge_value_only_in_part() -> None:
+    """Each error reply (and log line) stays small whatever a peer sent: msgspec's message can
+    quote the value, here a ~1 MB op before the real one."""
+    data = (b"\x83" + pack("op") + pack("x" * 1_000_000) + pack("id") + pack(7)
+            + pack("v") + pack(1))
+    data = b"\x84" + data[1:] + pack("op") + pack("stats")
+    error = refused(data)
+    assert len(error.message) < 500 and error.request_id == 7
