@@ -119,6 +119,7 @@ class CacheService:
     def _acquire(self, req: Acquire,
                  session: Session) -> AcquireResult | Awaitable[AcquireResult]:
         device = self._lending_device(req.device, session)
+        self._check_lease_count(session)  # before loading a file the session may not lease
         identity = identify(req.path, self.config.lora_dirs)
         entry = device.cached(identity, req.layout)
         if entry is None:
@@ -175,13 +176,19 @@ class CacheService:
 
     def _check_quota(self, device: Device, entry: Entry, session: Session) -> None:
         """Refuse a lease beyond the session's quotas (so one client cannot hold the cache)."""
-        self._check_lease_count(session)
+        try:
+            self._check_lease_count(session)
+            self._check_leased_bytes(device, entry, session)
+        except LoraCacheError:
+            device.trim()  # a fresh load nobody holds must not stay beyond the cache size
+            raise
+
+    def _check_leased_bytes(self, device: Device, entry: Entry, session: Session) -> None:
         if self.config.session_max_bytes is None or session.holds(entry):
             return
         max_bytes = self.config.session_max_bytes.resolve(device.total_memory)
         held = session.leased_bytes[device.name]
         if held + entry.nbytes > max_bytes:
-            device.trim()  # a fresh load nobody holds must not stay beyond the cache size
             raise LoraCacheError(ErrorCode.NOT_ALLOWED,
                                  f"leasing {entry.path} ({entry.nbytes} bytes) would make this "
                                  f"session hold {held + entry.nbytes} bytes on {device.name}, "

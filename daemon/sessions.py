@@ -74,7 +74,9 @@ class SessionTable:
         return session
 
     def get(self, token: str) -> Session:
-        """The live session for ``token``, refreshed; UNKNOWN_SESSION if it expired or never was."""
+        """The session for ``token``, refreshed; UNKNOWN_SESSION once the expiry sweep closed
+        it (a session past its TTL that the sweep has not reached yet lives on), or if it never
+        was."""
         session = self.sessions.get(token)
         if session is None:
             raise LoraCacheError(ErrorCode.UNKNOWN_SESSION,
