@@ -83,7 +83,8 @@ class Connection:
         self.session_ttl = 0.0
         self.devices: list[str] = []
         self._closed = threading.Event()
-        self._bye_when_abandoned = False  # set by abandon(): the heartbeat thread says Bye
+        self._abandoned = False  # set by abandon(): the heartbeat thread ends the connection
+        self._bye_when_abandoned = False  # ... and says Bye first
         self._recovering = threading.Lock()
         self._down_reported = False  # log one warning per outage, not one per heartbeat
         self._suspect_down = False  # the last probe found no daemon: probe again at once
@@ -192,7 +193,7 @@ class Connection:
         try:
             self.round_trip(Release(lease=lease_id, opened=opened), self.session,
                             RELEASE_TIMEOUT)
-        except LoraCacheError as exc:
+        except (LoraCacheError, zmq.ZMQError) as exc:  # ZMQError: closed meanwhile
             log.debug("giving back lease %s failed: %s", lease_id, exc)
 
     def close(self) -> None:
@@ -200,11 +201,11 @@ class Connection:
         forked child it only lets go of the sockets."""
         if self._closed.is_set():
             return
-        if os.getpid() == self.pid:
-            self._bye()
-        self._closed.set()
+        self._closed.set()  # first: a heartbeat must not renew the session being ended
         if self._heartbeat is not None and self._heartbeat is not threading.current_thread():
             self._heartbeat.join()
+        if os.getpid() == self.pid:
+            self._bye()
         self._close_sockets()
 
     def abandon(self, bye: bool) -> None:
@@ -214,12 +215,12 @@ class Connection:
         if self._closed.is_set() or os.getpid() != self.pid:
             return
         if self._heartbeat is None:  # no thread of ours uses the sockets any more
+            self._closed.set()
             if bye:
                 self._bye()
-            self._closed.set()
             self._close_sockets()
             return
-        self._bye_when_abandoned = bye
+        self._abandoned, self._bye_when_abandoned = True, bye
         self._closed.set()  # wakes the heartbeat thread, which finishes the job
 
     def unavailable(self, why: str) -> LoraCacheError:
@@ -293,21 +294,19 @@ class Connection:
                 self._down_reported = True
             else:
                 self._down_reported = False
-        if self._bye_when_abandoned:  # abandon() left the ending to this thread
-            self._bye_when_abandoned = False
-            self._bye(force=True)
+        if self._abandoned:  # abandon() left the ending to this thread
+            if self._bye_when_abandoned:
+                self._bye()
             self._close_sockets()
         else:
             self._drop_socket()
 
-    def _bye(self, force: bool = False) -> None:
-        """Tell the daemon the session is over (best effort: else it lapses by its TTL)."""
+    def _bye(self) -> None:
+        """Tell the daemon the session is over (best effort: else it lapses by its TTL). The
+        connection is marked closed already, so no heartbeat renews the session meanwhile."""
         if not self.session:
             return
         try:
-            if force:  # the connection is marked closed already: bypass request()
-                self.round_trip(Bye(), self.session, BYE_TIMEOUT)
-            else:
-                self.request(Bye(), timeout=BYE_TIMEOUT, recover=False)
+            self.round_trip(Bye(), self.session, BYE_TIMEOUT)
         except LoraCacheError as exc:
             log.debug("ending the session failed: %s", exc)
