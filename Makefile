@@ -50,8 +50,11 @@ lint: $(LINT_STAMP)
 	@for part in daemon client shared; do ln -sfn ../../../$$part build/typecheck/loracache/$$part; done
 	MYPYPATH=build/typecheck $(PY) -m mypy -p loracache.daemon -p loracache.client -p loracache.shared
 
+# Two pytest workers: most tests wait on processes and sockets more than they compute. The
+# longest start first (worksteal); TEST_WORKERS=0 runs them one by one.
+TEST_WORKERS ?= 2
 test: venv systemd-tools
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 # Fails, never skips, when no CUDA device is usable (tests/gpu/conftest.py).
 test-gpu: venv
