@@ -6,7 +6,7 @@ import argparse
 import functools
 import sys
 
-from .config import SETTINGS, ConfigError, load_config, render_config
+from .config import FLAGS, SETTINGS, ConfigError, load_config, render_config
 from .logs import configure_logging
 
 FLAG_HELP = {
@@ -14,10 +14,15 @@ FLAG_HELP = {
               "when it exists)",
     "lora_dirs": "directory to serve LoRA files from (repeatable); the daemon reads nothing "
                  "outside these",
+    "allow_sources": "URL prefix LoRAs may be fetched from (repeatable): https://host/path/ "
+                     "or s3://bucket/prefix/; needs --cache-dir",
     "devices": "comma-separated: cpu, cuda, cuda:<index>, cuda:<GPU-uuid>, all (default: all)",
     "max_bytes": "cache budget per device: bytes, 8GiB, or 25%% of the device's memory "
                  "(default: 25%%)",
 }
+
+
+REPEATED_METAVAR = {"lora_dirs": "DIR", "allow_sources": "URL"}
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,10 +36,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     for setting in SETTINGS:
         if setting.from_file_only:
             continue
-        if setting.name == "lora_dirs":
-            parser.add_argument(setting.flag, action="append", dest="lora_dirs",
-                                default=argparse.SUPPRESS,
-                                metavar="DIR", help=FLAG_HELP["lora_dirs"])
+        if setting.name in FLAGS:  # repeatable
+            parser.add_argument(setting.flag, action="append", dest=setting.name,
+                                default=argparse.SUPPRESS, metavar=REPEATED_METAVAR[setting.name],
+                                help=FLAG_HELP[setting.name])
             continue
         help_text = FLAG_HELP.get(setting.name, setting.help.replace("%", "%%"))
         parser.add_argument(setting.flag, dest=setting.name, metavar=setting.name.upper(),

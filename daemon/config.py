@@ -22,6 +22,8 @@ from loracache.shared.families import LAYOUTS, RAW
 from loracache.shared.endpoints import (config_file_path, endpoint, fallback_socket_path,
                                         read_config_file)
 
+from .sources import RemoteSource, parse_prefix
+
 ENV_PREFIX = "LORACACHE_"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -108,6 +110,10 @@ class DaemonConfig:
     admin_group: str | None  # the group owning the admin socket
     device: Mapping[str, DeviceOverride]  # by device name: "cpu" or "cuda:GPU-<uuid>"
     preload: tuple[PreloadSpec, ...]
+    allow_sources: tuple[RemoteSource, ...]  # URL prefixes the daemon may fetch LoRAs from
+    cache_dir: Path | None  # where remote LoRAs are downloaded to (the disk tier)
+    cache_max_bytes: SizeSpec  # of cache_dir's file system
+    source_revalidate_s: float  # how long a downloaded file is served before asking its source
     file: Path | None = None  # the configuration file read, if any
     sources: Mapping[str, str] = dataclasses.field(default_factory=dict, compare=False)
 
@@ -182,6 +188,16 @@ def _lora_dirs(value: Any) -> tuple[Path, ...]:
     if not dirs:
         raise ConfigError("give at least one directory: the only places LoRA files are read from")
     return tuple(_directory(d) for d in dirs)
+
+
+def _allow_sources(value: Any) -> tuple[RemoteSource, ...]:
+    prefixes = []
+    for text in _strings(value, ","):
+        try:
+            prefixes.append(parse_prefix(text))
+        except ValueError as exc:
+            raise ConfigError(f"{text!r}: {exc}") from None
+    return tuple(prefixes)
 
 
 def _devices(value: Any) -> tuple[str, ...]:
@@ -329,8 +345,11 @@ class Setting:
 
     @property
     def flag(self) -> str:
-        return "--lora-dir" if self.name == "lora_dirs" else "--" + self.name.replace("_", "-")
+        return FLAGS.get(self.name) or "--" + self.name.replace("_", "-")
 
+
+# Repeatable flags, named for one of their values.
+FLAGS = {"lora_dirs": "--lora-dir", "allow_sources": "--allow-source"}
 
 SETTINGS = (
     Setting("socket", _socket, fallback_socket_path, "Unix socket path", reloadable=False),
@@ -364,6 +383,16 @@ SETTINGS = (
             from_file_only=True),
     Setting("preload", _preloads, tuple, "LoRAs loaded at start and after each reload",
             from_file_only=True),
+    Setting("allow_sources", _allow_sources, tuple,
+            "URL prefixes LoRAs may be fetched from (https://host/path/, s3://bucket/prefix/); "
+            "none by default", show=lambda prefixes: [p.url for p in prefixes]),
+    Setting("cache_dir", _optional(_directory), lambda: None,
+            "directory remote LoRAs are downloaded to (needed with allow_sources)",
+            reloadable=False),
+    Setting("cache_max_bytes", parse_size, lambda: SizeSpec(percent=25.0),
+            "bytes of downloads kept in cache_dir: bytes, 50GiB or 25% of its file system"),
+    Setting("source_revalidate_s", _seconds, lambda: 300.0,
+            "seconds a downloaded LoRA is served before its source is asked whether it changed"),
 )
 SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
 
@@ -411,6 +440,10 @@ def load_config(flags: Mapping[str, Any] | None = None, *, config_file: str | No
         raise ConfigError("admin_socket is set but admin_group is not: the admin socket would "
                           "belong to the daemon's group, so every client could evict and clear; "
                           "set admin_group to the operators' group")
+    if values["allow_sources"] and values["cache_dir"] is None:
+        raise ConfigError("allow_sources is set but cache_dir is not: remote LoRAs are "
+                          "downloaded there first; set cache_dir (--cache-dir DIR, or "
+                          "CacheDirectory= under systemd)")
     if not values["lora_dirs"]:
         raise ConfigError("lora_dirs is not set: give --lora-dir DIR, LORACACHE_LORA_DIRS or "
                           "lora_dirs in the configuration file; the daemon reads LoRA files "

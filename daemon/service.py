@@ -15,7 +15,9 @@ import itertools
 import logging
 import os
 import secrets
+import shutil
 import time
+from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from loracache.shared.device_names import same_device, selects
@@ -49,8 +51,10 @@ from loracache.shared.transport import Transport
 from .cache import Entry
 from .config import DaemonConfig, PreloadSpec
 from .device import Device
+from .disk_cache import DiskCache
 from .files import FileIdentity, confine, identify
 from .sessions import Lease, Session, SessionTable
+from .sources import check_allowed, is_remote, parse_source
 
 log = logging.getLogger("loracache.daemon")
 
@@ -69,6 +73,7 @@ class CacheService:
         self.devices = {t.device: Device(t, config, self._header_pool, entry_ids)
                         for t in transports}
         self.sessions = SessionTable(config.session_ttl)
+        self.disk = _disk_cache(config)  # None: no remote sources
         self.errors: collections.Counter[str] = collections.Counter()  # replies by error code
         self.metrics_address: str | None = None  # set by the server when it serves metrics
         # Each takes its request and the session (None for ops that need none).
@@ -120,6 +125,8 @@ class CacheService:
                  session: Session) -> AcquireResult | Awaitable[AcquireResult]:
         device = self._lending_device(req.device, session)
         self._check_lease_count(session)  # before loading a file the session may not lease
+        if is_remote(req.path):
+            return self._acquire_remote(device, req, session)
         identity = identify(req.path, self.config.lora_dirs)
         entry = device.cached(identity, req.layout)
         if entry is None:
@@ -127,6 +134,19 @@ class CacheService:
         result = self._lend(device, entry, req, session)
         device.cache.hits += 1  # counted once lent: hits + misses = acquires that succeeded
         return result
+
+    async def _acquire_remote(self, device: Device, req: Acquire,
+                              session: Session) -> AcquireResult:
+        identity = await self._downloaded(req.path)
+        return await self._acquire_loading(device, identity, req, session)
+
+    async def _downloaded(self, url: str) -> FileIdentity:
+        """The identity of the local copy of the LoRA at ``url``, fetched if need be."""
+        source = parse_source(url)
+        check_allowed(source, self.config.allow_sources)
+        assert self.disk is not None, "allow_sources needs cache_dir (load_config checks)"
+        path = await self.disk.fetch(source)
+        return identify(str(path), (self.disk.directory,))
 
     async def _acquire_loading(self, device: Device, identity: FileIdentity, req: Acquire,
                                session: Session) -> AcquireResult:
@@ -247,14 +267,18 @@ class CacheService:
     def _preload(self, req: Preload,
                  _: Session | None) -> EntryInfo | Awaitable[EntryInfo]:
         device = self._device(req.device)
+        if is_remote(req.path):
+            return self._preload_loading(device, None, req)
         identity = identify(req.path, self.config.lora_dirs)
         entry = device.cached(identity, req.layout)
         if entry is None:
             return self._preload_loading(device, identity, req)
         return self._settle_preload(device, entry, req)
 
-    async def _preload_loading(self, device: Device, identity: FileIdentity,
+    async def _preload_loading(self, device: Device, identity: FileIdentity | None,
                                req: Preload) -> EntryInfo:
+        """``identity`` None: ``req.path`` is a URL, downloaded first."""
+        identity = identity or await self._downloaded(req.path)
         entry, _loaded = await device.entry(identity, req.layout, self.config.acquire_timeout)
         return self._settle_preload(device, entry, req)
 
@@ -297,6 +321,9 @@ class CacheService:
         and timeouts apply to the next requests."""
         self.config = config
         self.sessions.ttl = config.session_ttl
+        if self.disk is not None:
+            self.disk.budget = _disk_budget(config, self.disk.directory)
+            self.disk.revalidate_s = config.source_revalidate_s
         for device in self.devices.values():
             device.reconfigure(config)
         unknown = [name for name in config.device
@@ -377,6 +404,19 @@ class CacheService:
         for device in self.devices.values():
             device.close()
         self._header_pool.shutdown(wait=True)
+        if self.disk is not None:
+            self.disk.close()
+
+
+def _disk_cache(config: DaemonConfig) -> DiskCache | None:
+    if config.cache_dir is None:
+        return None
+    return DiskCache(config.cache_dir, _disk_budget(config, config.cache_dir),
+                     config.source_revalidate_s)
+
+
+def _disk_budget(config: DaemonConfig, directory: Path) -> int:
+    return config.cache_max_bytes.resolve(shutil.disk_usage(directory).total)
 
 
 def _device_stats(device: Device, sessions: int) -> DeviceStats:

@@ -1,0 +1,267 @@
+"""The node-local disk tier: remote LoRA files downloaded once per node into ``cache_dir``.
+
+However many workers and devices ask for a URL at once, it is downloaded once (single flight
+on the event loop; the transfer runs in a thread). A download streams into ``.partial/``, is
+checked (the announced size, then the safetensors header) and renamed into place with a JSON
+sidecar that records its URL and version, so a crash never leaves a half file that looks whole.
+The files outlive the daemon: the index is rebuilt from the sidecars at start. Least recently
+used files go when the directory's byte budget is exceeded.
+
+A URL fetched once is served from disk; after ``revalidate_s`` the next request asks the source
+(HEAD) whether it changed, and a changed file (new ETag, or size and modification time) is a new
+download under a new name, so entries made from the old one stay what they were. The HTTP and S3
+protocols are obstore's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import obstore
+from obstore.store import HTTPStore
+
+from loracache.shared.errors import ErrorCode, LoraCacheError
+from loracache.shared.humanize import human_bytes
+from loracache.shared.safetensors_header import read_header
+
+from .sources import RemoteSource
+
+log = logging.getLogger("loracache.daemon")
+
+PARTIAL = ".partial"
+CHUNK = 8 << 20
+CONNECT_TIMEOUT = "10s"
+TRANSFER_TIMEOUT = "300s"  # a whole request, body included: a few GB at modest speeds
+
+
+@dataclasses.dataclass
+class DiskFile:
+    """One downloaded file and the version of the remote it came from."""
+
+    url: str
+    path: Path
+    size: int
+    version: str  # the ETag, or size and modification time where the source gives none
+    checked: float = 0.0  # time.monotonic() of the last look at the source (0: at start)
+
+
+class DiskCache:
+    """Downloads under ``directory``, at most ``budget`` bytes of them."""
+
+    def __init__(self, directory: Path, budget: int, revalidate_s: float) -> None:
+        self.directory = directory
+        self.budget = budget
+        self.revalidate_s = revalidate_s
+        self.files: OrderedDict[str, DiskFile] = OrderedDict()  # by URL, least recent first
+        self._inflight: dict[str, asyncio.Future[DiskFile]] = {}
+        self._executor = concurrent.futures.ThreadPoolExecutor(4, "loracache-fetch")
+        self._stores: dict[tuple[str, str], Any] = {}
+        self.downloads = 0
+        self._rebuild()
+
+    @property
+    def used(self) -> int:
+        return sum(f.size for f in self.files.values())
+
+    async def fetch(self, source: RemoteSource) -> Path:
+        """The local copy of ``source``, downloaded (once, however many ask) if needed."""
+        known = self.files.get(source.url)
+        if known is not None and time.monotonic() - known.checked < self.revalidate_s \
+                and known.path.exists():
+            self.files.move_to_end(source.url)
+            return known.path
+        future = self._inflight.get(source.url)
+        if future is None:
+            loop = asyncio.get_running_loop()
+            future = loop.run_in_executor(self._executor, self._refresh, source, known)
+            self._inflight[source.url] = future
+            future.add_done_callback(lambda _: self._inflight.pop(source.url, None))
+        fetched = await asyncio.shield(future)
+        self._keep(fetched)
+        return fetched.path
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # ---------------------------------------------------------------------- on the event loop
+
+    def _keep(self, fetched: DiskFile) -> None:
+        """Index ``fetched`` as the URL's file and trim the directory to the budget."""
+        old = self.files.pop(fetched.url, None)
+        self.files[fetched.url] = fetched
+        if old is not None and old.path != fetched.path:
+            _remove(old.path)  # an entry loaded from it holds its own copy
+        while self.used > self.budget and len(self.files) > 1:
+            url, victim = next(iter(self.files.items()))
+            if victim is fetched:
+                break
+            del self.files[url]
+            _remove(victim.path)
+            log.info("disk cache: evicted %s (%s) for room", url, human_bytes(victim.size))
+
+    # ------------------------------------------------------------------------ in the threads
+
+    def _refresh(self, source: RemoteSource, known: DiskFile | None) -> DiskFile:
+        """``known`` if the source still has that version, else a fresh download."""
+        store, key = self._store(source), source.path.lstrip("/")
+        if known is not None and known.path.exists():
+            try:
+                meta = obstore.head(store, key)
+            except Exception as exc:  # the source is away: what we have is the best answer
+                log.warning("could not check %s for changes (%s); serving the copy from %s",
+                            source.url, _reason(exc), known.path)
+                return dataclasses.replace(known, checked=time.monotonic())
+            if _version(meta) == known.version:
+                return dataclasses.replace(known, checked=time.monotonic())
+        return self._download(source, store, key)
+
+    def _download(self, source: RemoteSource, store: Any, key: str) -> DiskFile:
+        try:
+            result = obstore.get(store, key)
+        except Exception as exc:
+            raise _source_error(source, exc) from None
+        size, version = int(result.meta["size"]), _version(result.meta)
+        if size > self.budget:
+            raise LoraCacheError(ErrorCode.TOO_LARGE,
+                                 f"{source.url} is {human_bytes(size)}, more than the whole disk "
+                                 f"cache ({human_bytes(self.budget)}); raise cache_max_bytes")
+        partial = self.directory / PARTIAL / secrets.token_hex(8)
+        try:
+            written = self._stream(source, result, partial, size)
+            if written != size:
+                raise LoraCacheError(ErrorCode.SOURCE_FAILED,
+                                     f"{source.url} was cut off: {written} of {size} bytes came")
+            with open(partial, "rb") as f:
+                read_header(f, source.url)
+            name = hashlib.sha256(f"{source.url}\0{version}".encode()).hexdigest()[:32]
+            final = self.directory / f"{name}.safetensors"
+            os.replace(partial, final)
+            fetched = DiskFile(source.url, final, size, version, time.monotonic())
+            _write_sidecar(fetched)
+        finally:
+            _remove(partial)
+        self.downloads += 1
+        log.info("downloaded %s (%s) to %s", source.url, human_bytes(size), final)
+        return fetched
+
+    def _stream(self, source: RemoteSource, result: Any, partial: Path, size: int) -> int:
+        written = 0
+        try:
+            with open(partial, "wb") as out:
+                for chunk in result.stream(min_chunk_size=CHUNK):
+                    written += len(chunk)
+                    if written > size:
+                        raise LoraCacheError(ErrorCode.SOURCE_FAILED,
+                                             f"{source.url} sent more than the {size} bytes it "
+                                             "announced")
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+        except LoraCacheError:
+            raise
+        except Exception as exc:  # cut off, timed out, or the disk is full
+            raise _source_error(source, exc) from None
+        return written
+
+    def _store(self, source: RemoteSource) -> Any:
+        """One store per host, so connections are reused."""
+        key = (source.scheme, source.authority)
+        if key not in self._stores:
+            if source.scheme not in ("https", "http"):
+                raise LoraCacheError(ErrorCode.SOURCE_FAILED,
+                                     f"{source.url}: this daemon does not fetch {source.scheme}:// "
+                                     "sources yet; use https://")
+            self._stores[key] = HTTPStore.from_url(
+                f"{source.scheme}://{source.authority}",
+                client_options={"allow_http": source.scheme == "http",
+                                "connect_timeout": CONNECT_TIMEOUT, "timeout": TRANSFER_TIMEOUT})
+        return self._stores[key]
+
+    # ----------------------------------------------------------------------------- at start
+
+    def _rebuild(self) -> None:
+        """Index what earlier runs downloaded; drop partial downloads and orphans."""
+        shutil.rmtree(self.directory / PARTIAL, ignore_errors=True)
+        (self.directory / PARTIAL).mkdir(mode=0o750, parents=True, exist_ok=True)
+        found = []
+        for sidecar in self.directory.glob("*.json"):
+            data = _read_sidecar(sidecar)
+            path = sidecar.with_suffix(".safetensors")
+            if data is None or not path.is_file() or path.stat().st_size != data["size"]:
+                log.warning("disk cache: dropping %s (no file, or not the size recorded)", path)
+                _remove(path)
+                _remove(sidecar)
+                continue
+            found.append((path.stat().st_atime, DiskFile(data["url"], path, data["size"],
+                                                         data["version"])))
+        for _, fetched in sorted(found, key=lambda pair: pair[0]):
+            self.files[fetched.url] = fetched
+        for orphan in self.directory.glob("*.safetensors"):
+            if not orphan.with_suffix(".json").exists():
+                _remove(orphan)
+
+
+def _version(meta: Any) -> str:
+    etag = meta.get("e_tag")
+    if etag:
+        return f"etag:{etag}"
+    modified = meta.get("last_modified")
+    return f"size:{meta['size']}:modified:{modified.isoformat() if modified else ''}"
+
+
+def _source_error(source: RemoteSource, exc: Exception) -> LoraCacheError:
+    if isinstance(exc, FileNotFoundError):
+        return LoraCacheError(ErrorCode.NOT_FOUND, f"{source.url}: the source has no such file")
+    if isinstance(exc, (obstore.exceptions.UnauthenticatedError,
+                        obstore.exceptions.PermissionDeniedError, PermissionError)):
+        return LoraCacheError(ErrorCode.SOURCE_FAILED,
+                              f"{source.url}: the source refused the daemon ({_reason(exc)}); "
+                              "give the daemon credentials for it")
+    return LoraCacheError(ErrorCode.SOURCE_FAILED,
+                          f"fetching {source.url} failed: {_reason(exc)}")
+
+
+def _reason(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+
+
+def _write_sidecar(fetched: DiskFile) -> None:
+    sidecar = fetched.path.with_suffix(".json")
+    partial = fetched.path.parent / PARTIAL / f"{sidecar.name}.{secrets.token_hex(4)}"
+    partial.write_text(json.dumps({"url": fetched.url, "size": fetched.size,
+                                   "version": fetched.version}))
+    os.replace(partial, sidecar)
+
+
+def _read_sidecar(sidecar: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(sidecar.read_text())
+    except (OSError, ValueError):
+        return None
+    valid = (isinstance(data, dict) and isinstance(data.get("url"), str)
+             and type(data.get("size")) is int and isinstance(data.get("version"), str))
+    return data if valid else None
+
+
+def _remove(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    if path.suffix == ".safetensors":
+        try:
+            path.with_suffix(".json").unlink()
+        except FileNotFoundError:
+            pass

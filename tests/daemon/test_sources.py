@@ -1,0 +1,92 @@
+"""Remote sources: the canonical form URLs are compared in, and the allowlist."""
+
+from __future__ import annotations
+
+import pytest
+
+from loracache.daemon.config import ConfigError, load_config
+from loracache.daemon.sources import (check_allowed, is_remote, parse_prefix, parse_source)
+from loracache.shared.errors import ErrorCode, LoraCacheError
+
+
+@pytest.mark.parametrize("text, url", [
+    ("https://Example.COM/loras/a.safetensors", "https://example.com/loras/a.safetensors"),
+    ("https://example.com:443/a.safetensors", "https://example.com/a.safetensors"),
+    ("https://example.com:8443/a.safetensors", "https://example.com:8443/a.safetensors"),
+    ("http://127.0.0.1:80/a.safetensors", "http://127.0.0.1/a.safetensors"),
+    ("HTTPS://example.com/my%20style.safetensors", "https://example.com/my style.safetensors"),
+    ("s3://bucket/team/a.safetensors", "s3://bucket/team/a.safetensors"),
+])
+def test_urls_are_compared_in_one_canonical_form(text, url):
+    assert is_remote(text) and parse_source(text).url == url
+
+
+@pytest.mark.parametrize("text, why", [
+    ("ftp://example.com/a.safetensors", "unsupported scheme"),
+    ("https://example.com/a/../b.safetensors", "'..'"),
+    ("https://example.com/a/%2e%2e/b.safetensors", "'..'"),
+    ("https://example.com/a%2F..%2Fb.safetensors", "'..'"),
+    ("https://example.com//b.safetensors", "empty segments"),
+    ("https://example.com/a.safetensors?token=x", "query"),
+    ("https://example.com/a.safetensors#x", "fragment"),
+    ("https://user:pw@example.com/a.safetensors", "credentials"),
+    ("https://example.com/a.bin", ".safetensors"),
+    ("https://example.com:99999/a.safetensors", "port"),
+    ("https:///a.safetensors", "no host"),
+    ("s3://bucket:9000/a.safetensors", "names a bucket"),
+    ("https://example.com/a%00.safetensors", "control characters"),
+])
+def test_urls_that_could_slip_past_a_prefix_are_refused(text, why):
+    with pytest.raises(LoraCacheError) as error:
+        parse_source(text)
+    assert error.value.code is ErrorCode.BAD_REQUEST and why in error.value.message
+
+
+def test_paths_are_not_remote():
+    assert not is_remote("a.safetensors") and not is_remote("/srv/loras/a.safetensors")
+    assert not is_remote("dir/https://x")
+
+
+ALLOWED = (parse_prefix("https://example.com/team/"), parse_prefix("s3://models/loras/"),
+           parse_prefix("https://cdn.example.com/one.safetensors"))
+
+
+@pytest.mark.parametrize("url", [
+    "https://example.com/team/a.safetensors", "https://EXAMPLE.com:443/team/sub/a.safetensors",
+    "s3://models/loras/a.safetensors", "https://cdn.example.com/one.safetensors"])
+def test_urls_under_an_allowed_prefix_pass(url):
+    check_allowed(parse_source(url), ALLOWED)
+
+
+@pytest.mark.parametrize("url", [
+    "https://example.com/teammate/a.safetensors",  # a prefix ends at a segment
+    "https://example.com/a.safetensors", "http://example.com/team/a.safetensors",
+    "https://example.com:8443/team/a.safetensors", "https://evil.com/team/a.safetensors",
+    "s3://models-2/loras/a.safetensors", "https://cdn.example.com/one/x.safetensors"])
+def test_anything_else_is_a_forbidden_source_naming_the_setting(url):
+    with pytest.raises(LoraCacheError) as error:
+        check_allowed(parse_source(url), ALLOWED)
+    assert error.value.code is ErrorCode.FORBIDDEN_SOURCE
+    assert "allow_sources" in error.value.message and "--allow-source" in error.value.message
+
+
+def test_nothing_is_allowed_by_default(tmp_path):
+    config = load_config({"lora_dirs": [str(tmp_path)]}, environ={})
+    assert config.allow_sources == () and config.cache_dir is None
+    with pytest.raises(LoraCacheError, match="allowed: none"):
+        check_allowed(parse_source("https://example.com/a.safetensors"), config.allow_sources)
+
+
+def test_allow_sources_needs_a_cache_dir_and_valid_prefixes(tmp_path):
+    flags = {"lora_dirs": [str(tmp_path)], "allow_sources": ["https://example.com/loras/"]}
+    with pytest.raises(ConfigError, match="cache_dir"):
+        load_config(flags, environ={})
+    config = load_config({**flags, "cache_dir": str(tmp_path)}, environ={})
+    assert [p.url for p in config.allow_sources] == ["https://example.com/loras/"]
+    with pytest.raises(ConfigError, match="allow_sources = .*'..'"):
+        load_config({**flags, "allow_sources": ["https://example.com/a/../"],
+                     "cache_dir": str(tmp_path)}, environ={})
+    environ = {"LORACACHE_ALLOW_SOURCES": "https://a.example/x/,s3://b/",
+               "LORACACHE_CACHE_DIR": str(tmp_path)}
+    config = load_config({"lora_dirs": [str(tmp_path)]}, environ=environ)
+    assert [p.url for p in config.allow_sources] == ["https://a.example/x/", "s3://b/"]

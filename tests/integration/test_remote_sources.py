@@ -1,0 +1,247 @@
+"""LoRAs by URL: a real HTTP server in the test process, the real daemon downloading from it
+into its disk cache, and real clients leasing what it downloaded."""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import http.server
+import threading
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import torch
+from safetensors.torch import load_file, save
+
+from loracache.client import ErrorCode, LoraCacheError
+from tests.support import Daemon
+
+
+class LoraServer(http.server.ThreadingHTTPServer):
+    """Serves ``files`` under /files/, and the ways a source fails under other prefixes:
+    /moved/ redirects to /files/, /private/ refuses, /cut/ stops half way, /missing/ 404s."""
+
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.files: dict[str, bytes] = {}
+        self.gets: collections.Counter[str] = collections.Counter()
+        self.heads: collections.Counter[str] = collections.Counter()
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.server_port}"
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    server: LoraServer
+
+    def do_HEAD(self) -> None:  # noqa: N802 (http.server's naming)
+        self.server.heads[self.path] += 1
+        self.answer(body=False)
+
+    def do_GET(self) -> None:  # noqa: N802
+        self.server.gets[self.path] += 1
+        self.answer(body=True)
+
+    def answer(self, body: bool) -> None:
+        kind, _, name = self.path.lstrip("/").partition("/")
+        data = self.server.files.get(name)
+        if kind == "moved":
+            self.send_response(302)
+            self.send_header("Location", f"/files/{name}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        if kind == "private":
+            self.send_response(401)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        if data is None or kind not in ("files", "cut"):
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()[:16]}"')
+        self.end_headers()
+        if body:
+            self.wfile.write(data if kind == "files" else data[:len(data) // 2])
+            if kind == "cut":
+                self.close_connection = True
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def server() -> Iterator[LoraServer]:
+    srv = LoraServer()
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+    thread.join()
+
+
+def lora_bytes(seed: int) -> bytes:
+    generator = torch.Generator().manual_seed(seed)
+    return save({"w.lora_down.weight": torch.randn(8, 64, generator=generator),
+                 "w.lora_up.weight": torch.randn(64, 8, generator=generator)})
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path) -> Path:
+    directory = tmp_path / "cache"
+    directory.mkdir()
+    return directory
+
+
+@pytest.fixture
+def remote_daemon(start_daemon, server, cache_dir):
+    def start(*flags: str, **kwargs) -> Daemon:
+        return start_daemon("--allow-source", f"{server.base}/files/", "--allow-source",
+                            f"{server.base}/moved/", "--allow-source", f"{server.base}/cut/",
+                            "--allow-source", f"{server.base}/private/", "--allow-source",
+                            f"{server.base}/missing/", "--cache-dir", str(cache_dir),
+                            *flags, **kwargs)
+    return start
+
+
+def downloads(cache_dir: Path) -> list[Path]:
+    return sorted(cache_dir.glob("*.safetensors"))
+
+
+def test_a_url_outside_allow_sources_is_refused_and_never_fetched(remote_daemon, server):
+    server.files["a.safetensors"] = lora_bytes(0)
+    daemon = remote_daemon()
+    with daemon.client() as client, pytest.raises(LoraCacheError) as error:
+        client.acquire(f"{server.base}/elsewhere/a.safetensors")
+    assert error.value.code is ErrorCode.FORBIDDEN_SOURCE
+    assert "allow_sources" in error.value.message
+    assert not server.gets and not server.heads
+
+
+def test_a_url_is_downloaded_once_however_many_ask(remote_daemon, server, cache_dir):
+    data = lora_bytes(1)
+    server.files["a.safetensors"] = data
+    url = f"{server.base}/files/a.safetensors"
+    daemon = remote_daemon()
+    with daemon.client() as client:
+        results: list = [None] * 4
+
+        def acquire(i: int) -> None:
+            results[i] = client.acquire(url)
+
+        threads = [threading.Thread(target=acquire, args=(i,)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        expected = load_file(downloads(cache_dir)[0])
+        for lease in results:
+            assert {k: torch.equal(v, expected[k]) for k, v in lease.tensors.items()} == {
+                "w.lora_down.weight": True, "w.lora_up.weight": True}
+            lease.release()
+        client.acquire(url).release()  # a hit: served from the cache
+    assert server.gets["/files/a.safetensors"] == 1
+    assert [p.read_bytes() for p in downloads(cache_dir)] == [data]
+    assert daemon.cpu_stats().loads == 1
+
+
+def test_redirects_are_followed(remote_daemon, server, cache_dir):
+    server.files["a.safetensors"] = lora_bytes(2)
+    daemon = remote_daemon()
+    with daemon.client() as client, client.acquire(f"{server.base}/moved/a.safetensors") as lease:
+        assert set(lease.tensors) == {"w.lora_down.weight", "w.lora_up.weight"}
+    assert server.gets["/files/a.safetensors"] == 1
+
+
+@pytest.mark.parametrize("kind, content, code", [
+    ("missing", b"", ErrorCode.NOT_FOUND),
+    ("private", b"", ErrorCode.SOURCE_FAILED),
+    ("cut", None, ErrorCode.SOURCE_FAILED),
+    ("files", b"\x08" + b"\x00" * 7 + b"not json" * 4, ErrorCode.INVALID_LORA),
+])
+def test_a_failed_download_leaves_nothing_behind(remote_daemon, server, cache_dir, kind,
+                                                 content, code):
+    server.files["a.safetensors"] = lora_bytes(3) if content is None else content
+    daemon = remote_daemon()
+    with daemon.client() as client:
+        with pytest.raises(LoraCacheError) as error:
+            client.acquire(f"{server.base}/{kind}/a.safetensors")
+        assert error.value.code is code, error.value
+        assert f"{kind}/a.safetensors" in error.value.message
+        assert downloads(cache_dir) == [] and list((cache_dir / ".partial").iterdir()) == []
+        server.files["b.safetensors"] = lora_bytes(4)
+        client.acquire(f"{server.base}/files/b.safetensors").release()  # still serving
+
+
+def test_downloads_outlive_the_daemon(remote_daemon, server, cache_dir):
+    server.files["a.safetensors"] = lora_bytes(5)
+    url = f"{server.base}/files/a.safetensors"
+    first = remote_daemon()
+    with first.client() as client:
+        client.acquire(url).release()
+    assert first.stop() == 0
+    second = remote_daemon()
+    with second.client() as client, client.acquire(url) as lease:
+        assert torch.equal(lease.tensors["w.lora_up.weight"],
+                           load_file(downloads(cache_dir)[0])["w.lora_up.weight"])
+    assert server.gets["/files/a.safetensors"] == 1  # asked whether it changed, not fetched
+    assert server.heads["/files/a.safetensors"] == 1
+
+
+def test_a_changed_remote_file_is_a_new_entry_and_old_leases_keep_theirs(remote_daemon, server,
+                                                                          cache_dir):
+    server.files["a.safetensors"] = lora_bytes(6)
+    url = f"{server.base}/files/a.safetensors"
+    daemon = remote_daemon("--source-revalidate-s", "0")
+    with daemon.client() as client:
+        old = client.acquire(url)
+        before = old.tensors["w.lora_up.weight"].clone()
+        server.files["a.safetensors"] = lora_bytes(7)
+        with client.acquire(url) as new:
+            assert new.entry.id != old.entry.id
+            assert not torch.equal(new.tensors["w.lora_up.weight"], before)
+        assert torch.equal(old.tensors["w.lora_up.weight"], before)
+        old.release()
+    assert server.gets["/files/a.safetensors"] == 2
+    assert [p.read_bytes() for p in downloads(cache_dir)] == [server.files["a.safetensors"]]
+
+
+def test_a_file_larger_than_the_disk_cache_is_too_large(remote_daemon, server, cache_dir):
+    server.files["a.safetensors"] = lora_bytes(8)
+    daemon = remote_daemon("--cache-max-bytes", "1000")
+    with daemon.client() as client, pytest.raises(LoraCacheError) as error:
+        client.acquire(f"{server.base}/files/a.safetensors")
+    assert error.value.code is ErrorCode.TOO_LARGE and "cache_max_bytes" in error.value.message
+    assert downloads(cache_dir) == []
+
+
+def test_the_disk_cache_keeps_the_most_recent_files_within_its_budget(remote_daemon, server,
+                                                                       cache_dir):
+    for i in range(3):
+        server.files[f"{i}.safetensors"] = lora_bytes(10 + i)
+    size = len(server.files["0.safetensors"])
+    daemon = remote_daemon("--cache-max-bytes", str(2 * size))
+    with daemon.client() as client:
+        for i in range(3):
+            client.acquire(f"{server.base}/files/{i}.safetensors").release()
+    assert sorted(p.read_bytes() for p in downloads(cache_dir)) == sorted(
+        server.files[f"{i}.safetensors"] for i in (1, 2))
+
+
+def test_preload_fetches_a_url_too(remote_daemon, server, cache_dir):
+    server.files["a.safetensors"] = lora_bytes(9)
+    daemon = remote_daemon()
+    with daemon.client() as client:
+        entry = client.preload(f"{server.base}/files/a.safetensors")
+        assert entry.nbytes > 0 and entry.path == str(downloads(cache_dir)[0])
+        client.acquire(f"{server.base}/files/a.safetensors").release()
+    assert sum(server.gets.values()) == 1 and daemon.cpu_stats().hits == 1
