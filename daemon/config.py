@@ -444,6 +444,11 @@ def load_config(flags: Mapping[str, Any] | None = None, *, config_file: str | No
         raise ConfigError("allow_sources is set but cache_dir is not: remote LoRAs are "
                           "downloaded there first; set cache_dir (--cache-dir DIR, or "
                           "CacheDirectory= under systemd)")
+    cache_dir = values["cache_dir"]
+    for lora_dir in values["lora_dirs"] if cache_dir else ():
+        if cache_dir.is_relative_to(lora_dir) or lora_dir.is_relative_to(cache_dir):
+            raise ConfigError(f"cache_dir {cache_dir} overlaps lora_dir {lora_dir}: give the "
+                              "downloads a directory of their own")
     if not values["lora_dirs"]:
         raise ConfigError("lora_dirs is not set: give --lora-dir DIR, LORACACHE_LORA_DIRS or "
                           "lora_dirs in the configuration file; the daemon reads LoRA files "

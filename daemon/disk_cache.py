@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import time
@@ -41,6 +42,8 @@ from .sources import RemoteSource
 log = logging.getLogger("loracache.daemon")
 
 PARTIAL = ".partial"
+# The names the cache writes: it touches no other file in its directory.
+OWN_NAME = re.compile(r"[0-9a-f]{32}\.(safetensors|json)")
 CHUNK = 8 << 20
 CONNECT_TIMEOUT = "10s"
 TRANSFER_TIMEOUT = "300s"  # a whole request, body included: a few GB at modest speeds
@@ -197,6 +200,8 @@ class DiskCache:
         (self.directory / PARTIAL).mkdir(mode=0o750, parents=True, exist_ok=True)
         found = []
         for sidecar in self.directory.glob("*.json"):
+            if not OWN_NAME.fullmatch(sidecar.name):
+                continue
             data = _read_sidecar(sidecar)
             path = sidecar.with_suffix(".safetensors")
             if data is None or not path.is_file() or path.stat().st_size != data["size"]:
@@ -209,7 +214,7 @@ class DiskCache:
         for _, fetched in sorted(found, key=lambda pair: pair[0]):
             self.files[fetched.url] = fetched
         for orphan in self.directory.glob("*.safetensors"):
-            if not orphan.with_suffix(".json").exists():
+            if OWN_NAME.fullmatch(orphan.name) and not orphan.with_suffix(".json").exists():
                 _remove(orphan)
 
 

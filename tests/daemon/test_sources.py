@@ -78,15 +78,26 @@ def test_nothing_is_allowed_by_default(tmp_path):
 
 
 def test_allow_sources_needs_a_cache_dir_and_valid_prefixes(tmp_path):
-    flags = {"lora_dirs": [str(tmp_path)], "allow_sources": ["https://example.com/loras/"]}
+    loras, downloads = tmp_path / "loras", tmp_path / "downloads"
+    loras.mkdir()
+    downloads.mkdir()
+    flags = {"lora_dirs": [str(loras)], "allow_sources": ["https://example.com/loras/"]}
     with pytest.raises(ConfigError, match="cache_dir"):
         load_config(flags, environ={})
-    config = load_config({**flags, "cache_dir": str(tmp_path)}, environ={})
+    config = load_config({**flags, "cache_dir": str(downloads)}, environ={})
     assert [p.url for p in config.allow_sources] == ["https://example.com/loras/"]
     with pytest.raises(ConfigError, match="allow_sources = .*'..'"):
         load_config({**flags, "allow_sources": ["https://example.com/a/../"],
-                     "cache_dir": str(tmp_path)}, environ={})
+                     "cache_dir": str(downloads)}, environ={})
     environ = {"LORACACHE_ALLOW_SOURCES": "https://a.example/x/,s3://b/",
-               "LORACACHE_CACHE_DIR": str(tmp_path)}
-    config = load_config({"lora_dirs": [str(tmp_path)]}, environ=environ)
+               "LORACACHE_CACHE_DIR": str(downloads)}
+    config = load_config({"lora_dirs": [str(loras)]}, environ=environ)
     assert [p.url for p in config.allow_sources] == ["https://a.example/x/", "s3://b/"]
+
+
+def test_the_cache_dir_may_not_overlap_a_lora_dir(tmp_path):
+    (tmp_path / "loras" / "downloads").mkdir(parents=True)
+    flags = {"lora_dirs": [str(tmp_path / "loras")], "allow_sources": ["https://example.com/"]}
+    for cache_dir in (tmp_path / "loras", tmp_path / "loras" / "downloads", tmp_path):
+        with pytest.raises(ConfigError, match="overlaps"):
+            load_config({**flags, "cache_dir": str(cache_dir)}, environ={})

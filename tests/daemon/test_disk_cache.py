@@ -1,0 +1,42 @@
+"""The disk tier at start: what earlier runs left is indexed, checked, or removed; nothing else
+in its directory is touched."""
+
+from __future__ import annotations
+
+import json
+
+from loracache.daemon.disk_cache import PARTIAL, DiskCache
+
+NAME = "0123456789abcdef0123456789abcdef"
+
+
+def test_start_keeps_whole_downloads_and_drops_partial_or_orphaned_ones(tmp_path):
+    (tmp_path / f"{NAME}.safetensors").write_bytes(b"x" * 10)
+    (tmp_path / f"{NAME}.json").write_text(json.dumps(
+        {"url": "https://example.com/a.safetensors", "size": 10, "version": "etag:1"}))
+    short = "f" * 32  # a sidecar whose file lost bytes
+    (tmp_path / f"{short}.safetensors").write_bytes(b"x" * 5)
+    (tmp_path / f"{short}.json").write_text(json.dumps(
+        {"url": "https://example.com/b.safetensors", "size": 10, "version": "etag:2"}))
+    orphan = "e" * 32  # renamed into place, sidecar never written
+    (tmp_path / f"{orphan}.safetensors").write_bytes(b"x")
+    (tmp_path / PARTIAL).mkdir()
+    (tmp_path / PARTIAL / "half").write_bytes(b"x")
+    cache = DiskCache(tmp_path, budget=1 << 20, revalidate_s=300)
+    try:
+        assert list(cache.files) == ["https://example.com/a.safetensors"]
+        assert cache.files["https://example.com/a.safetensors"].size == 10
+        left = sorted(p.name for p in tmp_path.iterdir())
+        assert left == sorted([f"{NAME}.safetensors", f"{NAME}.json", PARTIAL])
+        assert list((tmp_path / PARTIAL).iterdir()) == []
+    finally:
+        cache.close()
+
+
+def test_files_the_cache_did_not_write_are_left_alone(tmp_path):
+    foreign = ["style.safetensors", "notes.json", "A" * 32 + ".safetensors"]
+    for name in foreign:
+        (tmp_path / name).write_bytes(b"{}")
+    cache = DiskCache(tmp_path, budget=1 << 20, revalidate_s=300)
+    cache.close()
+    assert all((tmp_path / name).exists() for name in foreign) and cache.files == {}
