@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     listing = commands.add_parser("ls", parents=[where], help="cached entries")
     listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
     preload = commands.add_parser("preload", parents=[where], help="load a LoRA into the cache")
-    preload.add_argument("path", help="file under one of the daemon's LoRA directories")
+    preload.add_argument("path", help="file under one of the daemon's LoRA directories, or a "
+                         "URL under its allow_sources")
     preload.add_argument("--device", default="cpu", help="cpu, cuda:<index> or cuda:<GPU-uuid>")
     preload.add_argument("--layout", default="raw", help="raw, sd, sdxl, sd3 or flux")
     preload.add_argument("--pin", action="store_true", help="keep it from eviction")
