@@ -51,7 +51,8 @@ class LoraCacheClient:
 
     Raises LoraCacheError(DAEMON_UNAVAILABLE) when no daemon answers within ``connect_timeout``.
     Use it as a context manager, or call :meth:`close`: that releases the leases still held. A
-    client dropped without :meth:`close` ends its session when it is garbage-collected.
+    client dropped without :meth:`close` ends its session when it is garbage-collected, which
+    is once neither it nor any lease it lent is held (a lease in use keeps its session alive).
     """
 
     def __init__(self, socket_path: str | Path | None = None, *,
@@ -218,9 +219,9 @@ class LoraCacheClient:
 
 
 def _abandon(connection: Connection, book: LeaseBook) -> None:
-    """A client that nothing holds any more. This may run in any thread (the garbage
-    collector's), so the connection is only told to end; it says Bye when no lease is left in
-    the book (leases still booked keep their mappings: their session lapses by its TTL)."""
+    """A client that nothing holds any more, nor any of its leases (each holds its client).
+    This may run in any thread (the garbage collector's), so the connection is only told to
+    end; it says Bye when the book has no lease left, as it should not at this point."""
     connection.abandon(bye=book.empty)
 
 

@@ -8,9 +8,11 @@ mapped until they are gone, so nothing is ever freed under a live tensor.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import threading
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Callable
 
@@ -37,12 +39,29 @@ class MappingRegistry:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._mappings: dict[tuple[str, str], _Mapping] = {}
+        self._forgotten: collections.deque[list[str]] = collections.deque()
+
+    def forget(self, key: list[str]) -> None:
+        """Detach a lease the garbage collector took without its release. This may run in any
+        thread, even one holding the lock: then the next attach or detach does it."""
+        self._forgotten.append(key)
+        if self._lock.acquire(blocking=False):
+            try:
+                self._detach_forgotten()
+            finally:
+                self._lock.release()
+
+    def _detach_forgotten(self) -> None:
+        while self._forgotten:
+            instance, entry_id = self._forgotten.popleft()
+            self._detach_locked((instance, entry_id))
 
     def attach(self, instance: str, result: AcquireResult,
                table: Sequence[TensorSpec]) -> "TensorViews":
         """Count one more lease on the entry of ``result`` and return its tensor views."""
         key = (instance, result.entry.id)
         with self._lock:
+            self._detach_forgotten()
             mapping = self._mappings.get(key)
             if mapping is None:
                 buffer = open_handle(result.handle)
@@ -54,12 +73,15 @@ class MappingRegistry:
             return mapping.tensors
 
     def detach(self, instance: str, entry_id: str) -> None:
-        key = (instance, entry_id)
         with self._lock:
-            mapping = self._mappings[key]
-            mapping.leases -= 1
-            if mapping.leases == 0:
-                del self._mappings[key]
+            self._detach_forgotten()
+            self._detach_locked((instance, entry_id))
+
+    def _detach_locked(self, key: tuple[str, str]) -> None:
+        mapping = self._mappings[key]
+        mapping.leases -= 1
+        if mapping.leases == 0:
+            del self._mappings[key]
 
 
 MAPPINGS = MappingRegistry()
@@ -122,6 +144,12 @@ class Lease:
         self._on_release = on_release
         self._released = False
         self._lock = threading.Lock()
+        # The mapping it counts on, followed through renewals: collected without a release,
+        # the lease is detached from it (the book holds leases weakly; the daemon's side of it
+        # ends with the session).
+        self._mapping_key = [instance, entry.id]
+        self._collected = weakref.finalize(self, MAPPINGS.forget, self._mapping_key)
+        self._collected.atexit = False
 
     def renewed(self, lease_id: str, entry: EntryInfo, tensors: Mapping[str, torch.Tensor],
                 instance: str) -> tuple[str, str] | None:
@@ -132,6 +160,7 @@ class Lease:
                 return None
             old = (self.instance, self.entry.id)
             self.id, self.entry, self.tensors, self.instance = lease_id, entry, tensors, instance
+            self._mapping_key[:] = [instance, entry.id]
             self.generation += 1
             self.orphaned = False  # the daemon knows it again
             return old
@@ -157,6 +186,7 @@ class Lease:
             if self._released:
                 return
             self._released = True
+        self._collected.detach()  # the release detaches it
         self._on_release(self)
         self.tensors = {}
 

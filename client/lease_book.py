@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
@@ -31,7 +32,9 @@ class LeaseBook:
     def __init__(self, connection: Connection) -> None:
         self._connection = connection
         self._lock = threading.Lock()  # guards everything below
-        self._leases: set[Lease] = set()
+        # Weakly: a lease nothing else holds is garbage, and so is a client none of its
+        # leases hold (a lease's release is bound to its client).
+        self._leases: weakref.WeakSet[Lease] = weakref.WeakSet()
         self._tables: OrderedDict[tuple[str, str], list[TensorSpec]] = OrderedDict()
         self._hints: dict[Asked, str] = {}  # (path, device, layout) -> entry id
         self.unmappable: set[str] = set()  # devices whose memory this process failed to map

@@ -193,6 +193,42 @@ def test_a_client_dropped_without_close_ends_its_session(daemon, lora_dir):
     wait_until(lambda: daemon.stats().sessions == 1, timeout=5)
 
 
+def heartbeats() -> int:
+    return sum(t.name == "loracache-heartbeat" and t.is_alive() for t in threading.enumerate())
+
+
+def test_a_client_dropped_with_the_leases_it_holds_ends_its_session(daemon, lora_dir):
+    """The book holds leases weakly: a client and leases nobody holds are garbage together,
+    the session ends at once (Bye releases the leases) and the mapping goes."""
+    from loracache.client.lease import MAPPINGS
+
+    write_lora(lora_dir / "a.safetensors", {"w": torch.ones(4)})
+    before = heartbeats()
+    client = daemon.client()
+    lease = client.acquire("a.safetensors")
+    key = (lease.instance, lease.entry.id)
+    assert key in MAPPINGS._mappings and daemon.stats().leases == 1
+    del client, lease
+    gc.collect()
+    wait_until(lambda: daemon.stats().sessions == 1 and daemon.stats().leases == 0, timeout=5)
+    wait_until(lambda: heartbeats() == before, timeout=5)
+    assert key not in MAPPINGS._mappings
+
+
+def test_a_lease_still_held_keeps_its_client_and_session_alive(start_daemon, lora_dir):
+    write_lora(lora_dir / "a.safetensors", {"w": torch.arange(4.0)})
+    daemon = start_daemon("--session-ttl", "1")
+    client = daemon.client()
+    lease = client.acquire("a.safetensors")
+    del client
+    gc.collect()
+    time.sleep(2.5)  # past the TTL: only heartbeats keep the session
+    assert daemon.stats().leases == 1
+    assert torch.equal(lease.tensors["w"], torch.arange(4.0))
+    lease.release()
+    assert daemon.stats().leases == 0
+
+
 def test_a_process_that_exits_without_close_leaves_its_leases_to_expire(start_daemon, lora_dir):
     """At interpreter exit the client says nothing: its session lapses by the TTL, and the
     daemon, finding the process gone, undoes the exports its leases left (a Bye would have
@@ -208,6 +244,6 @@ def test_a_process_that_exits_without_close_leaves_its_leases_to_expire(start_da
               "lease = LoraCacheClient(sys.argv[1]).acquire('a.safetensors')")
     subprocess.run([sys.executable, "-c", script, str(daemon.socket)], check=True, timeout=60,
                    env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert daemon.stats().leases == 1  # still there: no Bye at exit
+    # No Bye at exit: the session ends by expiry (a Bye would log no expiry).
+    daemon.wait_for_log("expired", timeout=15)
     wait_until(lambda: daemon.stats().leases == 0, timeout=10)
-    daemon.wait_for_log("expired")
