@@ -16,19 +16,23 @@ protocols are obstore's.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
+import collections
 import dataclasses
+import datetime
+import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import secrets
 import shutil
+import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import obstore
 from obstore.store import HTTPStore
@@ -37,7 +41,11 @@ from loracache.shared.errors import ErrorCode, LoraCacheError
 from loracache.shared.humanize import human_bytes
 from loracache.shared.safetensors_header import read_header
 
+from .config import ConfigError
 from .sources import RemoteSource
+
+if TYPE_CHECKING:
+    from obstore.store import RetryConfig
 
 log = logging.getLogger("loracache.daemon")
 
@@ -46,7 +54,9 @@ PARTIAL = ".partial"
 OWN_NAME = re.compile(r"[0-9a-f]{32}\.(safetensors|json)")
 CHUNK = 8 << 20
 CONNECT_TIMEOUT = "10s"
-TRANSFER_TIMEOUT = "300s"  # a whole request, body included: a few GB at modest speeds
+TRANSFER_TIMEOUT = "3600s"  # a whole request, body included: GBs at slow speeds
+# obstore retries failed requests: a few, briefly, so a dead source fails in about a minute.
+RETRIES: RetryConfig = {"max_retries": 2, "retry_timeout": datetime.timedelta(seconds=30)}
 
 
 @dataclasses.dataclass
@@ -57,7 +67,7 @@ class DiskFile:
     path: Path
     size: int
     version: str  # the ETag, or size and modification time where the source gives none
-    checked: float = 0.0  # time.monotonic() of the last look at the source (0: at start)
+    checked: float = -math.inf  # time.monotonic() of the last look at the source
 
 
 class DiskCache:
@@ -69,9 +79,13 @@ class DiskCache:
         self.revalidate_s = revalidate_s
         self.files: OrderedDict[str, DiskFile] = OrderedDict()  # by URL, least recent first
         self._inflight: dict[str, asyncio.Future[DiskFile]] = {}
-        self._executor = concurrent.futures.ThreadPoolExecutor(4, "loracache-fetch")
+        # Files handed out and not yet loaded from: eviction leaves them; a replaced one is
+        # removed once the last user is done with it.
+        self._in_use: collections.Counter[Path] = collections.Counter()
+        self._doomed: set[Path] = set()
         self._stores: dict[tuple[str, str], Any] = {}
-        self.downloads = 0
+        self._stores_lock = threading.Lock()
+        self._lock_file = _lock_directory(directory)
         self._rebuild()
 
     @property
@@ -79,24 +93,34 @@ class DiskCache:
         return sum(f.size for f in self.files.values())
 
     async def fetch(self, source: RemoteSource) -> Path:
-        """The local copy of ``source``, downloaded (once, however many ask) if needed."""
+        """The local copy of ``source``, downloaded (once, however many ask) if needed. The
+        file is the caller's until it calls :meth:`done` with it: nothing removes it meanwhile."""
         known = self.files.get(source.url)
-        if known is not None and time.monotonic() - known.checked < self.revalidate_s \
-                and known.path.exists():
-            self.files.move_to_end(source.url)
-            return known.path
-        future = self._inflight.get(source.url)
-        if future is None:
-            loop = asyncio.get_running_loop()
-            future = loop.run_in_executor(self._executor, self._refresh, source, known)
-            self._inflight[source.url] = future
-            future.add_done_callback(lambda _: self._inflight.pop(source.url, None))
-        fetched = await asyncio.shield(future)
-        self._keep(fetched)
-        return fetched.path
+        if known is None or time.monotonic() - known.checked >= self.revalidate_s:
+            future = self._inflight.get(source.url)
+            if future is None:
+                future = _in_thread(self._refresh, source, known)
+                self._inflight[source.url] = future
+                future.add_done_callback(lambda _: self._inflight.pop(source.url, None))
+            known = await asyncio.shield(future)
+            self._keep(known)
+        self.files.move_to_end(source.url)
+        self._in_use[known.path] += 1
+        return known.path
+
+    def done(self, path: Path) -> None:
+        """The caller of :meth:`fetch` has loaded what it needed from ``path``."""
+        self._in_use[path] -= 1
+        if self._in_use[path] <= 0:
+            del self._in_use[path]
+            if path in self._doomed:
+                self._doomed.discard(path)
+                _remove(path)
+            self._trim()
 
     def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        """Let go of the directory (downloads under way are in daemon threads: abandoned)."""
+        self._lock_file.close()
 
     # ---------------------------------------------------------------------- on the event loop
 
@@ -105,14 +129,26 @@ class DiskCache:
         old = self.files.pop(fetched.url, None)
         self.files[fetched.url] = fetched
         if old is not None and old.path != fetched.path:
-            _remove(old.path)  # an entry loaded from it holds its own copy
-        while self.used > self.budget and len(self.files) > 1:
-            url, victim = next(iter(self.files.items()))
-            if victim is fetched:
+            self._discard(old.path)  # an entry loaded from it holds its own copy
+        self._trim(keep=fetched)
+
+    def _trim(self, keep: DiskFile | None = None) -> None:
+        """Evict least recently used files beyond the budget, except ``keep`` and files in
+        use (trimmed once their users are done)."""
+        for url, victim in list(self.files.items()):
+            if self.used <= self.budget:
                 break
+            if victim is keep or victim.path in self._in_use:
+                continue
             del self.files[url]
-            _remove(victim.path)
+            self._discard(victim.path)
             log.info("disk cache: evicted %s (%s) for room", url, human_bytes(victim.size))
+
+    def _discard(self, path: Path) -> None:
+        if path in self._in_use:
+            self._doomed.add(path)
+        else:
+            _remove(path)
 
     # ------------------------------------------------------------------------ in the threads
 
@@ -120,14 +156,15 @@ class DiskCache:
         """``known`` if the source still has that version, else a fresh download."""
         store, key = self._store(source), source.path.lstrip("/")
         if known is not None and known.path.exists():
+            checked = time.monotonic()
             try:
                 meta = obstore.head(store, key)
             except Exception as exc:  # the source is away: what we have is the best answer
                 log.warning("could not check %s for changes (%s); serving the copy from %s",
                             source.url, _reason(exc), known.path)
-                return dataclasses.replace(known, checked=time.monotonic())
+                return dataclasses.replace(known, checked=checked)
             if _version(meta) == known.version:
-                return dataclasses.replace(known, checked=time.monotonic())
+                return dataclasses.replace(known, checked=checked)
         return self._download(source, store, key)
 
     def _download(self, source: RemoteSource, store: Any, key: str) -> DiskFile:
@@ -155,7 +192,6 @@ class DiskCache:
             _write_sidecar(fetched)
         finally:
             _remove(partial)
-        self.downloads += 1
         log.info("downloaded %s (%s) to %s", source.url, human_bytes(size), final)
         return fetched
 
@@ -181,16 +217,21 @@ class DiskCache:
     def _store(self, source: RemoteSource) -> Any:
         """One store per host, so connections are reused."""
         key = (source.scheme, source.authority)
-        if key not in self._stores:
-            if source.scheme not in ("https", "http"):
-                raise LoraCacheError(ErrorCode.SOURCE_FAILED,
-                                     f"{source.url}: this daemon does not fetch {source.scheme}:// "
-                                     "sources yet; use https://")
-            self._stores[key] = HTTPStore.from_url(
-                f"{source.scheme}://{source.authority}",
-                client_options={"allow_http": source.scheme == "http",
-                                "connect_timeout": CONNECT_TIMEOUT, "timeout": TRANSFER_TIMEOUT})
-        return self._stores[key]
+        with self._stores_lock:
+            if key not in self._stores:
+                if source.scheme not in ("https", "http"):
+                    raise LoraCacheError(ErrorCode.SOURCE_FAILED,
+                                         f"{source.url}: this daemon does not fetch "
+                                         f"{source.scheme}:// sources yet; use https://")
+                try:
+                    self._stores[key] = HTTPStore.from_url(
+                        f"{source.scheme}://{source.authority}", retry_config=RETRIES,
+                        client_options={"allow_http": source.scheme == "http",
+                                        "connect_timeout": CONNECT_TIMEOUT,
+                                        "timeout": TRANSFER_TIMEOUT})
+                except Exception as exc:
+                    raise _source_error(source, exc) from None
+            return self._stores[key]
 
     # ----------------------------------------------------------------------------- at start
 
@@ -216,6 +257,41 @@ class DiskCache:
         for orphan in self.directory.glob("*.safetensors"):
             if OWN_NAME.fullmatch(orphan.name) and not orphan.with_suffix(".json").exists():
                 _remove(orphan)
+
+
+def _in_thread(work: Callable[..., DiskFile], *args: Any) -> asyncio.Future[DiskFile]:
+    """Run ``work`` in a daemon thread of its own: a download under way must not hold up
+    the daemon's exit (an executor's threads are joined at exit)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[DiskFile] = loop.create_future()
+
+    def settle(outcome: Callable[[Any], None], value: Any) -> None:
+        if not future.done():
+            outcome(value)
+
+    def run() -> None:
+        try:
+            result = work(*args)
+        except BaseException as exc:  # noqa: B036 (handed to the waiting coroutines)
+            loop.call_soon_threadsafe(settle, future.set_exception, exc)
+        else:
+            loop.call_soon_threadsafe(settle, future.set_result, result)
+
+    threading.Thread(target=run, name="loracache-fetch", daemon=True).start()
+    return future
+
+
+def _lock_directory(directory: Path) -> Any:
+    """Hold ``directory/.lock`` while this daemon runs: two daemons on one cache directory
+    would delete each other's downloads."""
+    lock_file = open(directory / ".lock", "a")
+    try:
+        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock_file.close()
+        raise ConfigError(f"cache_dir {directory} is in use by another loracache daemon; give "
+                          "each daemon a cache_dir of its own") from None
+    return lock_file
 
 
 def _version(meta: Any) -> str:

@@ -137,16 +137,23 @@ class CacheService:
 
     async def _acquire_remote(self, device: Device, req: Acquire,
                               session: Session) -> AcquireResult:
-        identity = await self._downloaded(req.path)
-        return await self._acquire_loading(device, identity, req, session)
+        disk, path = await self._downloaded(req.path)
+        try:
+            identity = identify(str(path), (disk.directory,))
+            return await self._acquire_loading(device, identity, req, session)
+        finally:
+            disk.done(path)
 
-    async def _downloaded(self, url: str) -> FileIdentity:
-        """The identity of the local copy of the LoRA at ``url``, fetched if need be."""
+    async def _downloaded(self, url: str) -> tuple[DiskCache, Path]:
+        """The local copy of the LoRA at ``url``, fetched if need be; the caller tells the
+        disk cache when it is :meth:`~DiskCache.done` with it."""
         source = parse_source(url)
         check_allowed(source, self.config.allow_sources)
-        assert self.disk is not None, "allow_sources needs cache_dir (load_config checks)"
-        path = await self.disk.fetch(source)
-        return identify(str(path), (self.disk.directory,))
+        if self.disk is None:  # allow_sources came with a reload; cache_dir needs a restart
+            raise LoraCacheError(ErrorCode.FORBIDDEN_SOURCE,
+                                 f"{source.url}: this daemon started without cache_dir, so it "
+                                 "fetches nothing; restart it with cache_dir set")
+        return self.disk, await self.disk.fetch(source)
 
     async def _acquire_loading(self, device: Device, identity: FileIdentity, req: Acquire,
                                session: Session) -> AcquireResult:
@@ -268,17 +275,23 @@ class CacheService:
                  _: Session | None) -> EntryInfo | Awaitable[EntryInfo]:
         device = self._device(req.device)
         if is_remote(req.path):
-            return self._preload_loading(device, None, req)
+            return self._preload_remote(device, req)
         identity = identify(req.path, self.config.lora_dirs)
         entry = device.cached(identity, req.layout)
         if entry is None:
             return self._preload_loading(device, identity, req)
         return self._settle_preload(device, entry, req)
 
-    async def _preload_loading(self, device: Device, identity: FileIdentity | None,
+    async def _preload_remote(self, device: Device, req: Preload) -> EntryInfo:
+        disk, path = await self._downloaded(req.path)
+        try:
+            return await self._preload_loading(device, identify(str(path), (disk.directory,)),
+                                               req)
+        finally:
+            disk.done(path)
+
+    async def _preload_loading(self, device: Device, identity: FileIdentity,
                                req: Preload) -> EntryInfo:
-        """``identity`` None: ``req.path`` is a URL, downloaded first."""
-        identity = identity or await self._downloaded(req.path)
         entry, _loaded = await device.entry(identity, req.layout, self.config.acquire_timeout)
         return self._settle_preload(device, entry, req)
 
@@ -290,7 +303,12 @@ class CacheService:
         return info
 
     def _evict(self, req: Evict, _: Session | None) -> DropResult:
-        path = confine(req.path, self.config.lora_dirs)
+        if is_remote(req.path):  # the entries made from its downloads
+            url = parse_source(req.path).url
+            downloaded = self.disk.files.get(url) if self.disk else None
+            path = str(downloaded.path) if downloaded else ""
+        else:
+            path = confine(req.path, self.config.lora_dirs)
         return self._drop(lambda e: e.path == path, req.device)
 
     def _clear(self, req: Clear, _: Session | None) -> DropResult:

@@ -93,8 +93,9 @@ def _parse(text: str, prefix: bool) -> RemoteSource:
     for i, segment in enumerate(segments):
         if segment in (".", "..") or (segment == "" and not (prefix and i == last)):
             raise ValueError("the path must not contain '.', '..' or empty segments")
-        if any(ord(c) < 32 or ord(c) == 127 for c in segment):
-            raise ValueError("the path must not contain control characters")
+        if any(ord(c) < 32 or ord(c) == 127 or c in "\\;" for c in segment):
+            raise ValueError("the path must not contain control characters, '\\' or ';' "
+                             "(some servers read them as path syntax)")
     if not prefix and not path.endswith(".safetensors"):
         raise ValueError("only .safetensors files are served")
     if prefix and not segments and scheme != "s3":
@@ -114,6 +115,8 @@ def _authority(scheme: str, parts: urllib.parse.SplitResult) -> str:
         if port is not None or host != parts.netloc.lower():
             raise ValueError("an S3 URL names a bucket: s3://bucket/key")
         return host
+    if ":" in host:  # an IPv6 literal keeps its brackets
+        host = f"[{host}]"
     if port is None or port == DEFAULT_PORTS[scheme]:
         return host
     return f"{host}:{port}"

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
+from loracache.daemon.config import ConfigError
 from loracache.daemon.disk_cache import PARTIAL, DiskCache
 
 NAME = "0123456789abcdef0123456789abcdef"
@@ -27,7 +30,7 @@ def test_start_keeps_whole_downloads_and_drops_partial_or_orphaned_ones(tmp_path
         assert list(cache.files) == ["https://example.com/a.safetensors"]
         assert cache.files["https://example.com/a.safetensors"].size == 10
         left = sorted(p.name for p in tmp_path.iterdir())
-        assert left == sorted([f"{NAME}.safetensors", f"{NAME}.json", PARTIAL])
+        assert left == sorted([f"{NAME}.safetensors", f"{NAME}.json", PARTIAL, ".lock"])
         assert list((tmp_path / PARTIAL).iterdir()) == []
     finally:
         cache.close()
@@ -40,3 +43,14 @@ def test_files_the_cache_did_not_write_are_left_alone(tmp_path):
     cache = DiskCache(tmp_path, budget=1 << 20, revalidate_s=300)
     cache.close()
     assert all((tmp_path / name).exists() for name in foreign) and cache.files == {}
+
+
+def test_two_daemons_may_not_share_a_cache_directory(tmp_path):
+    """The second would delete the first one's downloads under way (its .partial files)."""
+    first = DiskCache(tmp_path, budget=1 << 20, revalidate_s=300)
+    try:
+        with pytest.raises(ConfigError, match="in use by another loracache daemon"):
+            DiskCache(tmp_path, budget=1 << 20, revalidate_s=300)
+    finally:
+        first.close()
+    DiskCache(tmp_path, budget=1 << 20, revalidate_s=300).close()  # free again

@@ -16,6 +16,8 @@ from loracache.shared.errors import ErrorCode, LoraCacheError
     ("http://127.0.0.1:80/a.safetensors", "http://127.0.0.1/a.safetensors"),
     ("HTTPS://example.com/my%20style.safetensors", "https://example.com/my style.safetensors"),
     ("s3://bucket/team/a.safetensors", "s3://bucket/team/a.safetensors"),
+    ("http://[::1]:8080/a.safetensors", "http://[::1]:8080/a.safetensors"),
+    ("http://[::1]:80/a.safetensors", "http://[::1]/a.safetensors"),
 ])
 def test_urls_are_compared_in_one_canonical_form(text, url):
     assert is_remote(text) and parse_source(text).url == url
@@ -35,6 +37,8 @@ def test_urls_are_compared_in_one_canonical_form(text, url):
     ("https:///a.safetensors", "no host"),
     ("s3://bucket:9000/a.safetensors", "names a bucket"),
     ("https://example.com/a%00.safetensors", "control characters"),
+    ("https://example.com/team/..;/secret/a.safetensors", "';'"),
+    ("https://example.com/team/%5C..%5Csecret/a.safetensors", "'\\'"),
 ])
 def test_urls_that_could_slip_past_a_prefix_are_refused(text, why):
     with pytest.raises(LoraCacheError) as error:

@@ -15,12 +15,13 @@ import torch
 from safetensors.torch import load_file, save
 
 from loracache.client import ErrorCode, LoraCacheError
-from tests.support import Daemon
+from tests.support import Daemon, wait_until
 
 
 class LoraServer(http.server.ThreadingHTTPServer):
     """Serves ``files`` under /files/, and the ways a source fails under other prefixes:
-    /moved/ redirects to /files/, /private/ refuses, /cut/ stops half way, /missing/ 404s."""
+    /moved/ redirects to /files/, /private/ refuses, /cut/ stops half way, /missing/ 404s,
+    /hang/ never answers (until the server shuts down)."""
 
     daemon_threads = True
 
@@ -29,6 +30,7 @@ class LoraServer(http.server.ThreadingHTTPServer):
         self.files: dict[str, bytes] = {}
         self.gets: collections.Counter[str] = collections.Counter()
         self.heads: collections.Counter[str] = collections.Counter()
+        self.stopping = threading.Event()
 
     @property
     def base(self) -> str:
@@ -49,6 +51,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def answer(self, body: bool) -> None:
         kind, _, name = self.path.lstrip("/").partition("/")
         data = self.server.files.get(name)
+        if kind == "hang":
+            self.server.stopping.wait()
+            return
         if kind == "moved":
             self.send_response(302)
             self.send_header("Location", f"/files/{name}")
@@ -84,6 +89,7 @@ def server() -> Iterator[LoraServer]:
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
     yield srv
+    srv.stopping.set()
     srv.shutdown()
     srv.server_close()
     thread.join()
@@ -108,7 +114,8 @@ def remote_daemon(start_daemon, server, cache_dir):
         return start_daemon("--allow-source", f"{server.base}/files/", "--allow-source",
                             f"{server.base}/moved/", "--allow-source", f"{server.base}/cut/",
                             "--allow-source", f"{server.base}/private/", "--allow-source",
-                            f"{server.base}/missing/", "--cache-dir", str(cache_dir),
+                            f"{server.base}/missing/", "--allow-source", f"{server.base}/hang/",
+                            "--cache-dir", str(cache_dir),
                             *flags, **kwargs)
     return start
 
@@ -245,3 +252,64 @@ def test_preload_fetches_a_url_too(remote_daemon, server, cache_dir):
         assert entry.nbytes > 0 and entry.path == str(downloads(cache_dir)[0])
         client.acquire(f"{server.base}/files/a.safetensors").release()
     assert sum(server.gets.values()) == 1 and daemon.cpu_stats().hits == 1
+
+
+def test_files_being_loaded_are_not_evicted_from_under_the_loads(remote_daemon, server,
+                                                                 cache_dir):
+    """Six URLs at once into a disk cache with room for one: every acquire gets its file."""
+    for i in range(6):
+        server.files[f"{i}.safetensors"] = lora_bytes(20 + i)
+    daemon = remote_daemon("--cache-max-bytes", str(len(server.files["0.safetensors"])))
+    with daemon.client() as client:
+        failures: list[BaseException] = []
+
+        def acquire(i: int) -> None:
+            try:
+                with client.acquire(f"{server.base}/files/{i}.safetensors") as lease:
+                    expected = load_file_bytes(server.files[f"{i}.safetensors"])
+                    assert torch.equal(lease.tensors["w.lora_up.weight"], expected)
+            except BaseException as exc:  # noqa: B036 (reported below)
+                failures.append(exc)
+
+        threads = [threading.Thread(target=acquire, args=(i,)) for i in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert failures == []
+    assert len(downloads(cache_dir)) == 1  # trimmed to the budget once the loads were done
+
+
+def load_file_bytes(data: bytes) -> torch.Tensor:
+    from safetensors.torch import load
+
+    return load(data)["w.lora_up.weight"]
+
+
+def test_evicting_a_url_evicts_the_entries_made_from_it(remote_daemon, server):
+    server.files["a.safetensors"] = lora_bytes(30)
+    url = f"{server.base}/files/a.safetensors"
+    daemon = remote_daemon()
+    with daemon.client() as client:
+        client.acquire(url).release()
+        assert client.evict(url).evicted == 1 and client.list() == []
+
+
+def test_a_daemon_stops_while_a_download_hangs(remote_daemon, server):
+    daemon = remote_daemon()
+    client = daemon.client()
+    failed: list[BaseException] = []
+
+    def acquire() -> None:
+        try:
+            client.acquire(f"{server.base}/hang/a.safetensors")
+        except BaseException as exc:  # noqa: B036 (checked below)
+            failed.append(exc)
+
+    waiter = threading.Thread(target=acquire)
+    waiter.start()
+    wait_until(lambda: server.gets["/hang/a.safetensors"] == 1)
+    assert daemon.stop(timeout=20) == 0  # SIGTERM: no waiting for the download
+    waiter.join(30)
+    assert [type(e) for e in failed] == [LoraCacheError]
+    client.close()
