@@ -148,9 +148,15 @@ class Connection:
     def round_trip(self, request: Request, session: str, timeout: float | None) -> Any:
         """One request and its reply on this thread's socket, with no recovery."""
         timeout = self.request_timeout if timeout is None else timeout
-        sock = self._socket()
         request_id = next(self._ids)
-        sock.send(encode_request(request_id, session, request))
+        try:
+            sock = self._socket()
+            sock.send(encode_request(request_id, session, request))
+        except zmq.ZMQError:
+            if not self._closed.is_set():
+                raise
+            raise LoraCacheError(ErrorCode.CLIENT_CLOSED,
+                                 "this LoraCacheClient was closed meanwhile") from None
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()

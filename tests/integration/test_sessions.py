@@ -155,6 +155,7 @@ def test_closing_a_client_ends_a_request_waiting_in_another_thread(start_daemon,
     assert daemon.stats().leases == 0
 
 
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_client_side_misuse_has_client_side_errors(daemon, lora_dir, tmp_path):
     """A socket path the kernel cannot take, a lease asked of a look-only client, and a client
     used after fork() fail with their own codes (or ValueError), not with daemon policy codes."""
