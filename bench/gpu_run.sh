@@ -7,7 +7,8 @@
 #   bench/gpu_run.sh [WHEELS_DIR]        (TEST_SECONDS, BENCH_SECONDS, SECTIONS to narrow it)
 #
 # The wheels: ../shared/tools/gpu-wheels.sh DIR, plus what that script predates (same flags:
-# --python-version 3.12 --platform manylinux_2_28_x86_64): msgspec, and setuptools and wheel.
+# --python-version 3.12 --platform manylinux_2_28_x86_64): msgspec, obstore, and setuptools and
+# wheel.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-bench/results}
