@@ -11,9 +11,7 @@ import math
 import os
 import shutil
 import struct
-import tempfile
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
@@ -67,14 +65,6 @@ def kohya_sd_lora() -> dict[str, torch.Tensor]:
 
 
 # ------------------------------------------------------------------------------ helpers
-
-
-@pytest.fixture
-def transport() -> Iterator[ShmTransport]:
-    root = Path(tempfile.mkdtemp(prefix="lc-unit-loader-", dir="/dev/shm"))
-    transport = ShmTransport(root / "cpu")
-    yield transport
-    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture

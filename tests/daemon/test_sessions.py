@@ -5,12 +5,8 @@ and the liveness check of a client's process. Entries are real, over shared-memo
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-import tempfile
 import types
-from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -40,14 +36,6 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     clock = Clock()
     monkeypatch.setattr(sessions_module, "time", types.SimpleNamespace(monotonic=clock.monotonic))
     return clock
-
-
-@pytest.fixture
-def transport() -> Iterator[ShmTransport]:
-    root = Path(tempfile.mkdtemp(prefix="lc-unit-sessions-", dir="/dev/shm"))
-    transport = ShmTransport(root / "cpu")
-    yield transport
-    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture

@@ -1,0 +1,20 @@
+"""What the daemon's in-process tests share."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from loracache.shared.transport.shm import ShmTransport
+
+
+@pytest.fixture
+def transport() -> Iterator[ShmTransport]:
+    """The real shared-memory transport, in a /dev/shm directory of the test's own."""
+    root = Path(tempfile.mkdtemp(prefix="lc-unit-", dir="/dev/shm"))
+    yield ShmTransport(root / "cpu")
+    shutil.rmtree(root, ignore_errors=True)
