@@ -225,6 +225,24 @@ def connect(sock_dir: Path, peers: Callable[..., Peer]) -> Iterator[Callable[...
     assert not heartbeat_threads()
 
 
+def preload_from_two_threads(conn: Connection) -> dict[str, Any]:
+    """Preload "a" and "b" at once from two threads: what each got (a result or an error)."""
+    results: dict[str, Any] = {}
+
+    def ask(path: str) -> None:
+        try:
+            results[path] = conn.request(Preload(path=path))
+        except Exception as exc:
+            results[path] = exc
+
+    threads = [threading.Thread(target=ask, args=(path,)) for path in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    return results
+
+
 def raises_code(code: ErrorCode, call: Callable[[], Any]) -> LoraCacheError:
     with pytest.raises(LoraCacheError) as caught:
         call()
@@ -358,20 +376,7 @@ def test_threads_use_their_own_sockets_and_get_their_own_replies(peer, connect):
                 peer.reply(waiting, entry(waiting.request.path))
 
     peer.script = script
-    results: dict[str, Any] = {}
-
-    def ask(path: str) -> None:
-        try:
-            results[path] = conn.request(Preload(path=path))
-        except Exception as exc:
-            results[path] = exc
-
-    threads = [threading.Thread(target=ask, args=(path,)) for path in ("a", "b")]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(10)
-    assert results == {"a": entry("a"), "b": entry("b")}
+    assert preload_from_two_threads(conn) == {"a": entry("a"), "b": entry("b")}
     hello_identity = peer.received[0].identity
     assert len({got.identity for got in held} | {hello_identity}) == 3
 
@@ -443,20 +448,7 @@ def test_two_threads_meeting_unknown_session_recover_once(peer, connect):
 
     peer.script = script
     peer.sessions.clear()
-    results: dict[str, Any] = {}
-
-    def ask(path: str) -> None:
-        try:
-            results[path] = conn.request(Preload(path=path))
-        except Exception as exc:
-            results[path] = exc
-
-    threads = [threading.Thread(target=ask, args=(path,)) for path in ("a", "b")]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(10)
-    assert results == {"a": entry("a"), "b": entry("b")}
+    assert preload_from_two_threads(conn) == {"a": entry("a"), "b": entry("b")}
     assert peer.ops().count("hello") == 2 and recovered == ["i1"]
 
 
