@@ -22,7 +22,7 @@ from loracache.shared.families import LAYOUTS, RAW
 from loracache.shared.endpoints import (config_file_path, endpoint, fallback_socket_path,
                                         read_config_file)
 
-from .sources import RemoteSource, parse_prefix
+from .sources import RemoteSource, SourceSettings, parse_prefix, parse_source_settings
 
 ENV_PREFIX = "LORACACHE_"
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -113,7 +113,9 @@ class DaemonConfig:
     allow_sources: tuple[RemoteSource, ...]  # URL prefixes the daemon may fetch LoRAs from
     cache_dir: Path | None  # where remote LoRAs are downloaded to (the disk tier)
     cache_max_bytes: SizeSpec  # of cache_dir's file system
+    cache_min_free_bytes: SizeSpec  # of cache_dir's file system, left free by downloads
     source_revalidate_s: float  # how long a downloaded file is served before asking its source
+    source: Mapping[str, SourceSettings]  # by "scheme://authority": how to reach it
     file: Path | None = None  # the configuration file read, if any
     sources: Mapping[str, str] = dataclasses.field(default_factory=dict, compare=False)
 
@@ -308,6 +310,19 @@ def _preloads(value: Any) -> tuple[PreloadSpec, ...]:
     return tuple(specs)
 
 
+def _source_settings(value: Any) -> dict[str, SourceSettings]:
+    if not isinstance(value, dict):
+        raise ConfigError('must be tables like [source."s3://bucket"] or [source."https://host"]')
+    settings = {}
+    for origin, table in value.items():
+        try:
+            canonical, parsed = parse_source_settings(origin, table)
+        except ValueError as exc:
+            raise ConfigError(f"[source.{json.dumps(origin)}]: {exc}") from None
+        settings[canonical] = parsed
+    return settings
+
+
 def _only_keys(table: Any, allowed: tuple[str, ...], where: str) -> None:
     if not isinstance(table, dict):
         raise ConfigError(f"{where} must be a table")
@@ -391,8 +406,13 @@ SETTINGS = (
             reloadable=False),
     Setting("cache_max_bytes", parse_size, lambda: SizeSpec(percent=25.0),
             "bytes of downloads kept in cache_dir: bytes, 50GiB or 25% of its file system"),
+    Setting("cache_min_free_bytes", parse_size, lambda: SizeSpec(percent=5.0),
+            "free space downloads leave on cache_dir's file system: bytes, 10GiB or 5%"),
     Setting("source_revalidate_s", _seconds, lambda: 300.0,
             "seconds a downloaded LoRA is served before its source is asked whether it changed"),
+    Setting("source", _source_settings, dict,
+            "per host or bucket: headers_from_env (https), endpoint, region, profile, "
+            "skip_signature (s3)", from_file_only=True),
 )
 SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
 
@@ -476,6 +496,11 @@ def render_config(config: DaemonConfig) -> str:
                 tables += ["", f"[device.{json.dumps(name)}]  # {source}"]
                 tables += [f"{key} = {_toml(v)}" for key, v in
                            vars(override).items() if v is not None]
+        elif setting.name == "source":
+            for origin, settings in value.items():
+                tables += ["", f"[source.{json.dumps(origin)}]  # {source}"]
+                tables += [f"{key} = {_toml(v)}" for key, v in vars(settings).items()
+                           if v not in (None, False, {})]
         elif setting.name == "preload":
             for spec in value:
                 tables += ["", f"[[preload]]  # {source}"]
@@ -495,6 +520,8 @@ def _toml(value: Any) -> str:
         return repr(value)
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return "{ " + ", ".join(f"{_toml(k)} = {_toml(v)}" for k, v in value.items()) + " }"
     # Paths, sizes, names. A JSON string is a TOML basic string once DEL is escaped too.
     return json.dumps(str(value), ensure_ascii=False).replace("\x7f", "\\u007f")
 

@@ -2,15 +2,17 @@
 
 However many workers and devices ask for a URL at once, it is downloaded once (single flight
 on the event loop; the transfer runs in a thread). A download streams into ``.partial/``, is
-checked (the announced size, then the safetensors header) and renamed into place with a JSON
-sidecar that records its URL and version, so a crash never leaves a half file that looks whole.
-The files outlive the daemon: the index is rebuilt from the sidecars at start. Least recently
-used files go when the directory's byte budget is exceeded.
+checked (the announced size, the sha256 where the source publishes one, the safetensors header)
+and renamed into place with a JSON sidecar that records its URL and version, so a crash never
+leaves a half file that looks whole. The files outlive the daemon: the index is rebuilt from
+the sidecars at start. Least recently used files go when the directory's byte budget or the
+file system's free-space floor needs room; room for a download is reserved from the size its
+source announces before its bytes come, so downloads at once cannot overrun the budget.
 
-A URL fetched once is served from disk; after ``revalidate_s`` the next request asks the source
-(HEAD) whether it changed, and a changed file (new ETag, or size and modification time) is a new
-download under a new name, so entries made from the old one stay what they were. The HTTP and S3
-protocols are obstore's.
+A URL fetched once is served from disk at once. After ``revalidate_s`` a request still gets the
+copy at once while the source is asked (in the background) whether it changed; a changed file
+(new ETag or revision) is a new download under a new name, so entries made from the old one
+stay what they were.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-import datetime
 import fcntl
 import hashlib
 import json
@@ -32,31 +33,22 @@ import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
-
-import obstore
-from obstore.store import HTTPStore
+from typing import Any, Callable
 
 from loracache.shared.errors import ErrorCode, LoraCacheError
 from loracache.shared.humanize import human_bytes
 from loracache.shared.safetensors_header import read_header
 
 from .config import ConfigError
+from .remotes import NoRoom, RemoteFile, Remotes, reason
 from .sources import RemoteSource
-
-if TYPE_CHECKING:
-    from obstore.store import RetryConfig
 
 log = logging.getLogger("loracache.daemon")
 
 PARTIAL = ".partial"
 # The names the cache writes: it touches no other file in its directory.
 OWN_NAME = re.compile(r"[0-9a-f]{32}\.(safetensors|json)")
-CHUNK = 8 << 20
-CONNECT_TIMEOUT = "10s"
-TRANSFER_TIMEOUT = "3600s"  # a whole request, body included: GBs at slow speeds
-# obstore retries failed requests: a few, briefly, so a dead source fails in about a minute.
-RETRIES: RetryConfig = {"max_retries": 2, "retry_timeout": datetime.timedelta(seconds=30)}
+HASH_CHUNK = 8 << 20
 
 
 @dataclasses.dataclass
@@ -66,25 +58,32 @@ class DiskFile:
     url: str
     path: Path
     size: int
-    version: str  # the ETag, or size and modification time where the source gives none
+    version: str  # the ETag or revision, or size and modification time where there is none
     checked: float = -math.inf  # time.monotonic() of the last look at the source
 
 
 class DiskCache:
-    """Downloads under ``directory``, at most ``budget`` bytes of them."""
+    """Downloads under ``directory``: at most ``budget`` bytes of them, leaving at least
+    ``min_free`` bytes of its file system free."""
 
-    def __init__(self, directory: Path, budget: int, revalidate_s: float) -> None:
+    def __init__(self, directory: Path, budget: int, min_free: int, revalidate_s: float,
+                 remotes: Remotes) -> None:
         self.directory = directory
         self.budget = budget
+        self.min_free = min_free
         self.revalidate_s = revalidate_s
+        self.remotes = remotes
         self.files: OrderedDict[str, DiskFile] = OrderedDict()  # by URL, least recent first
+        self.downloads = 0  # finished downloads, for stats
+        self.evictions = 0
         self._inflight: dict[str, asyncio.Future[DiskFile]] = {}
         # Files handed out and not yet loaded from: eviction leaves them; a replaced one is
         # removed once the last user is done with it.
         self._in_use: collections.Counter[Path] = collections.Counter()
         self._doomed: set[Path] = set()
-        self._stores: dict[tuple[str, str], Any] = {}
-        self._stores_lock = threading.Lock()
+        self._reserved = 0  # bytes announced by downloads under way
+        # The index is changed on the event loop and by downloads making room in their threads.
+        self._lock = threading.RLock()
         self._lock_file = _lock_directory(directory)
         self._rebuild()
 
@@ -93,30 +92,32 @@ class DiskCache:
         return sum(f.size for f in self.files.values())
 
     async def fetch(self, source: RemoteSource) -> Path:
-        """The local copy of ``source``, downloaded (once, however many ask) if needed. The
-        file is the caller's until it calls :meth:`done` with it: nothing removes it meanwhile."""
-        known = self.files.get(source.url)
-        if known is None or time.monotonic() - known.checked >= self.revalidate_s:
-            future = self._inflight.get(source.url)
-            if future is None:
-                future = _in_thread(self._refresh, source, known)
-                self._inflight[source.url] = future
-                future.add_done_callback(lambda _: self._inflight.pop(source.url, None))
-            known = await asyncio.shield(future)
-            self._keep(known)
-        self.files.move_to_end(source.url)
-        self._in_use[known.path] += 1
-        return known.path
+        """The local copy of ``source``, downloaded (once, however many ask) if there is none.
+        The file is the caller's until it calls :meth:`done` with it: nothing removes it
+        meanwhile. A copy due for a look at its source is served as it is while the source is
+        asked in the background."""
+        while True:
+            with self._lock:
+                known = self.files.get(source.url)
+                if known is not None:
+                    if time.monotonic() - known.checked >= self.revalidate_s:
+                        self._start(source, known)  # not awaited: later requests see the answer
+                    self.files.move_to_end(source.url)
+                    self._in_use[known.path] += 1
+                    return known.path
+            await asyncio.shield(self._start(source, None))
+            # Kept by _settled; a download making room may have evicted it since: ask again.
 
     def done(self, path: Path) -> None:
         """The caller of :meth:`fetch` has loaded what it needed from ``path``."""
-        self._in_use[path] -= 1
-        if self._in_use[path] <= 0:
-            del self._in_use[path]
-            if path in self._doomed:
-                self._doomed.discard(path)
-                _remove(path)
-            self._trim()
+        with self._lock:
+            self._in_use[path] -= 1
+            if self._in_use[path] <= 0:
+                del self._in_use[path]
+                if path in self._doomed:
+                    self._doomed.discard(path)
+                    _remove(path)
+                self._trim()
 
     def close(self) -> None:
         """Let go of the directory (downloads under way are in daemon threads: abandoned)."""
@@ -124,25 +125,56 @@ class DiskCache:
 
     # ---------------------------------------------------------------------- on the event loop
 
+    def _start(self, source: RemoteSource, known: DiskFile | None) -> asyncio.Future[DiskFile]:
+        """The download or look at ``source`` under way, started if there is none."""
+        future = self._inflight.get(source.url)
+        if future is None:
+            future = _in_thread(self._refresh, source, known)
+            self._inflight[source.url] = future
+            future.add_done_callback(lambda done: self._settled(source, known, done))
+        return future
+
+    def _settled(self, source: RemoteSource, known: DiskFile | None,
+                 future: asyncio.Future[DiskFile]) -> None:
+        self._inflight.pop(source.url, None)
+        if future.cancelled():
+            return
+        error = future.exception()
+        if error is None:
+            self._keep(future.result())
+        elif known is not None:  # a background look: the copy is served on
+            log.warning("could not refresh %s (%s); serving the copy from %s", source.url,
+                        error, known.path)
+
     def _keep(self, fetched: DiskFile) -> None:
         """Index ``fetched`` as the URL's file and trim the directory to the budget."""
-        old = self.files.pop(fetched.url, None)
-        self.files[fetched.url] = fetched
-        if old is not None and old.path != fetched.path:
-            self._discard(old.path)  # an entry loaded from it holds its own copy
-        self._trim(keep=fetched)
+        with self._lock:
+            old = self.files.pop(fetched.url, None)
+            self.files[fetched.url] = fetched
+            if old is not None and old.path != fetched.path:
+                self._discard(old.path)  # an entry loaded from it holds its own copy
+            self._trim(keep=fetched)
 
-    def _trim(self, keep: DiskFile | None = None) -> None:
-        """Evict least recently used files beyond the budget, except ``keep`` and files in
-        use (trimmed once their users are done)."""
+    def _trim(self, keep: DiskFile | None = None, need: int = 0) -> None:
+        """Evict least recently used files until ``need`` more bytes fit the budget and the
+        free-space floor, except ``keep`` and files in use (trimmed once their users are
+        done)."""
         for url, victim in list(self.files.items()):
-            if self.used <= self.budget:
+            if self._fits(need):
                 break
             if victim is keep or victim.path in self._in_use:
                 continue
             del self.files[url]
             self._discard(victim.path)
+            self.evictions += 1
             log.info("disk cache: evicted %s (%s) for room", url, human_bytes(victim.size))
+
+    def _fits(self, need: int) -> bool:
+        if self.used + self._reserved + need > self.budget:
+            return False
+        if need == 0:
+            return True
+        return shutil.disk_usage(self.directory).free - self._reserved - need >= self.min_free
 
     def _discard(self, path: Path) -> None:
         if path in self._in_use:
@@ -154,84 +186,81 @@ class DiskCache:
 
     def _refresh(self, source: RemoteSource, known: DiskFile | None) -> DiskFile:
         """``known`` if the source still has that version, else a fresh download."""
-        store, key = self._store(source), source.path.lstrip("/")
         if known is not None and known.path.exists():
             checked = time.monotonic()
             try:
-                meta = obstore.head(store, key)
-            except Exception as exc:  # the source is away: what we have is the best answer
+                now = self.remotes.head(source)
+            except LoraCacheError as exc:  # the source is away: what we have is the best answer
                 log.warning("could not check %s for changes (%s); serving the copy from %s",
-                            source.url, _reason(exc), known.path)
+                            source.url, exc.message, known.path)
                 return dataclasses.replace(known, checked=checked)
-            if _version(meta) == known.version:
+            if now.version == known.version:
                 return dataclasses.replace(known, checked=checked)
-        return self._download(source, store, key)
+        return self._download(source)
 
-    def _download(self, source: RemoteSource, store: Any, key: str) -> DiskFile:
+    def _download(self, source: RemoteSource) -> DiskFile:
+        partial = self.directory / PARTIAL / secrets.token_hex(8)
+        reserved = [0]
+
+        def admit(announced: RemoteFile) -> None:
+            self._reserve(source, announced.size)
+            reserved[0] = announced.size
+
         try:
-            result = obstore.get(store, key)
-        except Exception as exc:
-            raise _source_error(source, exc) from None
-        size, version = int(result.meta["size"]), _version(result.meta)
+            try:
+                remote = self.remotes.download(source, partial, admit)
+            except NoRoom:  # the file system filled up under us: make room once, try again
+                _remove(partial)
+                self._unreserve(reserved)
+                remote = self.remotes.download(source, partial, admit)
+            if remote.sha256 is not None and _sha256(partial) != remote.sha256:
+                raise LoraCacheError(ErrorCode.SOURCE_FAILED,
+                                     f"{source.url}: the download does not match the sha256 "
+                                     "its source gives; it was corrupted on the way")
+            with open(partial, "rb") as f:
+                read_header(f, source.url)
+            name = hashlib.sha256(f"{source.url}\0{remote.version}".encode()).hexdigest()[:32]
+            final = self.directory / f"{name}.safetensors"
+            os.replace(partial, final)
+            fetched = DiskFile(source.url, final, remote.size, remote.version, time.monotonic())
+            _write_sidecar(fetched)
+        except NoRoom as exc:
+            raise LoraCacheError(ErrorCode.CACHE_FULL,
+                                 f"{source.url}: no room on {self.directory}'s file system "
+                                 f"({reason(exc)}) after evicting what was not in use; free "
+                                 "disk space or lower cache_max_bytes") from None
+        finally:
+            _remove(partial)
+            self._unreserve(reserved)
+        self.downloads += 1
+        log.info("downloaded %s (%s) to %s", source.url, human_bytes(remote.size), final)
+        return fetched
+
+    def _reserve(self, source: RemoteSource, size: int) -> None:
+        """Room for ``size`` bytes, made by evicting, before the bytes are fetched. Files in
+        use may hold the budget over for a while (they are trimmed once done with); the file
+        system's free-space floor holds always: CACHE_FULL where even evicting leaves none."""
         if size > self.budget:
             raise LoraCacheError(ErrorCode.TOO_LARGE,
                                  f"{source.url} is {human_bytes(size)}, more than the whole disk "
                                  f"cache ({human_bytes(self.budget)}); raise cache_max_bytes")
-        partial = self.directory / PARTIAL / secrets.token_hex(8)
-        try:
-            written = self._stream(source, result, partial, size)
-            if written != size:
-                raise LoraCacheError(ErrorCode.SOURCE_FAILED,
-                                     f"{source.url} was cut off: {written} of {size} bytes came")
-            with open(partial, "rb") as f:
-                read_header(f, source.url)
-            name = hashlib.sha256(f"{source.url}\0{version}".encode()).hexdigest()[:32]
-            final = self.directory / f"{name}.safetensors"
-            os.replace(partial, final)
-            fetched = DiskFile(source.url, final, size, version, time.monotonic())
-            _write_sidecar(fetched)
-        finally:
-            _remove(partial)
-        log.info("downloaded %s (%s) to %s", source.url, human_bytes(size), final)
-        return fetched
+        with self._lock:
+            self._trim(need=size)
+            free = shutil.disk_usage(self.directory).free - self._reserved
+            if free - size < self.min_free:
+                raise LoraCacheError(
+                    ErrorCode.CACHE_FULL,
+                    f"{source.url} ({human_bytes(size)}) does not fit: the file system of "
+                    f"{self.directory} has {human_bytes(free)} free (less what downloads under "
+                    f"way need) and cache_min_free_bytes keeps {human_bytes(self.min_free)} "
+                    "free; the cache's files that are left are in use. Free disk space or "
+                    "lower cache_min_free_bytes")
+            self._reserved += size
 
-    def _stream(self, source: RemoteSource, result: Any, partial: Path, size: int) -> int:
-        written = 0
-        try:
-            with open(partial, "wb") as out:
-                for chunk in result.stream(min_chunk_size=CHUNK):
-                    written += len(chunk)
-                    if written > size:
-                        raise LoraCacheError(ErrorCode.SOURCE_FAILED,
-                                             f"{source.url} sent more than the {size} bytes it "
-                                             "announced")
-                    out.write(chunk)
-                out.flush()
-                os.fsync(out.fileno())
-        except LoraCacheError:
-            raise
-        except Exception as exc:  # cut off, timed out, or the disk is full
-            raise _source_error(source, exc) from None
-        return written
-
-    def _store(self, source: RemoteSource) -> Any:
-        """One store per host, so connections are reused."""
-        key = (source.scheme, source.authority)
-        with self._stores_lock:
-            if key not in self._stores:
-                if source.scheme not in ("https", "http"):
-                    raise LoraCacheError(ErrorCode.SOURCE_FAILED,
-                                         f"{source.url}: this daemon does not fetch "
-                                         f"{source.scheme}:// sources yet; use https://")
-                try:
-                    self._stores[key] = HTTPStore.from_url(
-                        f"{source.scheme}://{source.authority}", retry_config=RETRIES,
-                        client_options={"allow_http": source.scheme == "http",
-                                        "connect_timeout": CONNECT_TIMEOUT,
-                                        "timeout": TRANSFER_TIMEOUT})
-                except Exception as exc:
-                    raise _source_error(source, exc) from None
-            return self._stores[key]
+    def _unreserve(self, reserved: list[int]) -> None:
+        with self._lock:
+            self._reserved -= reserved[0]
+            reserved[0] = 0
 
     # ----------------------------------------------------------------------------- at start
 
@@ -294,28 +323,12 @@ def _lock_directory(directory: Path) -> Any:
     return lock_file
 
 
-def _version(meta: Any) -> str:
-    etag = meta.get("e_tag")
-    if etag:
-        return f"etag:{etag}"
-    modified = meta.get("last_modified")
-    return f"size:{meta['size']}:modified:{modified.isoformat() if modified else ''}"
-
-
-def _source_error(source: RemoteSource, exc: Exception) -> LoraCacheError:
-    if isinstance(exc, FileNotFoundError):
-        return LoraCacheError(ErrorCode.NOT_FOUND, f"{source.url}: the source has no such file")
-    if isinstance(exc, (obstore.exceptions.UnauthenticatedError,
-                        obstore.exceptions.PermissionDeniedError, PermissionError)):
-        return LoraCacheError(ErrorCode.SOURCE_FAILED,
-                              f"{source.url}: the source refused the daemon ({_reason(exc)}); "
-                              "give the daemon credentials for it")
-    return LoraCacheError(ErrorCode.SOURCE_FAILED,
-                          f"fetching {source.url} failed: {_reason(exc)}")
-
-
-def _reason(exc: Exception) -> str:
-    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _write_sidecar(fetched: DiskFile) -> None:

@@ -52,6 +52,7 @@ from .cache import Entry
 from .config import DaemonConfig, PreloadSpec
 from .device import Device
 from .disk_cache import DiskCache
+from .remotes import Remotes
 from .files import FileIdentity, confine, identify
 from .sessions import Lease, Session, SessionTable
 from .sources import check_allowed, is_remote, parse_source
@@ -340,8 +341,9 @@ class CacheService:
         self.config = config
         self.sessions.ttl = config.session_ttl
         if self.disk is not None:
-            self.disk.budget = _disk_budget(config, self.disk.directory)
+            self.disk.budget, self.disk.min_free = _disk_limits(config, self.disk.directory)
             self.disk.revalidate_s = config.source_revalidate_s
+            self.disk.remotes = Remotes(config.source)
         for device in self.devices.values():
             device.reconfigure(config)
         unknown = [name for name in config.device
@@ -429,12 +431,15 @@ class CacheService:
 def _disk_cache(config: DaemonConfig) -> DiskCache | None:
     if config.cache_dir is None:
         return None
-    return DiskCache(config.cache_dir, _disk_budget(config, config.cache_dir),
-                     config.source_revalidate_s)
+    budget, min_free = _disk_limits(config, config.cache_dir)
+    return DiskCache(config.cache_dir, budget, min_free, config.source_revalidate_s,
+                     Remotes(config.source))
 
 
-def _disk_budget(config: DaemonConfig, directory: Path) -> int:
-    return config.cache_max_bytes.resolve(shutil.disk_usage(directory).total)
+def _disk_limits(config: DaemonConfig, directory: Path) -> tuple[int, int]:
+    """The disk cache's budget and free-space floor, in bytes."""
+    total = shutil.disk_usage(directory).total
+    return config.cache_max_bytes.resolve(total), config.cache_min_free_bytes.resolve(total)
 
 
 def _device_stats(device: Device, sessions: int) -> DeviceStats:

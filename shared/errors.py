@@ -31,7 +31,8 @@ class ErrorCode(str, enum.Enum):
     VERSION_MISMATCH = "VERSION_MISMATCH"  # client and daemon speak different protocol versions
     FORBIDDEN_PATH = "FORBIDDEN_PATH"  # outside the allowed roots, not a regular file, wrong suffix
     FORBIDDEN_SOURCE = "FORBIDDEN_SOURCE"  # a URL outside the operator's allow_sources
-    SOURCE_FAILED = "SOURCE_FAILED"  # fetching a remote LoRA failed (refused, cut off, timed out)
+    SOURCE_FAILED = "SOURCE_FAILED"  # fetching a remote LoRA failed (away, cut off, timed out)
+    SOURCE_DENIED = "SOURCE_DENIED"  # the source refused the daemon's credentials (401, 403)
     NOT_FOUND = "NOT_FOUND"  # the file does not exist
     INVALID_LORA = "INVALID_LORA"  # the safetensors header or data is malformed
     UNSUPPORTED_FORMAT = "UNSUPPORTED_FORMAT"  # a valid file in a format we do not handle

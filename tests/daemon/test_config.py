@@ -334,13 +334,24 @@ cache_size = 0
 
 def full_config(tmp_path: Path, lora_name: str = "loras") -> DaemonConfig:
     """A configuration with every setting away from its default, from all three sources."""
-    dirs = [tmp_path / lora_name, tmp_path / "more", tmp_path / "shm"]
+    dirs = [tmp_path / lora_name, tmp_path / "more", tmp_path / "shm", tmp_path / "downloads"]
     for directory in dirs:
         directory.mkdir()
     config_file = write(tmp_path / "c.toml", toml({
         "devices": ["cpu", f"cuda:{GPU}"], "max_bytes": "12.5%", "session_ttl": 2.5,
         "shm_dir": str(dirs[2]), "session_max_leases": 3, "session_max_bytes": "1GiB",
-        "admin_socket": str(tmp_path / "admin.sock"), "admin_group": GROUPS[0]}) + f"""
+        "admin_socket": str(tmp_path / "admin.sock"), "admin_group": GROUPS[0],
+        "allow_sources": ["s3://loras/team/", "hf://org/", "https://civitai.com/api/"],
+        "cache_dir": str(dirs[3]), "cache_max_bytes": "50GiB", "cache_min_free_bytes": "1%",
+        "source_revalidate_s": 60}) + f"""
+[source."s3://loras"]
+endpoint = "http://minio.local:9000"
+region = "eu-west-1"
+skip_signature = true
+
+[source."https://civitai.com"]
+headers_from_env = {{ Authorization = "CIVITAI_AUTHORIZATION" }}
+
 [device."{GPU}"]
 max_bytes = "40GiB"
 cache_size = 50

@@ -4,13 +4,19 @@ in its directory is touched."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from loracache.daemon.config import ConfigError
 from loracache.daemon.disk_cache import PARTIAL, DiskCache
+from loracache.daemon.remotes import Remotes
 
 NAME = "0123456789abcdef0123456789abcdef"
+
+
+def open_cache(directory: Path) -> DiskCache:
+    return DiskCache(directory, budget=1 << 20, min_free=0, revalidate_s=300, remotes=Remotes({}))
 
 
 def test_start_keeps_whole_downloads_and_drops_partial_or_orphaned_ones(tmp_path):
@@ -25,7 +31,7 @@ def test_start_keeps_whole_downloads_and_drops_partial_or_orphaned_ones(tmp_path
     (tmp_path / f"{orphan}.safetensors").write_bytes(b"x")
     (tmp_path / PARTIAL).mkdir()
     (tmp_path / PARTIAL / "half").write_bytes(b"x")
-    cache = DiskCache(tmp_path, budget=1 << 20, revalidate_s=300)
+    cache = open_cache(tmp_path)
     try:
         assert list(cache.files) == ["https://example.com/a.safetensors"]
         assert cache.files["https://example.com/a.safetensors"].size == 10
@@ -40,17 +46,17 @@ def test_files_the_cache_did_not_write_are_left_alone(tmp_path):
     foreign = ["style.safetensors", "notes.json", "A" * 32 + ".safetensors"]
     for name in foreign:
         (tmp_path / name).write_bytes(b"{}")
-    cache = DiskCache(tmp_path, budget=1 << 20, revalidate_s=300)
+    cache = open_cache(tmp_path)
     cache.close()
     assert all((tmp_path / name).exists() for name in foreign) and cache.files == {}
 
 
 def test_two_daemons_may_not_share_a_cache_directory(tmp_path):
     """The second would delete the first one's downloads under way (its .partial files)."""
-    first = DiskCache(tmp_path, budget=1 << 20, revalidate_s=300)
+    first = open_cache(tmp_path)
     try:
         with pytest.raises(ConfigError, match="in use by another loracache daemon"):
-            DiskCache(tmp_path, budget=1 << 20, revalidate_s=300)
+            open_cache(tmp_path)
     finally:
         first.close()
-    DiskCache(tmp_path, budget=1 << 20, revalidate_s=300).close()  # free again
+    open_cache(tmp_path).close()  # free again

@@ -171,7 +171,7 @@ def test_redirects_are_followed(remote_daemon, server, cache_dir):
 
 @pytest.mark.parametrize("kind, content, code", [
     ("missing", b"", ErrorCode.NOT_FOUND),
-    ("private", b"", ErrorCode.SOURCE_FAILED),
+    ("private", b"", ErrorCode.SOURCE_DENIED),
     ("cut", None, ErrorCode.SOURCE_FAILED),
     ("files", b"\x08" + b"\x00" * 7 + b"not json" * 4, ErrorCode.INVALID_LORA),
 ])
@@ -200,8 +200,9 @@ def test_downloads_outlive_the_daemon(remote_daemon, server, cache_dir):
     with second.client() as client, client.acquire(url) as lease:
         assert torch.equal(lease.tensors["w.lora_up.weight"],
                            load_file(downloads(cache_dir)[0])["w.lora_up.weight"])
-    assert server.gets["/files/a.safetensors"] == 1  # asked whether it changed, not fetched
-    assert server.heads["/files/a.safetensors"] == 1
+        # served from disk at once, and the source asked in the background whether it changed
+        wait_until(lambda: server.heads["/files/a.safetensors"] == 1)
+    assert server.gets["/files/a.safetensors"] == 1
 
 
 def test_a_changed_remote_file_is_a_new_entry_and_old_leases_keep_theirs(remote_daemon, server,
@@ -213,6 +214,10 @@ def test_a_changed_remote_file_is_a_new_entry_and_old_leases_keep_theirs(remote_
         old = client.acquire(url)
         before = old.tensors["w.lora_up.weight"].clone()
         server.files["a.safetensors"] = lora_bytes(7)
+        with client.acquire(url) as stale:  # served at once; the source is asked meanwhile
+            assert stale.entry.id == old.entry.id
+        wait_until(lambda: len(downloads(cache_dir)) == 1 and downloads(cache_dir)[0].read_bytes()
+                   == server.files["a.safetensors"])
         with client.acquire(url) as new:
             assert new.entry.id != old.entry.id
             assert not torch.equal(new.tensors["w.lora_up.weight"], before)

@@ -216,6 +216,7 @@ def test_result_type_of_every_op_is_pinned() -> None:
 def test_error_codes_are_a_closed_set_whose_wire_value_is_the_name() -> None:
     assert {code.name for code in ErrorCode} == {
         "BAD_REQUEST", "VERSION_MISMATCH", "FORBIDDEN_PATH", "FORBIDDEN_SOURCE", "SOURCE_FAILED",
+        "SOURCE_DENIED",
         "NOT_FOUND", "INVALID_LORA",
         "UNSUPPORTED_FORMAT", "TOO_LARGE", "CACHE_FULL", "UNKNOWN_DEVICE", "UNKNOWN_LEASE",
         "UNKNOWN_SESSION", "NOT_ALLOWED", "DAEMON_UNAVAILABLE", "TIMEOUT",
