@@ -28,6 +28,7 @@ class Entry:
     buffer: DeviceBuffer
     tensors: list[TensorSpec]
     file: str = ""  # FileIdentity.token of the file it was loaded from
+    source: str = ""  # the URL the file was downloaded from, for a remote LoRA
     leases: int = 0
     pinned: bool = False
     cached: bool = True  # False: a probe, lent but never in the cache, freed once released
@@ -46,7 +47,7 @@ class Entry:
         return EntryInfo(id=self.id, path=self.path, device=self.device, layout=self.layout,
                          nbytes=self.nbytes, leases=self.leases, pinned=self.pinned,
                          idle_s=time.monotonic() - self.last_used if self.idle else 0.0,
-                         file=self.file)
+                         file=self.file, source=self.source)
 
 
 class LoadTimes:

@@ -111,6 +111,7 @@ class DaemonConfig:
     device: Mapping[str, DeviceOverride]  # by device name: "cpu" or "cuda:GPU-<uuid>"
     preload: tuple[PreloadSpec, ...]
     allow_sources: tuple[RemoteSource, ...]  # URL prefixes the daemon may fetch LoRAs from
+    host_max_bytes: SizeSpec  # of host memory, for copies of entries evicted from devices
     cache_dir: Path | None  # where remote LoRAs are downloaded to (the disk tier)
     cache_max_bytes: SizeSpec  # of cache_dir's file system
     cache_min_free_bytes: SizeSpec  # of cache_dir's file system, left free by downloads
@@ -153,6 +154,13 @@ def _socket(value: Any) -> Path:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     return path
+
+
+def _size_or_off(value: Any) -> SizeSpec:
+    """A size, or 0 for "off"."""
+    if value in (0, "0"):
+        return SizeSpec(nbytes=0)
+    return parse_size(value)
 
 
 def _optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
@@ -398,6 +406,9 @@ SETTINGS = (
             from_file_only=True),
     Setting("preload", _preloads, tuple, "LoRAs loaded at start and after each reload",
             from_file_only=True),
+    Setting("host_max_bytes", _size_or_off, lambda: SizeSpec(percent=10.0),
+            "host memory for copies of entries evicted from devices (the host tier): bytes, "
+            "16GiB, 10% of the host's memory, or 0 for none"),
     Setting("allow_sources", _allow_sources, tuple,
             "URL prefixes LoRAs may be fetched from (https://host/path/, s3://bucket/prefix/); "
             "none by default", show=lambda prefixes: [p.url for p in prefixes]),

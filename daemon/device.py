@@ -1,6 +1,8 @@
 """One device the daemon serves: its transport, its cache, the thread its copies run on, the
 signal that room was freed, and its loads in flight. The lifecycle of its entries lives here:
-look up, load once for all askers, make room, fill, remove, trim, reconfigure, collect, close.
+look up, load once for all askers (from a host copy when the host tier has one, else from the
+file), make room (evicted entries go to the host tier), fill, remove, trim, reconfigure,
+collect, close.
 
 Everything but the copies runs on the event loop, so the state needs no locks; a load or a
 free is handed to the device's executor (one thread per GPU, for CUDA calls).
@@ -16,20 +18,24 @@ import logging
 import time
 from typing import Any, Callable, Hashable, TypeVar
 
+import torch
+
 from loracache.shared.errors import ErrorCode, LoraCacheError
 from loracache.shared.humanize import human_bytes
 from loracache.shared.protocol import TensorSpec
 from loracache.shared.transport import PROBE_BYTES, DeviceBuffer, Transport, probe_pattern
 
-from .cache import DeviceCache, Entry
+from .cache import DeviceCache, Entry, LoadTimes
 from .config import DaemonConfig
 from .files import FileIdentity
+from .host_tier import HostCopy, HostTier
 from .loader import LoadPlan, fill_buffer, plan_load
 
 log = logging.getLogger("loracache.daemon")
 
 CPU_LOAD_THREADS = 4
 PROBE_PATH = "<probe>"  # what lists and logs show for a probe's entry
+STAGES = ("read", "convert", "upload")  # where a load's time goes (DeviceStats.stage_seconds)
 T = TypeVar("T")
 
 
@@ -38,9 +44,9 @@ class Device:
 
     def __init__(self, transport: Transport, config: DaemonConfig,
                  header_pool: concurrent.futures.Executor,
-                 entry_ids: itertools.count[int]) -> None:
+                 entry_ids: itertools.count[int], host: HostTier | None = None) -> None:
         """``header_pool`` reads file headers (shared by all devices); ``entry_ids`` numbers
-        entries daemon-wide."""
+        entries daemon-wide; ``host``: the host tier evicted entries go to (None: freed)."""
         self.name = transport.device
         self.transport = transport
         self.total_memory = transport.total_memory()
@@ -48,8 +54,11 @@ class Device:
                                  config.cache_size_for(self.name))
         self.pool = concurrent.futures.ThreadPoolExecutor(
             CPU_LOAD_THREADS if self.name == "cpu" else 1, f"loracache-{self.name[:12]}")
+        self.host = host
+        self.stage_times = {stage: LoadTimes() for stage in STAGES}
         self._header_pool = header_pool
         self._entry_ids = entry_ids
+        self._demotions: set[asyncio.Task[None]] = set()  # GPU entries being copied to host
         self._loading: dict[Hashable, asyncio.Future[None]] = {}  # single flight, per file
         self._room_freed = asyncio.Event()
         self._collecting: concurrent.futures.Future[None] | None = None
@@ -97,32 +106,76 @@ class Device:
 
     async def _load(self, key: Hashable, identity: FileIdentity, layout: str,
                     acquire_timeout: float) -> Entry:
-        cache = self.cache
+        copy = self.host.find(key) if self.host is not None else None
+        if copy is not None:
+            return await self._from_host(copy, acquire_timeout)
         started = time.monotonic()
         plan = await self.run_in(self._header_pool, plan_load, identity, layout)
         try:
             need = self.transport.footprint(plan.nbytes)
-            if need > cache.budget:
-                raise LoraCacheError(ErrorCode.TOO_LARGE,
-                                     f"{identity.path} needs {need} bytes on {self.name} but "
-                                     f"its whole budget is {cache.budget}; raise --max-bytes")
+            self._check_fits(need, identity.path)
             await self.reserve(need, acquire_timeout)
             entry_id = f"{next(self._entry_ids):x}"
             try:
+                uploading = time.monotonic()
                 buffer = await self._fill(plan, entry_id)
+                self.stage_times["upload"].record(time.monotonic() - uploading)
             finally:
                 self.unreserve(need)
         finally:
             plan.file.close()
+        self.stage_times["read"].record(plan.read_s)
+        if plan.convert_s is not None:
+            self.stage_times["convert"].record(plan.convert_s)
         entry = Entry(id=entry_id, key=key, path=identity.path, device=self.name,
                       layout=layout, buffer=buffer, tensors=plan.layout.specs,
                       file=identity.token)
-        cache.add(entry)
-        cache.loads += 1
+        return self._added(entry, started, "the file")
+
+    async def _from_host(self, copy: HostCopy, acquire_timeout: float) -> Entry:
+        """An entry made from a host copy: the copy itself on the CPU (taken out of the tier,
+        no bytes move), one upload on a GPU."""
+        assert self.host is not None, "a copy comes from the host tier"
+        started = time.monotonic()
+        need = self.transport.footprint(copy.nbytes)
+        self._check_fits(need, copy.path)
+        moved = self.transport is self.host.transport
+        if moved:
+            self.host.take(copy.key)  # ours while we wait for room; given back on failure
+        else:  # mapped now: the tier may let the copy go while we wait, the mapping stays
+            contents = copy.buffer.contents()
+        entry_id = f"{next(self._entry_ids):x}"
+        try:
+            await self.reserve(need, acquire_timeout)
+        except BaseException:
+            if moved:
+                self._free_soon(self.host.keep(copy))
+            raise
+        try:
+            uploading = time.monotonic()
+            buffer = copy.buffer if moved else await self.run(_upload, self.transport, contents,
+                                                              entry_id)
+            self.stage_times["upload"].record(time.monotonic() - uploading)
+        finally:
+            self.unreserve(need)
+        entry = Entry(id=entry_id, key=copy.key, path=copy.path, device=self.name,
+                      layout=copy.layout, buffer=buffer, tensors=copy.tensors, file=copy.file,
+                      source=copy.source)
+        return self._added(entry, started, "host memory")
+
+    def _check_fits(self, need: int, path: str) -> None:
+        if need > self.cache.budget:
+            raise LoraCacheError(ErrorCode.TOO_LARGE,
+                                 f"{path} needs {need} bytes on {self.name} but its whole "
+                                 f"budget is {self.cache.budget}; raise --max-bytes")
+
+    def _added(self, entry: Entry, started: float, origin: str) -> Entry:
+        self.cache.add(entry)
+        self.cache.loads += 1
         seconds = time.monotonic() - started
-        cache.load_times.record(seconds)
-        log.info("loaded %s on %s: %s (%d bytes), %d tensors in %.3f s", identity.path,
-                 self.name, human_bytes(entry.nbytes), entry.nbytes, len(entry.tensors),
+        self.cache.load_times.record(seconds)
+        log.info("loaded %s on %s from %s: %s (%d bytes), %d tensors in %.3f s", entry.path,
+                 self.name, origin, human_bytes(entry.nbytes), entry.nbytes, len(entry.tensors),
                  seconds)
         return entry
 
@@ -133,13 +186,22 @@ class Device:
             try:
                 return await self.run(fill_buffer, self.transport, plan, entry_id)
             except LoraCacheError as exc:
-                if exc.code is not ErrorCode.CACHE_FULL or not self.cache.idle:
+                if exc.code is not ErrorCode.CACHE_FULL:
                     raise
-                victim = next(iter(self.cache.idle.values()))
-                log.warning("%s has no room for %s (%s): evicting %s and retrying", self.name,
-                            plan.path, human_bytes(plan.nbytes), victim.path)
-                self.cache.remove(victim)
-                await self.run(_free_all, self.transport, [victim.buffer])
+                host_copies = self.host.copies if self.host is not None and \
+                    self.host.transport is self.transport else {}  # in the same tmpfs
+                if host_copies:
+                    assert self.host is not None
+                    victims = self.host.drop_oldest()
+                elif self.cache.idle:
+                    victim = next(iter(self.cache.idle.values()))
+                    self.cache.remove(victim)
+                    victims = [victim.buffer]
+                else:
+                    raise
+                log.warning("%s has no room for %s (%s): freeing %s and retrying", self.name,
+                            plan.path, human_bytes(plan.nbytes), human_bytes(victims[0].nbytes))
+                await self.run(free_all, self.transport, victims)
 
     async def make_probe(self, acquire_timeout: float) -> Entry:
         """A fresh probe (``loracache doctor``'s test lease): a small buffer holding
@@ -177,7 +239,7 @@ class Device:
                 await asyncio.wait_for(self._room_freed.wait(), remaining)
             except TimeoutError:
                 pass
-        self.remove(victims)
+        self.remove(victims, demote=True)
         cache.reserved += nbytes
 
     def unreserve(self, nbytes: int) -> None:
@@ -198,24 +260,48 @@ class Device:
     def discard_probe(self, probe: Entry) -> None:
         """Free a probe nobody holds, and the room it took."""
         self.unreserve(probe.nbytes)
-        self.pool.submit(_free_all, self.transport, [probe.buffer])
+        self.pool.submit(free_all, self.transport, [probe.buffer])
 
-    def remove(self, entries: list[Entry]) -> None:
-        """Take ``entries`` out of the cache now; free their memory on the device's thread."""
+    def remove(self, entries: list[Entry], demote: bool = False) -> None:
+        """Take ``entries`` out of the cache now; free their memory on the device's thread,
+        or with ``demote`` (evicted for room) keep their bytes in the host tier."""
         for entry in entries:
             self.cache.remove(entry)
-            log.info("evicted %s from %s: %s (%d bytes)", entry.path, self.name,
-                     human_bytes(entry.nbytes), entry.nbytes)
-        if entries:
-            self.pool.submit(_free_all, self.transport, [e.buffer for e in entries])
+            log.info("evicted %s from %s: %s (%d bytes)%s", entry.path, self.name,
+                     human_bytes(entry.nbytes), entry.nbytes,
+                     " to host memory" if demote and self.host is not None else "")
+        if not entries:
+            return
+        if not demote or self.host is None:
+            self._free_soon([e.buffer for e in entries])
+        elif self.transport is self.host.transport:  # the CPU: the buffers themselves move
+            for entry in entries:
+                self._free_soon(self.host.keep(_host_copy(entry, entry.buffer)))
+        else:
+            task = asyncio.get_running_loop().create_task(self._demote(entries))
+            self._demotions.add(task)
+            task.add_done_callback(self._demotions.discard)
+
+    async def _demote(self, entries: list[Entry]) -> None:
+        """Copy evicted GPU entries to host memory, then free them on the device."""
+        assert self.host is not None, "demoted to the host tier"
+        copies = await self.run(_copy_to_host, self.host.transport, entries)
+        for entry, buffer in zip(entries, copies):
+            if buffer is not None:
+                self._free_soon(self.host.keep(_host_copy(entry, buffer)))
+
+    def _free_soon(self, buffers: list[DeviceBuffer]) -> None:
+        if buffers:
+            self.pool.submit(free_all, self.transport, buffers)
 
     def trim(self) -> None:
-        """Drop idle entries beyond the cache-size cap."""
-        self.remove(self.cache.over_cap())
+        """Drop idle entries beyond the cache-size cap (to the host tier)."""
+        self.remove(self.cache.over_cap(), demote=True)
 
-    def drop(self, match: Callable[[Entry], bool]) -> tuple[int, int]:
-        """Evict the idle entries ``match`` accepts; returns (evicted, still leased)."""
-        matching = [e for e in self.cache.entries.values() if match(e)]
+    def drop(self, match: Callable[[str], bool]) -> tuple[int, int]:
+        """Evict the idle entries whose path ``match`` accepts (no host copy is kept);
+        returns (evicted, still leased)."""
+        matching = [e for e in self.cache.entries.values() if match(e.path)]
         idle = [e for e in matching if e.leases == 0]
         self.remove(idle)
         self.room_changed()
@@ -270,7 +356,7 @@ class Device:
         """Free every entry (leased ones too: the daemon is stopping) and what the transport
         made on the host; waits for the device's thread to finish."""
         entries = self.cache.take_all()
-        self.pool.submit(_free_all, self.transport, [e.buffer for e in entries])
+        self.pool.submit(free_all, self.transport, [e.buffer for e in entries])
         self.pool.shutdown(wait=True)
         self.transport.close()
 
@@ -281,7 +367,38 @@ def _probe_buffer(transport: Transport, name: str) -> DeviceBuffer:
     return buffer
 
 
-def _free_all(transport: Transport, buffers: list[DeviceBuffer]) -> None:
+def _upload(transport: Transport, contents: torch.Tensor, name: str) -> DeviceBuffer:
+    """A buffer of ``transport`` holding a host copy's bytes."""
+    buffer = transport.allocate(contents.numel(), name)
+    try:
+        buffer.write_tensors([(0, contents)])
+    except BaseException:
+        buffer.free()
+        raise
+    return buffer
+
+
+def _copy_to_host(host: Transport, entries: list[Entry]) -> list[DeviceBuffer | None]:
+    """Host buffers holding the evicted ``entries``' bytes (None where host memory had no
+    room: that entry is just dropped); frees the device buffers."""
+    copies: list[DeviceBuffer | None] = []
+    for entry in entries:
+        try:
+            copies.append(_upload(host, entry.buffer.contents().cpu(), f"host-{entry.id}"))
+        except LoraCacheError as exc:
+            log.warning("no host copy of %s: %s", entry.path, exc.message)
+            copies.append(None)
+        entry.buffer.free()
+    return copies
+
+
+def _host_copy(entry: Entry, buffer: DeviceBuffer) -> HostCopy:
+    return HostCopy(key=entry.key, path=entry.path, layout=entry.layout, source=entry.source,
+                    file=entry.file, buffer=buffer, tensors=entry.tensors)
+
+
+def free_all(transport: Transport, buffers: list[DeviceBuffer]) -> None:
+    """Free ``buffers`` and let the transport reclaim what it can (on a device's thread)."""
     for buffer in buffers:
         buffer.free()
     transport.collect()

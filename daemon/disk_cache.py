@@ -37,8 +37,10 @@ from typing import Any, Callable
 
 from loracache.shared.errors import ErrorCode, LoraCacheError
 from loracache.shared.humanize import human_bytes
+from loracache.shared.protocol import TierStats
 from loracache.shared.safetensors_header import read_header
 
+from .cache import LoadTimes
 from .config import ConfigError
 from .remotes import NoRoom, RemoteFile, Remotes, reason
 from .sources import RemoteSource
@@ -74,8 +76,8 @@ class DiskCache:
         self.revalidate_s = revalidate_s
         self.remotes = remotes
         self.files: OrderedDict[str, DiskFile] = OrderedDict()  # by URL, least recent first
-        self.downloads = 0  # finished downloads, for stats
-        self.evictions = 0
+        self.hits = self.misses = self.evictions = 0  # requests served from disk or not
+        self.download_times = LoadTimes()
         self._inflight: dict[str, asyncio.Future[DiskFile]] = {}
         # Files handed out and not yet loaded from: eviction leaves them; a replaced one is
         # removed once the last user is done with it.
@@ -96,6 +98,11 @@ class DiskCache:
         The file is the caller's until it calls :meth:`done` with it: nothing removes it
         meanwhile. A copy due for a look at its source is served as it is while the source is
         asked in the background."""
+        with self._lock:
+            if source.url in self.files:
+                self.hits += 1
+            else:
+                self.misses += 1
         while True:
             with self._lock:
                 known = self.files.get(source.url)
@@ -118,6 +125,12 @@ class DiskCache:
                     self._doomed.discard(path)
                     _remove(path)
                 self._trim()
+
+    def stats(self) -> TierStats:
+        with self._lock:
+            return TierStats(tier="disk", budget=self.budget, used=self.used,
+                             entries=len(self.files), hits=self.hits, misses=self.misses,
+                             evictions=self.evictions, load_seconds=self.download_times.stats())
 
     def close(self) -> None:
         """Let go of the directory (downloads under way are in daemon threads: abandoned)."""
@@ -199,6 +212,7 @@ class DiskCache:
         return self._download(source)
 
     def _download(self, source: RemoteSource) -> DiskFile:
+        started = time.monotonic()
         partial = self.directory / PARTIAL / secrets.token_hex(8)
         reserved = [0]
 
@@ -232,7 +246,8 @@ class DiskCache:
         finally:
             _remove(partial)
             self._unreserve(reserved)
-        self.downloads += 1
+        with self._lock:
+            self.download_times.record(time.monotonic() - started)
         log.info("downloaded %s (%s) to %s", source.url, human_bytes(remote.size), final)
         return fetched
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import time
 from typing import Iterable
 
 import torch
@@ -35,6 +36,8 @@ class LoadPlan:
     layout: PackedLayout
     segments: list[Segment]
     tensors: list[tuple[int, torch.Tensor]]
+    read_s: float = 0.0  # reading the header, and the data where it is converted
+    convert_s: float | None = None  # converting to a family layout (None: raw, no conversion)
 
     @property
     def nbytes(self) -> int:
@@ -45,6 +48,7 @@ def plan_load(identity: FileIdentity, layout: str) -> LoadPlan:
     if layout not in LAYOUTS:
         raise LoraCacheError(ErrorCode.BAD_REQUEST,
                              f"unknown layout {layout!r}; known: {', '.join(LAYOUTS)}")
+    started = time.monotonic()
     f = open_identified(identity)
     try:
         header = read_header(f, identity.path)
@@ -52,18 +56,21 @@ def plan_load(identity: FileIdentity, layout: str) -> LoadPlan:
             packed = pack(header.tensors)
             segments = [Segment(src=record.begin, dst=spec.offset, nbytes=record.nbytes)
                         for record, spec in zip(header.tensors, packed.specs)]
-            return LoadPlan(identity.path, f, packed, coalesce(segments), [])
+            return LoadPlan(identity.path, f, packed, coalesce(segments), [],
+                            read_s=time.monotonic() - started)
         f.seek(0)
         try:
             tensors = load_safetensors(f.read())
         except SafetensorError as exc:  # stricter than our reader: gaps, trailing bytes
             raise LoraCacheError(ErrorCode.INVALID_LORA,
                                  f"{identity.path}: safetensors refuses the file: {exc}") from exc
+        read = time.monotonic()
         check_finite(identity.path, tensors.items())
         converted = canonical_tensors(tensors, layout, header.metadata)
         packed = pack([_item(name, tensor) for name, tensor in converted.items()])
         placed = [(spec.offset, converted[spec.name]) for spec in packed.specs]
-        return LoadPlan(identity.path, f, packed, [], placed)
+        return LoadPlan(identity.path, f, packed, [], placed, read_s=read - started,
+                        convert_s=time.monotonic() - read)
     except BaseException:
         f.close()
         raise

@@ -44,7 +44,9 @@ STATUS_INTERVAL = 5.0  # seconds between STATUS= updates to systemd
 
 
 def make_transports(config: DaemonConfig, shm_dir: Path) -> list[Transport]:
-    """The transports for the configured devices: ``cpu`` and/or CUDA devices by index or UUID."""
+    """The transports for the configured devices (CUDA devices by index or UUID), and always
+    the CPU's, first: it also holds the host tier's copies (served as a device only where
+    the devices select ``cpu``)."""
     gpu_selectors = [s for s in config.devices if s not in ("all", "cpu")]
     transports: list[Transport] = []
     if gpu_selectors or "all" in config.devices:
@@ -71,8 +73,7 @@ def make_transports(config: DaemonConfig, shm_dir: Path) -> list[Transport]:
             log.warning("devices = all, but no CUDA device is usable although this host has "
                         "NVIDIA devices (is /dev/nvidia-uvm there? see systemd/README.md); "
                         "serving the CPU only")
-    if "all" in config.devices or "cpu" in config.devices:  # last: a refused GPU leaves no
-        transports.insert(0, ShmTransport(shm_dir))  # directory behind
+    transports.insert(0, ShmTransport(shm_dir))  # last: a refused GPU leaves no directory behind
     return transports
 
 

@@ -50,7 +50,8 @@ from loracache.shared.transport import Transport
 
 from .cache import Entry
 from .config import DaemonConfig, PreloadSpec
-from .device import Device
+from .device import Device, free_all
+from .host_tier import HostTier
 from .disk_cache import DiskCache
 from .remotes import Remotes
 from .files import FileIdentity, confine, identify
@@ -66,13 +67,17 @@ MAX_PID = 2**22  # the kernel's PID_MAX_LIMIT
 
 class CacheService:
     def __init__(self, config: DaemonConfig, transports: list[Transport]) -> None:
+        """``transports``: one per device; the CPU's also makes the host tier's copies, and is
+        served as a device only where ``config.devices`` selects the CPU."""
         self.config = config
         self.instance = secrets.token_hex(8)
         self.started = time.monotonic()
         self._header_pool = concurrent.futures.ThreadPoolExecutor(4, "loracache-header")
         entry_ids = itertools.count(1)  # daemon-wide: clients key their mappings by entry id
-        self.devices = {t.device: Device(t, config, self._header_pool, entry_ids)
-                        for t in transports}
+        self._host_transport = next((t for t in transports if t.device == "cpu"), None)
+        self.host = _host_tier(config, self._host_transport)  # None: evicted entries are freed
+        self.devices = {t.device: Device(t, config, self._header_pool, entry_ids, self.host)
+                        for t in transports if t.device != "cpu" or serves_cpu(config)}
         self.sessions = SessionTable(config.session_ttl)
         self.disk = _disk_cache(config)  # None: no remote sources
         self.errors: collections.Counter[str] = collections.Counter()  # replies by error code
@@ -141,7 +146,7 @@ class CacheService:
         disk, path = await self._downloaded(req.path)
         try:
             identity = identify(str(path), (disk.directory,))
-            return await self._acquire_loading(device, identity, req, session)
+            return await self._acquire_loading(device, identity, req, session, req.path)
         finally:
             disk.done(path)
 
@@ -157,8 +162,9 @@ class CacheService:
         return self.disk, await self.disk.fetch(source)
 
     async def _acquire_loading(self, device: Device, identity: FileIdentity, req: Acquire,
-                               session: Session) -> AcquireResult:
+                               session: Session, source: str = "") -> AcquireResult:
         entry, loaded = await device.entry(identity, req.layout, self.config.acquire_timeout)
+        _mark_source(entry, source)
         if not self._still_open(session):
             device.trim()  # the session expired while the entry was loading
             raise _expired_meanwhile("the entry was loading")
@@ -258,7 +264,8 @@ class CacheService:
             leases=sum(d.cache.leases for d in self.devices.values()),
             errors=dict(self.errors), metrics=self.metrics_address,
             devices=[_device_stats(device, sessions_by_device[name])
-                     for name, device in self.devices.items()])
+                     for name, device in self.devices.items()],
+            tiers=[tier.stats() for tier in (self.host, self.disk) if tier is not None])
 
     def summary(self) -> str:
         """One line for ``systemctl status``: entries, bytes, sessions and leases."""
@@ -269,8 +276,17 @@ class CacheService:
                 f"{len(self.sessions.sessions)} sessions, {sum(c.leases for c in caches)} leases")
 
     def _list(self, req: ListEntries, _: Session | None) -> EntriesResult:
-        return EntriesResult(entries=[entry.info() for device in self.devices.values()
-                                      for entry in device.cache.entries.values()])
+        """Every entry: on the devices, then host copies, then downloads (least recent
+        first within each)."""
+        entries = [entry.info() for device in self.devices.values()
+                   for entry in device.cache.entries.values()]
+        if self.host is not None:
+            entries += [copy.info() for copy in self.host.copies.values()]
+        if self.disk is not None:
+            entries += [EntryInfo(id="", path=str(f.path), device="disk", layout="",
+                                  nbytes=f.size, tier="disk", source=f.url)
+                        for f in list(self.disk.files.values())]
+        return EntriesResult(entries=entries)
 
     def _preload(self, req: Preload,
                  _: Session | None) -> EntryInfo | Awaitable[EntryInfo]:
@@ -287,13 +303,14 @@ class CacheService:
         disk, path = await self._downloaded(req.path)
         try:
             return await self._preload_loading(device, identify(str(path), (disk.directory,)),
-                                               req)
+                                               req, req.path)
         finally:
             disk.done(path)
 
     async def _preload_loading(self, device: Device, identity: FileIdentity,
-                               req: Preload) -> EntryInfo:
+                               req: Preload, source: str = "") -> EntryInfo:
         entry, _loaded = await device.entry(identity, req.layout, self.config.acquire_timeout)
+        _mark_source(entry, source)
         return self._settle_preload(device, entry, req)
 
     def _settle_preload(self, device: Device, entry: Entry, req: Preload) -> EntryInfo:
@@ -310,17 +327,23 @@ class CacheService:
             path = str(downloaded.path) if downloaded else ""
         else:
             path = confine(req.path, self.config.lora_dirs)
-        return self._drop(lambda e: e.path == path, req.device)
+        return self._drop(lambda entry_path: entry_path == path, req.device)
 
     def _clear(self, req: Clear, _: Session | None) -> DropResult:
-        return self._drop(lambda e: True, req.device)
+        return self._drop(lambda entry_path: True, req.device)
 
-    def _drop(self, match: Callable[[Entry], bool], device: str) -> DropResult:
+    def _drop(self, match: Callable[[str], bool], device: str) -> DropResult:
+        """Evict the matching idle entries of ``device`` (every device and the host tier when
+        it is empty)."""
         devices = [self._device(device)] if device else list(self.devices.values())
         evicted = busy = 0
         for each in devices:
             dropped, leased = each.drop(match)
             evicted, busy = evicted + dropped, busy + leased
+        if not device and self.host is not None and self._host_transport is not None:
+            copies = self.host.drop(match)
+            free_all(self._host_transport, copies)
+            evicted += len(copies)
         return DropResult(evicted=evicted, busy=busy)
 
     def _released(self, leases: list[Lease]) -> None:
@@ -340,6 +363,9 @@ class CacheService:
         and timeouts apply to the next requests."""
         self.config = config
         self.sessions.ttl = config.session_ttl
+        if self.host is not None and self._host_transport is not None:
+            budget = config.host_max_bytes.resolve(self._host_transport.total_memory())
+            free_all(self._host_transport, self.host.shrink(budget))
         if self.disk is not None:
             self.disk.budget, self.disk.min_free = _disk_limits(config, self.disk.directory)
             self.disk.revalidate_s = config.source_revalidate_s
@@ -423,9 +449,30 @@ class CacheService:
         """Free every entry and every file the transports created (at shutdown)."""
         for device in self.devices.values():
             device.close()
+        if self._host_transport is not None and "cpu" not in self.devices:
+            if self.host is not None:
+                free_all(self._host_transport, self.host.drop(lambda path: True))
+            self._host_transport.close()
         self._header_pool.shutdown(wait=True)
         if self.disk is not None:
             self.disk.close()
+
+
+def _mark_source(entry: Entry, requested: str) -> None:
+    """Record the URL an entry's file was downloaded from (``ls`` shows it)."""
+    if requested and not entry.source:
+        entry.source = parse_source(requested).url
+
+
+def serves_cpu(config: DaemonConfig) -> bool:
+    return "cpu" in config.devices or "all" in config.devices
+
+
+def _host_tier(config: DaemonConfig, transport: Transport | None) -> HostTier | None:
+    if transport is None:
+        return None
+    budget = config.host_max_bytes.resolve(transport.total_memory())
+    return HostTier(transport, budget) if budget > 0 else None
 
 
 def _disk_cache(config: DaemonConfig) -> DiskCache | None:
@@ -447,7 +494,10 @@ def _device_stats(device: Device, sessions: int) -> DeviceStats:
     return DeviceStats(**device.cache.stats(), sessions=sessions,
                        allocated_bytes=held.get("allocated_bytes"),
                        reserved_bytes=held.get("reserved_bytes"),
-                       waiting_bytes=held.get("waiting_bytes"))
+                       waiting_bytes=held.get("waiting_bytes"),
+                       stage_seconds={stage: times.stats()
+                                      for stage, times in device.stage_times.items()
+                                      if times.count})
 
 
 def _expired_meanwhile(what: str) -> LoraCacheError:

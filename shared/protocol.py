@@ -57,6 +57,8 @@ class EntryInfo(msgspec.Struct, frozen=True):
     pinned: bool = False
     idle_s: float = 0.0
     file: str = ""  # the file's identity (device:inode:size:mtime_ns): same file, same tensors
+    tier: str = "device"  # "device" (lent from), "host" (a copy to upload), "disk" (a download)
+    source: str = ""  # the URL it came from, for a remote LoRA
 
 
 class TensorSpec(msgspec.Struct, frozen=True, array_like=True):
@@ -113,6 +115,23 @@ class DeviceStats(msgspec.Struct, frozen=True, omit_defaults=True):
     allocated_bytes: int | None = None
     reserved_bytes: int | None = None
     waiting_bytes: int | None = None
+    # Where a load's time goes, by stage: read (the file), convert (to a family layout),
+    # upload (into the device's buffer, from the file or a host copy).
+    stage_seconds: dict[str, LoadTimesInfo] = {}
+
+
+class TierStats(msgspec.Struct, frozen=True):
+    """A tier behind the devices in ``stats``: ``host`` (copies of evicted entries) or ``disk``
+    (downloads of remote LoRAs). ``load_seconds``: downloads, for the disk."""
+
+    tier: str
+    budget: int
+    used: int
+    entries: int
+    hits: int
+    misses: int
+    evictions: int
+    load_seconds: LoadTimesInfo | None = None
 
 
 class StatsResult(msgspec.Struct, frozen=True):
@@ -126,6 +145,7 @@ class StatsResult(msgspec.Struct, frozen=True):
     errors: dict[str, int]  # error replies by code
     metrics: str | None  # where /metrics is served, if it is
     devices: list[DeviceStats]
+    tiers: list[TierStats] = []  # host and disk, where the daemon has them
 
     def device(self, name: str) -> DeviceStats:
         """The counters of the device named ``name`` (``cpu``, ``cuda:GPU-...``)."""
@@ -137,7 +157,7 @@ class StatsResult(msgspec.Struct, frozen=True):
 
 
 class EntriesResult(msgspec.Struct, frozen=True):
-    """What ``list`` answers: every cached entry."""
+    """What ``list`` answers: every cached entry, on devices, in host memory and on disk."""
 
     entries: list[EntryInfo]
 

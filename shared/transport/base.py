@@ -35,6 +35,10 @@ class DeviceBuffer(abc.ABC):
         """Copy each CPU tensor's bytes to its buffer offset (converted layouts; executor)."""
 
     @abc.abstractmethod
+    def contents(self) -> torch.Tensor:
+        """The buffer's bytes as a flat uint8 tensor on its device, to copy from."""
+
+    @abc.abstractmethod
     def export(self) -> dict[str, Any]:
         """Return a handle for one consumer (one lease); msgpack-serialisable."""
 

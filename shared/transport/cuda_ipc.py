@@ -130,6 +130,9 @@ class CudaBuffer(DeviceBuffer):
             self.tensor[offset:offset + data.numel()].copy_(data)
         torch.cuda.synchronize(self.tensor.device)
 
+    def contents(self) -> torch.Tensor:
+        return self.tensor
+
     def export(self) -> dict[str, Any]:
         # On the event loop's thread, whose current device is 0: DLPack exports only from the
         # current device.

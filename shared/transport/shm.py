@@ -57,6 +57,9 @@ class ShmBuffer(DeviceBuffer):
         finally:
             os.close(fd)
 
+    def contents(self) -> torch.Tensor:
+        return open_shm_handle(self.export())  # a read-only mapping: no copy
+
     def export(self) -> dict[str, Any]:
         return {"kind": "shm", "path": str(self.path), "nbytes": self.nbytes}
 

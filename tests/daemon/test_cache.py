@@ -18,6 +18,9 @@ class SizedBuffer(DeviceBuffer):
     def write_tensors(self, items):
         raise AssertionError("the cache must not fill buffers")
 
+    def contents(self):
+        raise AssertionError("the cache must not read buffers")
+
     def export(self):
         raise AssertionError("the cache must not export buffers")
 

@@ -121,10 +121,11 @@ class Node:
     async def release(self, lease: AcquireResult, session: str) -> None:
         assert await self.ask(Release(lease=lease.lease), session) == Done()
 
-    async def names(self) -> set[str]:
+    async def names(self, tier: str = "device") -> set[str]:
+        """The files of the entries in ``tier``: on the device, or copies in host memory."""
         listed = await self.ask(ListEntries())
         assert isinstance(listed, EntriesResult)
-        return {stem(e) for e in listed.entries}
+        return {stem(e) for e in listed.entries if e.tier == tier}
 
     def stats(self) -> DeviceStats:
         return self.service.stats().device("cpu")
