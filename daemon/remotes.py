@@ -133,6 +133,14 @@ def _make_store(source: RemoteSource, settings: SourceSettings) -> Any:
                                       "read_timeout": READ_TIMEOUT, "timeout": TRANSFER_TIMEOUT}
     if source.scheme == "s3":
         s3: dict[str, Any] = {"skip_signature": settings.skip_signature}
+        # obstore reads AWS_ALLOW_HTTP and AWS_ALLOW_INVALID_CERTIFICATES from the environment
+        # only when it is given no client options at all; the daemon gives its own timeouts,
+        # so it passes these on itself (an S3-compatible store at http://, by AWS_ENDPOINT_URL).
+        if "AWS_ALLOW_HTTP" in os.environ:
+            client_options["allow_http"] = _env_flag("AWS_ALLOW_HTTP")
+        if "AWS_ALLOW_INVALID_CERTIFICATES" in os.environ:
+            client_options["allow_invalid_certificates"] = _env_flag(
+                "AWS_ALLOW_INVALID_CERTIFICATES")
         if settings.endpoint:
             s3["endpoint"] = settings.endpoint
             client_options["allow_http"] = settings.endpoint.startswith("http://")
@@ -154,6 +162,17 @@ def _make_store(source: RemoteSource, settings: SourceSettings) -> Any:
         # reqwest drops these when a redirect leaves the host, so a token reaches only its host
         client_options["default_headers"] = headers
     return HTTPStore.from_url(source.origin, retry_config=RETRIES, client_options=client_options)
+
+
+def _env_flag(variable: str) -> bool:
+    """A true-or-false environment variable, read as obstore reads it."""
+    value = os.environ[variable].strip().lower()
+    if value in ("1", "true", "on", "yes", "y"):
+        return True
+    if value in ("0", "false", "off", "no", "n", ""):
+        return False
+    raise LoraCacheError(ErrorCode.SOURCE_FAILED, f"the daemon's environment variable "
+                         f"{variable}={os.environ[variable]!r} is neither true nor false")
 
 
 def _profile_credentials(profile: str | None) -> Any:

@@ -1,0 +1,196 @@
+"""The host tier, in process over the real shared-memory transport: an entry evicted for room
+keeps its bytes in host memory and comes back from them without its file being read or
+converted again; the tier keeps its own budget, gives way when the tmpfs is full, and goes
+with evict and clear. A GPU stand-in shows the copies made from a device and uploaded to it."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loracache.daemon.config import load_config
+from loracache.daemon.service import CacheService
+from loracache.shared.dtypes import ITEM_SIZES
+from loracache.shared.protocol import Acquire, AcquireResult, Clear, Evict, TierStats
+from loracache.shared.transport import open_handle
+from tests.daemon.test_service_devices import GPU, LookalikeGpu
+from tests.daemon.test_service_policy import (  # noqa: F401 (make_node is a fixture)
+    ENTRY,
+    TTL,
+    Node,
+    Shm,
+    in_loop,
+    make_node,
+)
+
+FIXTURES = Path(__file__).parents[1] / "fixtures"
+SD15_LORA = "diffusers_pr8283_sd15_pokemon_lora.safetensors"
+
+
+def host_stats(node: Node) -> TierStats:
+    return next(t for t in node.service.stats().tiers if t.tier == "host")
+
+
+def reads(node: Node, device: str = "cpu") -> dict[str, int]:
+    """How many loads read, converted and uploaded on ``device``."""
+    stages = node.service.stats().device(device).stage_seconds
+    return {stage: stages[stage].count if stage in stages else 0
+            for stage in ("read", "convert", "upload")}
+
+
+def tensors_of(lease: AcquireResult) -> dict[str, torch.Tensor]:
+    """The lease's tensors, as bytes (copied out of the mapping)."""
+    flat = open_handle(lease.handle)
+    return {spec.name: flat[spec.offset:spec.offset + ITEM_SIZES[spec.dtype]
+                            * math.prod(spec.shape)].clone()
+            for spec in lease.tensors or []}
+
+
+@in_loop
+async def test_an_entry_evicted_for_room_comes_back_from_host_memory_as_it_was(make_node):
+    node = make_node(max_bytes=str(ENTRY))  # room for one entry on the device
+    session = await node.hello()
+    first = await node.lease("a", session)
+    await node.release(first, session)
+    await node.release(await node.lease("b", session), session)  # evicts a, for room
+    assert await node.names() == {"b"} and await node.names("host") == {"a"}
+    before = reads(node)
+    again = await node.lease("a", session)
+    assert await node.names() == {"a"} and await node.names("host") == {"b"}
+    # The CPU's copy is the entry itself, moved back: the same shared-memory file, no read.
+    assert again.handle["path"] == first.handle["path"]
+    assert reads(node)["read"] == before["read"]
+    assert torch.equal(tensors_of(again)["w"], tensors_of(first)["w"])
+    stats = host_stats(node)
+    assert (stats.hits, stats.entries, stats.used) == (1, 1, ENTRY)
+    assert node.stats().loads == 3 and node.stats().evictions == 2
+
+
+@in_loop
+async def test_a_converted_entry_comes_back_converted_without_converting_again(make_node):
+    node = make_node(max_bytes="4MiB")  # room for one converted SD 1.5 LoRA (3.1 MiB)
+    shutil.copy(FIXTURES / SD15_LORA, node.loras / SD15_LORA)
+    node.lora("filler", units=300)  # 1.2 MiB: with the LoRA, more than the budget
+    session = await node.hello()
+    first = await node.ask(Acquire(path=SD15_LORA, layout="sd"), session)
+    expected = tensors_of(first)
+    await node.release(first, session)
+    await node.release(await node.lease("filler", session), session)
+    assert await node.names("host") == {SD15_LORA.removesuffix(".safetensors")}
+    before = reads(node)
+    again = await node.ask(Acquire(path=SD15_LORA, layout="sd"), session)
+    assert reads(node)["read"] == before["read"]
+    assert reads(node)["convert"] == before["convert"] == 1
+    assert again.tensors == first.tensors
+    got = tensors_of(again)
+    assert got.keys() == expected.keys() and len(expected) > 100
+    assert all(torch.equal(got[name], expected[name]) for name in expected)
+
+
+@in_loop
+async def test_the_host_tier_keeps_its_most_recent_copies_within_its_budget(make_node):
+    node = make_node(max_bytes=str(ENTRY), host_max_bytes=str(2 * ENTRY))
+    session = await node.hello()
+    for name in "abcd":
+        await node.release(await node.lease(name, session), session)
+    assert await node.names() == {"d"} and await node.names("host") == {"b", "c"}
+    stats = host_stats(node)
+    assert (stats.used, stats.budget, stats.evictions) == (2 * ENTRY, 2 * ENTRY, 1)
+    held = {p.name for p in node.transport.directory.glob("*.bin")}
+    assert len(held) == 3  # the evicted copy's memory is freed, not just forgotten
+
+
+@in_loop
+async def test_host_max_bytes_0_keeps_no_copies(make_node):
+    node = make_node(max_bytes=str(ENTRY), host_max_bytes="0")
+    session = await node.hello()
+    await node.release(await node.lease("a", session), session)
+    await node.release(await node.lease("b", session), session)
+    assert await node.names("host") == set()
+    assert [t.tier for t in node.service.stats().tiers] == []
+    await asyncio.sleep(0.05)  # the free runs on the device's thread
+    assert len(list(node.transport.directory.glob("*.bin"))) == 1
+
+
+@in_loop
+async def test_evict_and_clear_drop_host_copies_too(make_node):
+    node = make_node(max_bytes=str(ENTRY))
+    session = await node.hello()
+    for name in "abc":
+        await node.release(await node.lease(name, session), session)
+    assert await node.names("host") == {"a", "b"}
+    result = await node.ask(Evict(path=node.lora("a")))
+    assert result.evicted == 1 and await node.names("host") == {"b"}
+    result = await node.ask(Clear())
+    assert result.evicted == 2 and await node.names("host") == set() and await node.names() == set()
+    await asyncio.sleep(0.05)
+    assert list(node.transport.directory.glob("*.bin")) == []
+
+
+@in_loop
+async def test_a_full_tmpfs_frees_host_copies_before_refusing(make_node):
+    """Host copies share the CPU's tmpfs: when it is full they go first, oldest first."""
+    node = make_node(capacity=2 * ENTRY, cache_size=0)  # each release demotes its entry
+    session = await node.hello()
+    for name in "ab":
+        await node.release(await node.lease(name, session), session)
+    assert await node.names("host") == {"a", "b"}
+    lease = await node.lease("c", session)
+    assert await node.names() == {"c"} and await node.names("host") == {"b"}
+    assert torch.equal(tensors_of(lease)["w"], torch.zeros(ENTRY, dtype=torch.uint8))
+
+
+def gpu_node(tmp_path: Path, **settings: Any) -> Node:
+    """A service with the CPU and a GPU stand-in (shared memory under a GPU's name)."""
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    config = load_config({"lora_dirs": [str(loras)], "session_ttl": TTL, **settings},
+                         environ={})
+    service = CacheService(config, [Shm(tmp_path / "cpu"), LookalikeGpu(tmp_path / "gpu")])
+    return Node(service, loras)
+
+
+def test_a_gpu_entry_evicted_for_room_is_copied_to_host_memory_and_uploaded_back(tmp_path):
+    node = gpu_node(tmp_path, max_bytes=str(LookalikeGpu.SEGMENT))  # one entry per device
+
+    async def scenario() -> None:
+        session = await node.hello()
+        first = await node.ask(Acquire(path=node.lora("a", seed=1), device=GPU), session)
+        expected = tensors_of(first)
+        await node.release(first, session)
+        await node.release(await node.ask(Acquire(path=node.lora("b"), device=GPU), session),
+                           session)
+        for _ in range(100):  # the copy is made on the device's thread
+            if await node.names("host") == {"a"}:
+                break
+            await asyncio.sleep(0.02)
+        assert await node.names("host") == {"a"}
+        before = reads(node, GPU)
+        again = await node.ask(Acquire(path=node.lora("a"), device=GPU), session)
+        after = reads(node, GPU)
+        assert after["read"] == before["read"] and after["upload"] == before["upload"] + 1
+        assert again.handle["path"] != first.handle["path"]  # a new device buffer, uploaded
+        assert torch.equal(tensors_of(again)["w"], expected["w"])
+        await node.release(again, session)
+        # The upload left a's copy in the host tier; b, evicted for a, joins it. A CPU lease
+        # of the same file and layout takes the host copy of b itself.
+        for _ in range(100):
+            if await node.names("host") == {"a", "b"}:
+                break
+            await asyncio.sleep(0.02)
+        assert await node.names("host") == {"a", "b"}
+        cpu_before = reads(node, "cpu")
+        on_cpu = await node.ask(Acquire(path=node.lora("b")), session)
+        assert reads(node, "cpu")["read"] == cpu_before["read"]
+        assert await node.names("host") == {"a"} and await node.names() == {"a", "b"}
+        assert torch.equal(tensors_of(on_cpu)["w"], torch.zeros(ENTRY, dtype=torch.uint8))
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        node.service.close()
