@@ -135,8 +135,27 @@ def print_stats(stats: StatsResult, watching: bool = False) -> None:
                      " / ".join(_seconds(p) for p in (times.p50, times.p90, times.p99))])
     print_table(["DEVICE", "BUDGET", "USED", "PINNED", "ENTRIES", "LEASES", "SESSIONS", "HITS",
                  "MISSES", "HIT RATE", "EVICTIONS", "LOADS", "LOAD p50 / p90 / p99"], rows)
+    if stats.tiers:
+        print()
+        print_table(["TIER", "BUDGET", "USED", "ENTRIES", "HITS", "MISSES", "EVICTIONS"],
+                    [[t.tier, human_bytes(t.budget), human_bytes(t.used), t.entries, t.hits,
+                      t.misses, t.evictions] for t in stats.tiers])
+    print_stages(stats)
     print_allocators(stats)
     sys.stdout.flush()
+
+
+def print_stages(stats: StatsResult) -> None:
+    """Where load time goes: a line per device and per tier that has loaded."""
+    for d in stats.devices:
+        if d.stage_seconds:
+            print(f"{d.device} loads, p50 / p90: " + ", ".join(
+                f"{stage} {_seconds(t.p50)} / {_seconds(t.p90)}"
+                for stage, t in d.stage_seconds.items()))
+    for t in stats.tiers:
+        if t.load_seconds is not None and t.load_seconds.count:
+            print(f"downloads, p50 / p90: {_seconds(t.load_seconds.p50)} / "
+                  f"{_seconds(t.load_seconds.p90)}")
 
 
 def print_allocators(stats: StatsResult) -> None:
@@ -154,9 +173,10 @@ def _ls(client: LoraCacheClient, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(msgspec.to_builtins(entries), indent=2))
         return 0
-    rows = [[e.path, e.device, e.layout, human_bytes(e.nbytes), e.leases,
-             "yes" if e.pinned else "", human_duration(e.idle_s)] for e in entries]
-    print_table(["PATH", "DEVICE", "LAYOUT", "SIZE", "LEASES", "PINNED", "IDLE"], rows)
+    rows = [[e.source or e.path, e.tier, e.device, e.layout, human_bytes(e.nbytes), e.leases,
+             "yes" if e.pinned else "", human_duration(e.idle_s) if e.tier == "device" else ""]
+            for e in entries]
+    print_table(["LORA", "TIER", "DEVICE", "LAYOUT", "SIZE", "LEASES", "PINNED", "IDLE"], rows)
     print_allocators(client.stats())
     return 0
 

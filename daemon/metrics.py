@@ -16,7 +16,7 @@ from prometheus_client.core import (CollectorRegistry, CounterMetricFamily, Gaug
                                     HistogramMetricFamily, Metric)
 from prometheus_client.registry import Collector
 
-from loracache.shared.protocol import StatsResult
+from loracache.shared.protocol import LoadTimesInfo, StatsResult
 
 SNAPSHOT_TIMEOUT = 5.0
 
@@ -36,6 +36,16 @@ ALLOCATOR_GAUGES = {  # GPUs only: what torch's allocator in the daemon holds
                        "Device memory the daemon's allocator holds from the driver"),
     "waiting_bytes": ("loracache_allocator_waiting_bytes",
                       "Memory of evicted entries that workers still map"),
+}
+TIER_GAUGES = {  # TierStats field -> (metric name, help)
+    "budget": ("loracache_tier_budget_bytes", "Budget of a tier behind the devices"),
+    "used": ("loracache_tier_used_bytes", "Bytes held by a tier behind the devices"),
+    "entries": ("loracache_tier_entries", "Entries of a tier behind the devices"),
+}
+TIER_COUNTERS = {
+    "hits": ("loracache_tier_hits", "Loads served by the tier"),
+    "misses": ("loracache_tier_misses", "Loads the tier could not serve"),
+    "evictions": ("loracache_tier_evictions", "Entries the tier evicted"),
 }
 DEVICE_COUNTERS = {
     "hits": ("loracache_hits", "Acquires served from the cache"),
@@ -70,15 +80,45 @@ class StatsCollector(Collector):
                                           "Time to load a file into the cache", labels=["device"])
         for device in devices:
             times = device.load_seconds
-            histogram.add_metric([device.device], [(str(le), n) for le, n in times.buckets],
-                                 times.sum)
+            histogram.add_metric([device.device], _buckets(times), times.sum)
         yield histogram
+        stages = HistogramMetricFamily("loracache_load_stage_seconds",
+                                       "Time of each stage of loads: read, convert, upload",
+                                       labels=["device", "stage"])
+        for device in devices:
+            for stage, times in device.stage_seconds.items():
+                stages.add_metric([device.device, stage], _buckets(times), times.sum)
+        yield stages
+        yield from _tiers(stats)
         errors = CounterMetricFamily("loracache_errors", "Error replies by code", labels=["code"])
         for code, count in sorted(stats.errors.items()):
             errors.add_metric([code], count)
         yield errors
         yield GaugeMetricFamily("loracache_sessions", "Open client sessions",
                                 value=stats.sessions)
+
+
+def _tiers(stats: StatsResult) -> Iterator[Metric]:
+    for key, (name, help_text) in TIER_GAUGES.items():
+        family = GaugeMetricFamily(name, help_text, labels=["tier"])
+        for tier in stats.tiers:
+            family.add_metric([tier.tier], getattr(tier, key))
+        yield family
+    for key, (name, help_text) in TIER_COUNTERS.items():
+        counter = CounterMetricFamily(name, help_text, labels=["tier"])
+        for tier in stats.tiers:
+            counter.add_metric([tier.tier], getattr(tier, key))
+        yield counter
+    downloads = HistogramMetricFamily("loracache_download_seconds",
+                                      "Time to download a remote LoRA into the disk tier")
+    for tier in stats.tiers:
+        if tier.load_seconds is not None:
+            downloads.add_metric([], _buckets(tier.load_seconds), tier.load_seconds.sum)
+    yield downloads
+
+
+def _buckets(times: LoadTimesInfo) -> list[tuple[str, float]]:
+    return [(str(le), n) for le, n in times.buckets]
 
 
 def loop_snapshot(loop: asyncio.AbstractEventLoop,

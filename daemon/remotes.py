@@ -206,10 +206,19 @@ def _object_file(meta: Any) -> RemoteFile:
 
 # ---------------------------------------------------------------------------------- the Hub
 
+def _hub_offline() -> bool:
+    """HF_HUB_OFFLINE, as huggingface_hub read it. Its ``constants`` is a submodule that the
+    package does not import by itself: ``huggingface_hub.constants`` alone is an
+    AttributeError until something else has imported it."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
 def _hub_head(source: RemoteSource) -> RemoteFile:
     import huggingface_hub
 
-    if huggingface_hub.constants.HF_HUB_OFFLINE:
+    if _hub_offline():
         raise LoraCacheError(ErrorCode.SOURCE_FAILED,
                              f"{source.url}: HF_HUB_OFFLINE is set, so the daemon does not ask "
                              "the Hub; it serves only what it or the Hub cache already has")
@@ -230,7 +239,7 @@ def _hub_download(source: RemoteSource, partial: Path, admit: Admit) -> RemoteFi
     """The file from the Hub, or from the Hub's own cache when HF_HUB_OFFLINE is set."""
     import huggingface_hub
 
-    offline = huggingface_hub.constants.HF_HUB_OFFLINE
+    offline = _hub_offline()
     announced = None if offline else _hub_head(source)
     if announced is not None:
         admit(announced)

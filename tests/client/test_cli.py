@@ -59,6 +59,7 @@ def table(text: str, first_column: str) -> list[dict[str, str]]:
     lines = text.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith(first_column))
     header, rows = lines[start], lines[start + 1:]
+    rows = rows[:rows.index("")] if "" in rows else rows  # up to the next table
     columns = [(m.group(), m.start()) for m in re.finditer(r"\S+(?: \S+)*", header)]
     ends = [begin for _, begin in columns[1:]] + [None]
     return [{name: row[begin:end].strip() for (name, begin), end in zip(columns, ends)}
@@ -146,8 +147,8 @@ def test_ls_json_and_table(shared_daemon):
     with daemon.client() as client, client.acquire("leased.safetensors"):
         time.sleep(0.1)
         entries = listed(daemon.socket)
-        rows = {Path(r["PATH"]).name: r for r in table(cli("ls", socket=daemon.socket).stdout,
-                                                       "PATH")}
+        rows = {Path(r["LORA"]).name: r for r in table(cli("ls", socket=daemon.socket).stdout,
+                                                       "LORA")}
     expected = {"pinned": (MiB, 0, True), "leased": (2 * MiB, 1, False),
                 "idle": (1 << 10, 0, False)}
     for name, (nbytes, leases, pinned) in expected.items():

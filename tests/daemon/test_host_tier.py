@@ -19,14 +19,7 @@ from loracache.shared.dtypes import ITEM_SIZES
 from loracache.shared.protocol import Acquire, AcquireResult, Clear, Evict, TierStats
 from loracache.shared.transport import open_handle
 from tests.daemon.test_service_devices import GPU, LookalikeGpu
-from tests.daemon.test_service_policy import (  # noqa: F401 (make_node is a fixture)
-    ENTRY,
-    TTL,
-    Node,
-    Shm,
-    in_loop,
-    make_node,
-)
+from tests.daemon.service_node import ENTRY, TTL, Node, Shm, in_loop
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 SD15_LORA = "diffusers_pr8283_sd15_pokemon_lora.safetensors"

@@ -26,7 +26,8 @@ def lora(lora_dir, name: str, seed: int = 0) -> str:
 
 def cached_names(daemon) -> set[str]:
     with daemon.client(heartbeat=False) as client:
-        return {e.path.rsplit("/", 1)[1].removesuffix(".safetensors") for e in client.list()}
+        return {e.path.rsplit("/", 1)[1].removesuffix(".safetensors") for e in client.list()
+                if e.tier == "device"}
 
 
 def test_cache_full_after_waiting_for_the_timeout(start_daemon, lora_dir):
@@ -58,7 +59,7 @@ def test_acquire_waits_for_a_release_instead_of_failing(start_daemon, lora_dir):
 
 
 def test_cache_size_zero_keeps_nothing_unleased_but_shares_while_leased(start_daemon, lora_dir):
-    daemon = start_daemon("--max-bytes", "64MiB", "--cache-size", "0")
+    daemon = start_daemon("--max-bytes", "64MiB", "--cache-size", "0", "--host-max-bytes", "0")
     with daemon.client() as client:
         first = client.acquire(lora(lora_dir, "a"))
         second = client.acquire("a.safetensors")
