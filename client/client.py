@@ -9,7 +9,7 @@ import os
 import weakref
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterable
 
 from loracache.shared import device_names
 from loracache.shared.errors import ErrorCode, LoraCacheError
@@ -23,6 +23,7 @@ from loracache.shared.protocol import (
     Evict,
     Heartbeat,
     ListEntries,
+    Prefetch,
     Preload,
     Probe,
     Stats,
@@ -118,6 +119,15 @@ class LoraCacheClient:
         entry: EntryInfo = self._request(Preload(
             path=os.fspath(path), device=device_name(device), layout=layout, pin=pin))
         return entry
+
+    def prefetch(self, sources: Iterable[str | os.PathLike[str]],
+                 device: str | torch.device = "cpu", layout: str = "raw") -> None:
+        """Warm the daemon's tiers for ``sources`` (paths or URLs) down to ``device``, and
+        return at once: a scheduler that knows the next requests' LoRAs calls this so their
+        acquires are hits. Refusals of the request itself (a URL not allowed, an unknown
+        device) raise here; a failed fetch or load shows in the daemon's log and at acquire."""
+        self._request(Prefetch(paths=[os.fspath(s) for s in sources], device=device_name(device),
+                               layout=layout))
 
     def evict(self, path: str | os.PathLike[str], device: str = "") -> DropResult:
         """Evict the unleased entries of ``path``: how many were, and how many are leased."""

@@ -8,6 +8,7 @@ session expiry over them.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import concurrent.futures
 import inspect
@@ -22,6 +23,7 @@ from typing import Any, Awaitable, Callable
 
 from loracache.shared.device_names import same_device, selects
 from loracache.shared.errors import ErrorCode, LoraCacheError
+from loracache.shared.families import LAYOUTS
 from loracache.shared.humanize import human_bytes
 from loracache.shared.ipc_compat import check_importer, torch_release
 from loracache.shared.protocol import (
@@ -39,6 +41,7 @@ from loracache.shared.protocol import (
     Hello,
     HelloResult,
     ListEntries,
+    Prefetch,
     Preload,
     Probe,
     Release,
@@ -82,11 +85,13 @@ class CacheService:
         self.disk = _disk_cache(config)  # None: no remote sources
         self.errors: collections.Counter[str] = collections.Counter()  # replies by error code
         self.metrics_address: str | None = None  # set by the server when it serves metrics
+        self._prefetching: set[asyncio.Task[None]] = set()
         # Each takes its request and the session (None for ops that need none).
         self._handlers: dict[type[Request], Callable[[Any, Any], Any]] = {
             Hello: self._hello, Acquire: self._acquire, Release: self._release,
             Heartbeat: self._heartbeat, Bye: self._bye, Stats: self._stats,
-            ListEntries: self._list, Preload: self._preload, Evict: self._evict,
+            ListEntries: self._list, Preload: self._preload, Prefetch: self._prefetch,
+            Evict: self._evict,
             Clear: self._clear, Probe: self._probe,
         }
 
@@ -319,6 +324,32 @@ class CacheService:
         info = entry.info()
         device.trim()
         return info
+
+    def _prefetch(self, req: Prefetch, _: Session | None) -> Done:
+        """Check the request now, warm the tiers in the background (each LoRA as a preload)."""
+        device = self._device(req.device)
+        if req.layout not in LAYOUTS:
+            raise LoraCacheError(ErrorCode.BAD_REQUEST, f"unknown layout {req.layout!r}; "
+                                 f"known: {', '.join(LAYOUTS)}")
+        for path in req.paths:
+            if is_remote(path):
+                check_allowed(parse_source(path), self.config.allow_sources)
+            else:
+                confine(path, self.config.lora_dirs)
+        for path in req.paths:
+            task = asyncio.get_running_loop().create_task(
+                self._warm(Preload(path=path, device=device.name, layout=req.layout)))
+            self._prefetching.add(task)
+            task.add_done_callback(self._prefetching.discard)
+        return Done()
+
+    async def _warm(self, req: Preload) -> None:
+        try:
+            outcome = self._preload(req, None)
+            if inspect.isawaitable(outcome):
+                await outcome
+        except Exception as exc:  # the worker learns it at acquire; the operator here
+            log.warning("prefetch of %s on %s failed: %s", req.path, req.device, exc)
 
     def _evict(self, req: Evict, _: Session | None) -> DropResult:
         if is_remote(req.path):  # the entries made from its downloads

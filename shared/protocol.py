@@ -29,6 +29,7 @@ MAX_TEXT_LEN = 8192
 MAX_REPLY_BYTES = 64 << 20
 
 Text = Annotated[str, msgspec.Meta(max_length=MAX_TEXT_LEN)]
+MAX_PREFETCH = 1024  # LoRAs one prefetch may name
 
 
 # ----------------------------------------------------------------------------------- results
@@ -244,6 +245,16 @@ class Preload(Request, frozen=True, kw_only=True, tag="preload"):
     pin: bool = False
 
 
+class Prefetch(Request, frozen=True, kw_only=True, tag="prefetch"):
+    """Warm the tiers for ``paths`` down to the device, in the background: the reply comes
+    once they are checked (allowed, known device), before anything is fetched or loaded."""
+
+    result_type = Done
+    paths: Annotated[list[Text], msgspec.Meta(max_length=MAX_PREFETCH)]
+    device: Text = "cpu"
+    layout: Text = "raw"
+
+
 class Evict(Request, frozen=True, kw_only=True, tag="evict"):
     """Evict the unleased entries of ``path`` (every layout and device unless narrowed)."""
 
@@ -274,7 +285,7 @@ def _request_types(*classes: type[Request]) -> dict[str, type[Request]]:
 
 
 REQUEST_TYPES = _request_types(Hello, Acquire, Release, Heartbeat, Bye, Stats, ListEntries,
-                               Preload, Evict, Clear, Probe)
+                               Preload, Prefetch, Evict, Clear, Probe)
 
 
 # --------------------------------------------------------------------------------- encoding

@@ -319,3 +319,20 @@ def test_a_daemon_stops_while_a_download_hangs(remote_daemon, server):
     waiter.join(30)
     assert [type(e) for e in failed] == [LoraCacheError]
     client.close()
+
+
+def test_prefetch_downloads_and_loads_before_the_acquire(remote_daemon, server, cache_dir):
+    server.files["a.safetensors"] = lora_bytes(40)
+    url = f"{server.base}/files/a.safetensors"
+    daemon = remote_daemon()
+    with daemon.client() as client:
+        client.prefetch([url])
+        wait_until(lambda: any(e.tier == "device" for e in client.list()))
+        (entry,) = [e for e in client.list() if e.tier == "device"]
+        assert entry.source == url and daemon.cpu_stats().misses == 0
+        with client.acquire(url) as lease:
+            assert lease.entry.id == entry.id
+        assert daemon.cpu_stats().hits == 1
+        (download,) = [e for e in client.list() if e.tier == "disk"]
+        assert download.source == url and download.nbytes == len(server.files["a.safetensors"])
+    assert server.gets["/files/a.safetensors"] == 1
