@@ -21,6 +21,8 @@ BENCHMARKS = {
     "memory": "PSS of N workers leasing the same LoRAs vs each loading its own copies",
     "throughput": "acquires/s with 1, 4, 16 client processes; hit p50 with 10..10,000 entries",
     "fuse": "fuse and switch LoRAs on an SD 1.5 UNet vs diffusers and vs the bare GEMMs",
+    "tiers": "re-acquire from the host tier vs the disk tier vs the source; a download through "
+             "the daemon vs obstore's; N workers asking for one URL at once",
 }
 
 
