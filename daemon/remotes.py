@@ -36,6 +36,8 @@ TRANSFER_TIMEOUT = "3600s"  # a whole request, body included: GBs at slow speeds
 # obstore retries failed requests: a few, briefly, so a dead source fails in about a minute.
 RETRIES: RetryConfig = {"max_retries": 2, "retry_timeout": datetime.timedelta(seconds=30)}
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+# Where obstore reads an S3 endpoint from the environment.
+ENDPOINT_VARIABLES = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ENDPOINT")
 # The errno values of a write that found no room: the disk cache evicts and tries again.
 NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
@@ -138,6 +140,8 @@ def _make_store(source: RemoteSource, settings: SourceSettings) -> Any:
         # so it passes these on itself (an S3-compatible store at http://, by AWS_ENDPOINT_URL).
         if "AWS_ALLOW_HTTP" in os.environ:
             client_options["allow_http"] = _env_flag("AWS_ALLOW_HTTP")
+        elif any(os.environ.get(name, "").startswith("http://") for name in ENDPOINT_VARIABLES):
+            client_options["allow_http"] = True  # the operator named an http:// endpoint
         if "AWS_ALLOW_INVALID_CERTIFICATES" in os.environ:
             client_options["allow_invalid_certificates"] = _env_flag(
                 "AWS_ALLOW_INVALID_CERTIFICATES")
@@ -216,6 +220,11 @@ def _hub_offline() -> bool:
 
 
 def _hub_head(source: RemoteSource) -> RemoteFile:
+    return _hub_metadata(source)[0]
+
+
+def _hub_metadata(source: RemoteSource) -> tuple[RemoteFile, str | None]:
+    """What the Hub says the file is now, and the commit its revision resolves to."""
     import huggingface_hub
 
     if _hub_offline():
@@ -232,7 +241,8 @@ def _hub_head(source: RemoteSource) -> RemoteFile:
         raise LoraCacheError(ErrorCode.SOURCE_FAILED,
                              f"{source.url}: the Hub did not say the file's size and ETag")
     etag = meta.etag.strip('"')
-    return RemoteFile(meta.size, f"etag:{etag}", etag if _SHA256.fullmatch(etag) else None)
+    return (RemoteFile(meta.size, f"etag:{etag}", etag if _SHA256.fullmatch(etag) else None),
+            meta.commit_hash)
 
 
 def _hub_download(source: RemoteSource, partial: Path, admit: Admit) -> RemoteFile:
@@ -240,13 +250,14 @@ def _hub_download(source: RemoteSource, partial: Path, admit: Admit) -> RemoteFi
     import huggingface_hub
 
     offline = _hub_offline()
-    announced = None if offline else _hub_head(source)
+    announced, commit = (None, None) if offline else _hub_metadata(source)
     if announced is not None:
         admit(announced)
     folder = partial.with_name(partial.name + ".hub")
     try:
+        # The commit just resolved, so a branch that moves meanwhile cannot swap the file.
         fetched = Path(huggingface_hub.hf_hub_download(
-            source.hub_repo_id, source.hub_filename, revision=source.revision,
+            source.hub_repo_id, source.hub_filename, revision=commit or source.revision,
             local_files_only=offline, local_dir=None if offline else folder))
         size = fetched.stat().st_size
         if announced is None:  # from the Hub cache: its blob is named by its hash
