@@ -3,9 +3,9 @@
 Run as ``python tests/soak_worker.py CONFIG_JSON`` with PYTHONPATH at the repository root. It
 works against the daemon until the stop file appears, then releases everything and exits 0:
 
-- mode ``raw``: acquires random files, popular ones more often as real traffic does, holding 0
-  to 2 leases; checks every tensor of each lease against the file on disk when it is acquired
-  and again before it is released;
+- mode ``raw``: acquires random files (some by URL), popular ones more often as real traffic
+  does, holding 0 to 2 leases; checks every tensor of each lease against the file on disk when
+  it is acquired and again before it is released;
 - mode ``fuse``: fuses 1 or 2 SD LoRAs into a tiny pipeline through the daemon, then unfuses
   and deletes them, checking the weights come back (bit-exactly with ``restore="backup"``).
 
@@ -112,6 +112,7 @@ class RawWorker(Worker):
     def __init__(self, config: dict) -> None:
         super().__init__(config)
         self.files = config["files"]  # most popular first
+        self.urls = config["urls"]  # the files asked for by URL, by name
         self.popularity = [1 / (rank + 1) for rank in range(len(self.files))]  # Zipf
         self.written: dict[str, dict[str, torch.Tensor]] = {}  # file name -> its tensors
 
@@ -124,7 +125,8 @@ class RawWorker(Worker):
                 self.pause(IDLE_SECONDS)
             else:
                 name = self.rng.choices(self.files, self.popularity)[0]
-                lease = self.full_or(lambda n=name: self.client.acquire(n))
+                source = self.urls.get(name, name)
+                lease = self.full_or(lambda s=source: self.client.acquire(s))
                 if lease is not None:
                     self.check(name, lease)
                     held.append((name, lease))

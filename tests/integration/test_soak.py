@@ -1,11 +1,14 @@
 """Soak: 16 client processes against one daemon with a tight budget, while workers die by SIGKILL.
 
 Twelve workers lease raw files at random and check every tensor against the file; four fuse SD
-LoRAs into a tiny pipeline and check the weights come back. The test kills random workers (many
-holding leases) and starts replacements; some workers kill themselves while holding leases. It
-checks that the budget is never exceeded, that every lease comes back once the killed sessions
-expire, that the daemon's hit and miss counters match the acquires the workers saw succeed, and
-that the daemon's memory does not grow.
+LoRAs into a tiny pipeline and check the weights come back. Half the raw files are asked for by
+URL, from an HTTP server in the test, through a disk tier with room for a few of them; entries
+evicted for room go to a host tier with room for a few more, and come back from it. The test
+kills random workers (many holding leases) and starts replacements; some workers kill themselves
+while holding leases. It checks that the budget is never exceeded, that every lease comes back
+once the killed sessions expire, that the daemon's hit and miss counters match the acquires the
+workers saw succeed, that the daemon's memory does not grow, that the tiers keep their budgets,
+and that no shared memory is left beyond the entries and host copies the daemon lists.
 
 ``LORACACHE_SOAK_SECONDS`` lengthens the busy phase (default 30: the whole test then takes
 well under two minutes on two cores). ``LORACACHE_SOAK_SEED`` replays a run's random choices
@@ -15,7 +18,10 @@ well under two minutes on two cores). ``LORACACHE_SOAK_SEED`` replays a run's ra
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
+import functools
+import http.server
 import json
 import os
 import random
@@ -25,6 +31,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -39,6 +46,8 @@ WORKERS, FUSING_WORKERS = 16, 4
 FILES, FUSABLE_FILES = 20, 6
 RANK = 16  # 250 KiB per file
 ENTRIES_THAT_FIT = 6
+HOST_ENTRIES = 4  # the host tier's budget, in entries
+DISK_FILES = 4  # the disk tier's budget, in files (of the 10 asked for by URL)
 SESSION_TTL = 2
 WARMUP_SECONDS = 5
 RSS_EVERY = 5  # seconds between two samples of the daemon's RSS
@@ -63,13 +72,20 @@ def test_soak_with_kills_keeps_budget_leases_counters_and_memory(start_daemon, l
     seed = int(os.environ.get("LORACACHE_SOAK_SEED") or random.SystemRandom().randrange(10**6))
     print(f"\nsoak seed {seed} (LORACACHE_SOAK_SEED={seed} replays it)", flush=True)
     soak = Soak(seed, lora_dir, tmp_path / "workers")
-    daemon = soak.phase("daemon", start_daemon, "--max-bytes", str(soak.budget),
-                        "--session-ttl", str(SESSION_TTL), "--acquire-timeout", "5")
-    try:
-        soak.run(daemon)
-    finally:
-        soak.finish()
-        print(soak.report(), flush=True)
+    (tmp_path / "downloads").mkdir()
+    with file_server(lora_dir) as base:
+        soak.base = base
+        daemon = soak.phase("daemon", start_daemon, "--max-bytes", str(soak.budget),
+                            "--session-ttl", str(SESSION_TTL), "--acquire-timeout", "5",
+                            "--host-max-bytes", str(HOST_ENTRIES * soak.entry_bytes),
+                            "--allow-source", f"{base}/", "--cache-dir",
+                            str(tmp_path / "downloads"), "--cache-max-bytes",
+                            str(DISK_FILES * soak.file_bytes), "--cache-min-free-bytes", "1")
+        try:
+            soak.run(daemon)
+        finally:
+            soak.finish()
+            print(soak.report(), flush=True)
 
     tally, final = soak.tally, soak.final
     assert not soak.fleet.failures, "\n\n".join(soak.fleet.failures)
@@ -88,6 +104,14 @@ def test_soak_with_kills_keeps_budget_leases_counters_and_memory(start_daemon, l
         f"hits + misses = {counted}, acquires ok {tally.ok}, unresolved {tally.unresolved}, "
         f"renewed sessions {tally.renewed}")
     assert soak.rss_growth() < RSS_GROWTH_LIMIT, "the daemon's memory grew"
+    host, disk = (next(t for t in final.tiers if t.tier == tier) for tier in ("host", "disk"))
+    assert host.hits > 0 and host.used <= host.budget, host  # entries came back from host memory
+    assert disk.misses > 0 and disk.hits > 0 and disk.evictions > 0, disk
+    assert disk.used <= disk.budget, disk  # nothing in use at the end: back within the budget
+    with daemon.client(heartbeat=False) as client:
+        listed = client.list()
+    assert len(daemon.shm_files()) == sum(e.tier in ("device", "host") for e in listed), (
+        "shared memory beyond the entries and host copies the daemon lists")
     assert "Traceback" not in daemon.read_log(), daemon.read_log()[-5000:]
 
 
@@ -104,6 +128,8 @@ class Soak:
         self.phases: dict[str, float] = {}  # seconds each phase took
         self.names, self.fusable, self.entry_bytes = self.phase("files", write_soak_loras,
                                                                 lora_dir)
+        self.file_bytes = max((lora_dir / name).stat().st_size for name in self.names)
+        self.base = ""  # the file server's URL, where half the raw files are asked for
         # Six entries fit; a seventh does not, so 16 workers holding up to 2 leases compete.
         self.budget = (ENTRIES_THAT_FIT + 1) * self.entry_bytes - self.entry_bytes // 8
         self.lora_dir, self.home = lora_dir, home
@@ -127,7 +153,7 @@ class Soak:
         self.daemon_pid = daemon.stats().pid
         self.baseline = self.prime(daemon)
         self.fleet = Fleet(daemon.socket, self.lora_dir, self.names, self.fusable, self.home,
-                           self.rng)
+                           self.rng, self.base)
         self.monitor = BudgetMonitor(daemon.socket)
         self.monitor.start()
         self.fleet.fill()
@@ -223,6 +249,9 @@ class Soak:
         if final:
             lines.append(f"final sessions {final.sessions} (1 is the asking client), leases "
                          f"{final.leases}")
+            lines += [f"{t.tier} tier: {mib(t.used)} of {mib(t.budget)} MiB, {t.entries} "
+                      f"entries, hits {t.hits}, misses {t.misses}, evictions {t.evictions}"
+                      for t in final.tiers]
         return "\n".join(["--- soak figures ---", *lines, "--------------------"])
 
 
@@ -248,6 +277,26 @@ def write_soak_loras(lora_dir: Path) -> tuple[list[str], list[str], int]:
     packed = pack([TensorItem(key, "F32", tuple(shape), shape.numel() * 4)
                    for key, shape in shapes.items()])
     return names, names[:FUSABLE_FILES], packed.nbytes
+
+
+@contextlib.contextmanager
+def file_server(directory: Path) -> Iterator[str]:
+    """Serve ``directory`` over HTTP (as a plain web server does); yields its base URL."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(
+        QuietFiles, directory=str(directory)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+class QuietFiles(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:
+        pass
 
 
 def wait_for_expiry(daemon: Daemon) -> StatsResult:
@@ -312,10 +361,12 @@ class Fleet:
     """Keeps WORKERS worker processes alive: starts them, kills some, replaces the dead ones."""
 
     def __init__(self, socket: Path, lora_dir: Path, names: list[str], fusable: list[str],
-                 home: Path, rng: random.Random) -> None:
+                 home: Path, rng: random.Random, base: str) -> None:
         self.socket, self.lora_dir, self.fusable = socket, lora_dir, fusable
         self.home, self.rng = home, rng
         self.popularity = rng.sample(names, len(names))  # most popular first, for all workers
+        # every other file by popularity is asked for by URL
+        self.urls = {name: f"{base}/{name}" for name in self.popularity[1::2]}
         home.mkdir()
         self.stop_file = home / "stop"
         self.alive: list[SoakWorker] = []
@@ -332,7 +383,7 @@ class Fleet:
         self.started += 1
         self_kill = self.rng.random() < SELF_KILL_SHARE
         config = {"mode": mode, "socket": str(self.socket), "lora_dir": str(self.lora_dir),
-                  "files": self.popularity, "fusable": self.fusable,
+                  "files": self.popularity, "fusable": self.fusable, "urls": self.urls,
                   "seed": self.rng.randrange(2**32), "stop_file": str(self.stop_file),
                   "journal": str(self.home / f"{number:03}.journal"),
                   "self_kill_after": self.rng.randint(*SELF_KILL_AFTER) if self_kill else None}
