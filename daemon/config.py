@@ -116,6 +116,7 @@ class DaemonConfig:
     cache_max_bytes: SizeSpec  # of cache_dir's file system
     cache_min_free_bytes: SizeSpec  # of cache_dir's file system, left free by downloads
     source_revalidate_s: float  # how long a downloaded file is served before asking its source
+    source_timeout_s: float  # how long a source may send nothing before its fetch fails
     source: Mapping[str, SourceSettings]  # by "scheme://authority": how to reach it
     file: Path | None = None  # the configuration file read, if any
     sources: Mapping[str, str] = dataclasses.field(default_factory=dict, compare=False)
@@ -421,6 +422,9 @@ SETTINGS = (
             "free space downloads leave on cache_dir's file system: bytes, 10GiB or 5%"),
     Setting("source_revalidate_s", _seconds, lambda: 300.0,
             "seconds a downloaded LoRA is served before its source is asked whether it changed"),
+    Setting("source_timeout_s", _positive_seconds, lambda: 60.0,
+            "seconds a source may send nothing (connecting, or mid-file) before the fetch "
+            "fails with SOURCE_FAILED"),
     Setting("source", _source_settings, dict,
             "per host or bucket: headers_from_env (https), endpoint, region, profile, "
             "skip_signature (s3)", from_file_only=True),

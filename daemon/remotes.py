@@ -30,8 +30,6 @@ if TYPE_CHECKING:
     from obstore.store import ClientConfig, RetryConfig
 
 CHUNK = 8 << 20
-CONNECT_TIMEOUT = "10s"
-READ_TIMEOUT = "60s"  # a source that sends nothing for this long mid-file has failed
 TRANSFER_TIMEOUT = "3600s"  # a whole request, body included: GBs at slow speeds
 # obstore retries failed requests: a few, briefly, so a dead source fails in about a minute.
 RETRIES: RetryConfig = {"max_retries": 2, "retry_timeout": datetime.timedelta(seconds=30)}
@@ -64,8 +62,10 @@ class Remotes:
     """The sources of one daemon: a client per host or bucket, made on first use with the
     operator's ``[source."..."]`` settings, and the Hub."""
 
-    def __init__(self, settings: Mapping[str, SourceSettings]) -> None:
+    def __init__(self, settings: Mapping[str, SourceSettings], timeout_s: float) -> None:
+        """``timeout_s``: how long a source may send nothing, connecting or mid-file."""
         self.settings = settings
+        self.timeout = datetime.timedelta(seconds=timeout_s)
         self._stores: dict[tuple[str, str], Any] = {}
         self._lock = threading.Lock()
 
@@ -122,7 +122,7 @@ class Remotes:
             if key not in self._stores:
                 settings = self.settings.get(source.origin, SourceSettings())
                 try:
-                    self._stores[key] = _make_store(source, settings)
+                    self._stores[key] = _make_store(source, settings, self.timeout)
                 except LoraCacheError:
                     raise
                 except Exception as exc:
@@ -130,9 +130,10 @@ class Remotes:
             return self._stores[key]
 
 
-def _make_store(source: RemoteSource, settings: SourceSettings) -> Any:
-    client_options: ClientConfig = {"connect_timeout": CONNECT_TIMEOUT,
-                                      "read_timeout": READ_TIMEOUT, "timeout": TRANSFER_TIMEOUT}
+def _make_store(source: RemoteSource, settings: SourceSettings,
+                timeout: datetime.timedelta) -> Any:
+    client_options: ClientConfig = {"connect_timeout": timeout, "read_timeout": timeout,
+                                    "timeout": TRANSFER_TIMEOUT}
     if source.scheme == "s3":
         s3: dict[str, Any] = {"skip_signature": settings.skip_signature}
         # obstore reads AWS_ALLOW_HTTP and AWS_ALLOW_INVALID_CERTIFICATES from the environment

@@ -400,7 +400,7 @@ class CacheService:
         if self.disk is not None:
             self.disk.budget, self.disk.min_free = _disk_limits(config, self.disk.directory)
             self.disk.revalidate_s = config.source_revalidate_s
-            self.disk.remotes = Remotes(config.source)
+            self.disk.remotes = Remotes(config.source, config.source_timeout_s)
         for device in self.devices.values():
             device.reconfigure(config)
         unknown = [name for name in config.device
@@ -511,7 +511,7 @@ def _disk_cache(config: DaemonConfig) -> DiskCache | None:
         return None
     budget, min_free = _disk_limits(config, config.cache_dir)
     return DiskCache(config.cache_dir, budget, min_free, config.source_revalidate_s,
-                     Remotes(config.source))
+                     Remotes(config.source, config.source_timeout_s))
 
 
 def _disk_limits(config: DaemonConfig, directory: Path) -> tuple[int, int]:

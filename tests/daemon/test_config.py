@@ -343,7 +343,7 @@ def full_config(tmp_path: Path, lora_name: str = "loras") -> DaemonConfig:
         "admin_socket": str(tmp_path / "admin.sock"), "admin_group": GROUPS[0],
         "allow_sources": ["s3://loras/team/", "hf://org/", "https://civitai.com/api/"],
         "cache_dir": str(dirs[3]), "cache_max_bytes": "50GiB", "cache_min_free_bytes": "1%",
-        "source_revalidate_s": 60}) + f"""
+        "source_revalidate_s": 60, "source_timeout_s": 5, "host_max_bytes": "2GiB"}) + f"""
 [source."s3://loras"]
 endpoint = "http://minio.local:9000"
 region = "eu-west-1"

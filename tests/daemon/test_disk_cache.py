@@ -16,7 +16,8 @@ NAME = "0123456789abcdef0123456789abcdef"
 
 
 def open_cache(directory: Path) -> DiskCache:
-    return DiskCache(directory, budget=1 << 20, min_free=0, revalidate_s=300, remotes=Remotes({}))
+    return DiskCache(directory, budget=1 << 20, min_free=0, revalidate_s=300,
+                     remotes=Remotes({}, timeout_s=60))
 
 
 def test_start_keeps_whole_downloads_and_drops_partial_or_orphaned_ones(tmp_path):

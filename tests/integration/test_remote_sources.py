@@ -7,6 +7,7 @@ import collections
 import hashlib
 import http.server
 import threading
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -21,7 +22,8 @@ from tests.support import Daemon, wait_until
 class LoraServer(http.server.ThreadingHTTPServer):
     """Serves ``files`` under /files/, and the ways a source fails under other prefixes:
     /moved/ redirects to /files/, /private/ refuses, /cut/ stops half way, /missing/ 404s,
-    /hang/ never answers (until the server shuts down)."""
+    /hang/ never answers, /stall/ sends half the file and then nothing (both until the server
+    shuts down), /chunked/ sends the file in chunks with no length announced."""
 
     daemon_threads = True
 
@@ -54,6 +56,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if kind == "hang":
             self.server.stopping.wait()
             return
+        if kind == "chunked" and data is not None:
+            self.protocol_version = "HTTP/1.1"  # chunked transfer exists from HTTP/1.1 on
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            if body:
+                for start in range(0, len(data), 1024):
+                    piece = data[start:start + 1024]
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                self.wfile.write(b"0\r\n\r\n")
+            self.close_connection = True
+            return
         if kind == "moved":
             self.send_response(302)
             self.send_header("Location", f"/files/{name}")
@@ -65,7 +79,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
-        if data is None or kind not in ("files", "cut"):
+        if data is None or kind not in ("files", "cut", "stall"):
             self.send_response(404)
             self.send_header("Content-Length", "0")
             self.end_headers()
@@ -76,7 +90,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         if body:
             self.wfile.write(data if kind == "files" else data[:len(data) // 2])
-            if kind == "cut":
+            if kind == "stall":
+                self.wfile.flush()
+                self.server.stopping.wait()
+            if kind != "files":
                 self.close_connection = True
 
     def log_message(self, *args: object) -> None:
@@ -111,12 +128,10 @@ def cache_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def remote_daemon(start_daemon, server, cache_dir):
     def start(*flags: str, **kwargs) -> Daemon:
-        return start_daemon("--allow-source", f"{server.base}/files/", "--allow-source",
-                            f"{server.base}/moved/", "--allow-source", f"{server.base}/cut/",
-                            "--allow-source", f"{server.base}/private/", "--allow-source",
-                            f"{server.base}/missing/", "--allow-source", f"{server.base}/hang/",
-                            "--cache-dir", str(cache_dir),
-                            *flags, **kwargs)
+        allowed = [arg for kind in ("files", "moved", "cut", "private", "missing", "hang",
+                                    "stall", "chunked")
+                   for arg in ("--allow-source", f"{server.base}/{kind}/")]
+        return start_daemon(*allowed, "--cache-dir", str(cache_dir), *flags, **kwargs)
     return start
 
 
@@ -336,3 +351,71 @@ def test_prefetch_downloads_and_loads_before_the_acquire(remote_daemon, server, 
         (download,) = [e for e in client.list() if e.tier == "disk"]
         assert download.source == url and download.nbytes == len(server.files["a.safetensors"])
     assert server.gets["/files/a.safetensors"] == 1
+
+
+def test_a_response_that_announces_no_length_is_refused_clearly(remote_daemon, server,
+                                                                cache_dir):
+    """A chunked response (no Content-Length): obstore, which the daemon downloads with,
+    needs the length to check the file came whole; the worker is told so."""
+    server.files["a.safetensors"] = lora_bytes(50)
+    daemon = remote_daemon()
+    with daemon.client() as client, pytest.raises(LoraCacheError) as error:
+        client.acquire(f"{server.base}/chunked/a.safetensors")
+    assert error.value.code is ErrorCode.SOURCE_FAILED
+    assert "Content-Length" in error.value.message, error.value.message
+    assert downloads(cache_dir) == [] and list((cache_dir / ".partial").iterdir()) == []
+
+
+def test_a_source_that_stalls_mid_file_fails_after_source_timeout_s(remote_daemon, server,
+                                                                    cache_dir):
+    server.files["a.safetensors"] = lora_bytes(51) + b" " * (1 << 20)  # 1 MiB of header pad
+    daemon = remote_daemon("--source-timeout-s", "1")
+    with daemon.client() as client:
+        started = time.monotonic()
+        with pytest.raises(LoraCacheError) as error:
+            client.acquire(f"{server.base}/stall/a.safetensors")
+        assert error.value.code is ErrorCode.SOURCE_FAILED, error.value
+        assert time.monotonic() - started < 20  # not the client's 120 s, nor a hang
+        assert downloads(cache_dir) == [] and list((cache_dir / ".partial").iterdir()) == []
+        server.files["b.safetensors"] = lora_bytes(52)
+        client.acquire(f"{server.base}/files/b.safetensors").release()  # still serving
+
+
+def test_a_daemon_killed_mid_download_leaves_no_entry_after_restart(remote_daemon, server,
+                                                                     cache_dir):
+    server.files["a.safetensors"] = lora_bytes(53) + b" " * (1 << 20)
+    first = remote_daemon()
+    client = first.client()
+    threading.Thread(target=lambda: _swallow(client.acquire,
+                                             f"{server.base}/stall/a.safetensors"),
+                     daemon=True).start()
+    partial = cache_dir / ".partial"
+    # the download's file is open and half the bytes are on their way (the daemon writes in
+    # chunks of 8 MiB, so they may still be in its buffer)
+    wait_until(lambda: server.gets["/stall/a.safetensors"] == 1 and any(partial.iterdir()))
+    first.kill()  # SIGKILL, mid-file
+    client.close()
+    second = remote_daemon()
+    assert list(partial.iterdir()) == [] and downloads(cache_dir) == []
+    with second.client() as again:
+        assert [e for e in again.list() if e.tier == "disk"] == []
+        with again.acquire(f"{server.base}/files/a.safetensors") as lease:
+            assert torch.equal(lease.tensors["w.lora_up.weight"],
+                               load_file_bytes(server.files["a.safetensors"]))
+
+
+def _swallow(call, *args) -> None:
+    try:
+        call(*args)
+    except LoraCacheError:
+        pass
+
+
+def test_no_room_on_disk_is_cache_full_naming_the_floor(remote_daemon, server, cache_dir):
+    server.files["a.safetensors"] = lora_bytes(54)
+    daemon = remote_daemon("--cache-min-free-bytes", "100%")
+    with daemon.client() as client, pytest.raises(LoraCacheError) as error:
+        client.acquire(f"{server.base}/files/a.safetensors")
+    assert error.value.code is ErrorCode.CACHE_FULL
+    assert "cache_min_free_bytes" in error.value.message, error.value.message
+    assert downloads(cache_dir) == [] and list((cache_dir / ".partial").iterdir()) == []
