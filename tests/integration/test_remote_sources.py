@@ -118,6 +118,14 @@ def lora_bytes(seed: int) -> bytes:
                  "w.lora_up.weight": torch.randn(64, 8, generator=generator)})
 
 
+def big_lora_bytes(seed: int) -> bytes:
+    """A LoRA file of 1 MiB and more: half of it is more than a few network packets."""
+    generator = torch.Generator().manual_seed(seed)
+    return save({"w.lora_down.weight": torch.randn(8, 64, generator=generator),
+                 "w.lora_up.weight": torch.randn(64, 8, generator=generator),
+                 "w.padding": torch.zeros(1 << 18)})
+
+
 @pytest.fixture
 def cache_dir(tmp_path: Path) -> Path:
     directory = tmp_path / "cache"
@@ -368,7 +376,7 @@ def test_a_response_that_announces_no_length_is_refused_clearly(remote_daemon, s
 
 def test_a_source_that_stalls_mid_file_fails_after_source_timeout_s(remote_daemon, server,
                                                                     cache_dir):
-    server.files["a.safetensors"] = lora_bytes(51) + b" " * (1 << 20)  # 1 MiB of header pad
+    server.files["a.safetensors"] = big_lora_bytes(51)
     daemon = remote_daemon("--source-timeout-s", "1")
     with daemon.client() as client:
         started = time.monotonic()
@@ -383,7 +391,7 @@ def test_a_source_that_stalls_mid_file_fails_after_source_timeout_s(remote_daemo
 
 def test_a_daemon_killed_mid_download_leaves_no_entry_after_restart(remote_daemon, server,
                                                                      cache_dir):
-    server.files["a.safetensors"] = lora_bytes(53) + b" " * (1 << 20)
+    server.files["a.safetensors"] = big_lora_bytes(53)
     first = remote_daemon()
     client = first.client()
     threading.Thread(target=lambda: _swallow(client.acquire,
