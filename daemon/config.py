@@ -306,7 +306,8 @@ def _preloads(value: Any) -> tuple[PreloadSpec, ...]:
         where = f"[[preload]] #{number}"
         _only_keys(table, ("path", "device", "layout", "pin"), where)
         if not isinstance(table.get("path"), str) or not table["path"]:
-            raise ConfigError(f"{where}: path must be a file name under a lora_dir")
+            raise ConfigError(f"{where}: path must be a file under a lora_dir, or a URL under "
+                              "allow_sources")
         device = table.get("device", "cpu")
         if not isinstance(device, str) or device == "all" or not device_names.is_selector(device):
             raise ConfigError(f"{where}: device {device!r} is not cpu, cuda or cuda:<index|uuid>")

@@ -427,3 +427,16 @@ def test_no_room_on_disk_is_cache_full_naming_the_floor(remote_daemon, server, c
     assert error.value.code is ErrorCode.CACHE_FULL
     assert "cache_min_free_bytes" in error.value.message, error.value.message
     assert downloads(cache_dir) == [] and list((cache_dir / ".partial").iterdir()) == []
+
+
+def test_a_preload_table_may_name_a_url(remote_daemon, server, tmp_path):
+    """[[preload]] in the configuration file: fetched and loaded at start, pinned."""
+    server.files["a.safetensors"] = lora_bytes(55)
+    url = f"{server.base}/files/a.safetensors"
+    config = tmp_path / "config.toml"
+    config.write_text(f'[[preload]]\npath = "{url}"\npin = true\n')
+    daemon = remote_daemon("--config", str(config))
+    with daemon.client() as client:
+        wait_until(lambda: any(e.tier == "device" for e in client.list()))
+        (entry,) = [e for e in client.list() if e.tier == "device"]
+        assert entry.source == url and entry.pinned
