@@ -42,7 +42,7 @@ from loracache.shared.safetensors_header import read_header
 
 from .cache import LoadTimes
 from .config import ConfigError
-from .remotes import NoRoom, RemoteFile, Remotes, reason
+from .remotes import NO_ROOM, NoRoom, RemoteFile, Remotes, reason
 from .sources import RemoteSource
 
 log = logging.getLogger("loracache.daemon")
@@ -154,19 +154,48 @@ class DiskCache:
             return
         error = future.exception()
         if error is None:
-            self._keep(future.result())
-        elif known is not None:  # a background look: the copy is served on
+            fetched = future.result()
+            if known is not None and fetched.path == known.path:
+                self._confirmed(fetched)  # the source still has that version
+            else:
+                self._keep(fetched)
+        elif known is None:
+            return  # a download: its waiters get the error
+        elif isinstance(error, LoraCacheError) and error.code in (ErrorCode.NOT_FOUND,
+                                                                  ErrorCode.SOURCE_DENIED):
+            log.warning("%s; its copy is no longer served", error.message)
+            self._forget(known)
+        else:  # the source is away: the copy is served on
             log.warning("could not refresh %s (%s); serving the copy from %s", source.url,
                         error, known.path)
 
     def _keep(self, fetched: DiskFile) -> None:
-        """Index ``fetched`` as the URL's file and trim the directory to the budget."""
+        """Index a download as the URL's file (its reserved bytes now count as used) and trim
+        the directory to the budget."""
         with self._lock:
+            self._reserved -= fetched.size
             old = self.files.pop(fetched.url, None)
             self.files[fetched.url] = fetched
+            self._doomed.discard(fetched.path)  # the same version again, under the same name
             if old is not None and old.path != fetched.path:
                 self._discard(old.path)  # an entry loaded from it holds its own copy
             self._trim(keep=fetched)
+
+    def _confirmed(self, checked: DiskFile) -> None:
+        """Note a look at the source that found the copy current: only if the copy is still
+        indexed (a download making room may have evicted it meanwhile)."""
+        with self._lock:
+            current = self.files.get(checked.url)
+            if current is not None and current.path == checked.path:
+                current.checked = checked.checked
+
+    def _forget(self, gone: DiskFile) -> None:
+        """Stop serving a copy whose source no longer has it, or no longer lets us read it."""
+        with self._lock:
+            current = self.files.get(gone.url)
+            if current is not None and current.path == gone.path:
+                del self.files[gone.url]
+                self._discard(gone.path)
 
     def _trim(self, keep: DiskFile | None = None, need: int = 0) -> None:
         """Evict least recently used files until ``need`` more bytes fit the budget and the
@@ -203,9 +232,11 @@ class DiskCache:
             checked = time.monotonic()
             try:
                 now = self.remotes.head(source)
-            except LoraCacheError as exc:  # the source is away: what we have is the best answer
+            except LoraCacheError as exc:
+                if exc.code is not ErrorCode.SOURCE_FAILED:
+                    raise  # gone, or no longer ours to read: the copy goes (_settled)
                 log.warning("could not check %s for changes (%s); serving the copy from %s",
-                            source.url, exc.message, known.path)
+                            source.url, exc.message, known.path)  # away: the copy is the best
                 return dataclasses.replace(known, checked=checked)
             if now.version == known.version:
                 return dataclasses.replace(known, checked=checked)
@@ -235,17 +266,20 @@ class DiskCache:
                 read_header(f, source.url)
             name = hashlib.sha256(f"{source.url}\0{remote.version}".encode()).hexdigest()[:32]
             final = self.directory / f"{name}.safetensors"
-            os.replace(partial, final)
             fetched = DiskFile(source.url, final, remote.size, remote.version, time.monotonic())
-            _write_sidecar(fetched)
+            _write_sidecar(fetched, partial)
         except NoRoom as exc:
+            self._unreserve(reserved)
             raise LoraCacheError(ErrorCode.CACHE_FULL,
                                  f"{source.url}: no room on {self.directory}'s file system "
                                  f"({reason(exc)}) after evicting what was not in use; free "
                                  "disk space or lower cache_max_bytes") from None
+        except BaseException:
+            self._unreserve(reserved)
+            raise
         finally:
             _remove(partial)
-            self._unreserve(reserved)
+        # The reservation stays until _keep indexes the file, so its bytes count all along.
         with self._lock:
             self.download_times.record(time.monotonic() - started)
         log.info("downloaded %s (%s) to %s", source.url, human_bytes(remote.size), final)
@@ -317,9 +351,13 @@ def _in_thread(work: Callable[..., DiskFile], *args: Any) -> asyncio.Future[Disk
         try:
             result = work(*args)
         except BaseException as exc:  # noqa: B036 (handed to the waiting coroutines)
-            loop.call_soon_threadsafe(settle, future.set_exception, exc)
+            outcome, value = future.set_exception, exc
         else:
-            loop.call_soon_threadsafe(settle, future.set_result, result)
+            outcome, value = future.set_result, result
+        try:
+            loop.call_soon_threadsafe(settle, outcome, value)
+        except RuntimeError:  # the loop is closed: the daemon stopped, nobody waits
+            pass
 
     threading.Thread(target=run, name="loracache-fetch", daemon=True).start()
     return future
@@ -346,12 +384,22 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_sidecar(fetched: DiskFile) -> None:
+def _write_sidecar(fetched: DiskFile, partial: Path) -> None:
+    """Put the checked download ``partial`` in place with its sidecar: the sidecar is what makes
+    a file an entry at the next start, so it goes last, and a failure leaves neither."""
     sidecar = fetched.path.with_suffix(".json")
-    partial = fetched.path.parent / PARTIAL / f"{sidecar.name}.{secrets.token_hex(4)}"
-    partial.write_text(json.dumps({"url": fetched.url, "size": fetched.size,
-                                   "version": fetched.version}))
-    os.replace(partial, sidecar)
+    sidecar_partial = fetched.path.parent / PARTIAL / f"{sidecar.name}.{secrets.token_hex(4)}"
+    try:
+        os.replace(partial, fetched.path)
+        sidecar_partial.write_text(json.dumps({"url": fetched.url, "size": fetched.size,
+                                               "version": fetched.version}))
+        os.replace(sidecar_partial, sidecar)
+    except OSError as exc:
+        _remove(fetched.path)
+        _remove(sidecar_partial)
+        if exc.errno in NO_ROOM:
+            raise NoRoom(exc.errno, str(exc)) from None
+        raise
 
 
 def _read_sidecar(sidecar: Path) -> dict[str, Any] | None:

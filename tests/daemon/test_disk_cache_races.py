@@ -1,0 +1,182 @@
+"""The disk tier's bookkeeping when requests, downloads and looks at the source overlap, in
+process: a DiskCache with the real obstore client against a real HTTP server in the test, whose
+HEAD answers can be held back to order the events."""
+
+from __future__ import annotations
+
+import asyncio
+import http.server
+import threading
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import torch
+from safetensors.torch import save
+
+from loracache.daemon.disk_cache import DiskCache
+from loracache.daemon.remotes import Remotes
+from loracache.daemon.sources import parse_source
+
+
+class Origin(http.server.ThreadingHTTPServer):
+    """``files`` by name, each with the ETag in ``etags``; a HEAD of a name in ``held`` waits
+    until its event is set."""
+
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), OriginHandler)
+        self.files: dict[str, bytes] = {}
+        self.etags: dict[str, str] = {}
+        self.held: dict[str, threading.Event] = {}
+        self.status: dict[str, int] = {}  # a name answered with this status instead
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.server_port}/{name}.safetensors"
+
+
+class OriginHandler(http.server.BaseHTTPRequestHandler):
+    server: Origin
+
+    def do_HEAD(self) -> None:  # noqa: N802 (http.server's naming)
+        name = self.name
+        if name in self.server.held:
+            self.server.held[name].wait(10)
+        self.reply(name, body=False)
+
+    def do_GET(self) -> None:  # noqa: N802
+        self.reply(self.name, body=True)
+
+    @property
+    def name(self) -> str:
+        return self.path.lstrip("/").removesuffix(".safetensors")
+
+    def reply(self, name: str, body: bool) -> None:
+        status = self.server.status.get(name, 200 if name in self.server.files else 404)
+        data = self.server.files.get(name, b"") if status == 200 else b""
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(data)))
+        if status == 200:
+            self.send_header("ETag", f'"{self.server.etags[name]}"')
+        self.end_headers()
+        if body:
+            self.wfile.write(data)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def origin() -> Iterator[Origin]:
+    server = Origin()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    for event in server.held.values():
+        event.set()
+    server.shutdown()
+    server.server_close()
+
+
+def lora(seed: int) -> bytes:
+    return save({"w": torch.full((1000,), float(seed))})
+
+
+def open_cache(directory: Path, origin: Origin, budget: int) -> DiskCache:
+    directory.mkdir()
+    return DiskCache(directory, budget=budget, min_free=0, revalidate_s=0.0,
+                     remotes=Remotes({}, timeout_s=10))
+
+
+async def fetched(cache: DiskCache, url: str) -> Path:
+    """Fetch and give back at once (as an acquire that loaded from it would)."""
+    path = await cache.fetch(parse_source(url))
+    cache.done(path)
+    return path
+
+
+async def settled(cache: DiskCache) -> None:
+    while cache._inflight:
+        await asyncio.sleep(0.01)
+
+
+def test_a_look_at_the_source_does_not_bring_back_a_file_evicted_meanwhile(origin, tmp_path):
+    origin.files.update(a=lora(1), b=lora(2))
+    origin.etags.update(a="1", b="2")
+    cache = open_cache(tmp_path / "cache", origin, budget=len(lora(1)) * 3 // 2)  # one file
+
+    async def scenario() -> None:
+        first = await fetched(cache, origin.url("a"))
+        origin.held["a"] = threading.Event()
+        await fetched(cache, origin.url("a"))  # due: the HEAD starts, and is held
+        await fetched(cache, origin.url("b"))  # room for b evicts a (and deletes its file)
+        assert not first.exists() and list(cache.files) == [origin.url("b")]
+        origin.held["a"].set()  # "same version": the evicted copy must stay evicted
+        await settled(cache)
+        assert list(cache.files) == [origin.url("b")]
+        assert cache.files[origin.url("b")].path.exists()
+        again = await fetched(cache, origin.url("a"))  # downloaded again, whole
+        assert again.read_bytes() == origin.files["a"]
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        cache.close()
+
+
+def test_a_version_that_comes_back_is_not_deleted_by_its_earlier_holder(origin, tmp_path):
+    origin.files["a"], origin.etags["a"] = lora(1), "1"
+    cache = open_cache(tmp_path / "cache", origin, budget=1 << 20)
+
+    async def scenario() -> None:
+        held = await cache.fetch(parse_source(origin.url("a")))  # v1, still being loaded from
+        origin.etags["a"] = "2"
+        await fetched(cache, origin.url("a"))  # due: v2 is downloaded; v1 waits for its holder
+        await settled(cache)
+        origin.etags["a"] = "1"
+        await fetched(cache, origin.url("a"))  # v1 again: the same name as the held file
+        await settled(cache)
+        assert cache.files[origin.url("a")].path == held
+        cache.done(held)  # the first holder is done: the file is indexed again, it stays
+        assert held.exists() and held.with_suffix(".json").exists()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        cache.close()
+
+
+@pytest.mark.parametrize("status", [404, 403])
+def test_a_copy_is_no_longer_served_once_its_source_says_it_is_gone(origin, tmp_path, status):
+    origin.files["a"], origin.etags["a"] = lora(1), "1"
+    cache = open_cache(tmp_path / "cache", origin, budget=1 << 20)
+
+    async def scenario() -> None:
+        path = await fetched(cache, origin.url("a"))
+        origin.status["a"] = status  # deleted at the source, or access revoked
+        await fetched(cache, origin.url("a"))  # served once more while the source is asked
+        await settled(cache)
+        assert cache.files == {} and not path.exists()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        cache.close()
+
+
+def test_a_source_that_is_away_leaves_the_copy_in_service(origin, tmp_path):
+    origin.files["a"], origin.etags["a"] = lora(1), "1"
+    cache = open_cache(tmp_path / "cache", origin, budget=1 << 20)
+
+    async def scenario() -> None:
+        path = await fetched(cache, origin.url("a"))
+        origin.status["a"] = 503
+        await fetched(cache, origin.url("a"))
+        await settled(cache)
+        assert cache.files[origin.url("a")].path == path and path.exists()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        cache.close()
