@@ -348,12 +348,12 @@ def _in_thread(work: Callable[..., DiskFile], *args: Any) -> asyncio.Future[Disk
             outcome(value)
 
     def run() -> None:
+        outcome: Callable[[Any], None]
         try:
-            result = work(*args)
+            value: Any = work(*args)
+            outcome = future.set_result
         except BaseException as exc:  # noqa: B036 (handed to the waiting coroutines)
             outcome, value = future.set_exception, exc
-        else:
-            outcome, value = future.set_result, result
         try:
             loop.call_soon_threadsafe(settle, outcome, value)
         except RuntimeError:  # the loop is closed: the daemon stopped, nobody waits
