@@ -29,6 +29,7 @@ class Entry:
     tensors: list[TensorSpec]
     file: str = ""  # FileIdentity.token of the file it was loaded from
     source: str = ""  # the URL the file was downloaded from, for a remote LoRA
+    packed: int = 0  # bytes of its packed tensors (the buffer may be larger: a GPU segment)
     leases: int = 0
     pinned: bool = False
     cached: bool = True  # False: a probe, lent but never in the cache, freed once released

@@ -29,7 +29,7 @@ from .cache import DeviceCache, Entry, LoadTimes
 from .config import DaemonConfig
 from .files import FileIdentity
 from .host_tier import HostCopy, HostTier
-from .loader import LoadPlan, fill_buffer, plan_load
+from .loader import fill_buffer, plan_load
 
 log = logging.getLogger("loracache.daemon")
 
@@ -59,6 +59,7 @@ class Device:
         self._header_pool = header_pool
         self._entry_ids = entry_ids
         self._demotions: set[asyncio.Task[None]] = set()  # GPU entries being copied to host
+        self._drops = 0  # evicts and clears so far: a copy made across one is not kept
         self._loading: dict[Hashable, asyncio.Future[None]] = {}  # single flight, per file
         self._room_freed = asyncio.Event()
         self._collecting: concurrent.futures.Future[None] | None = None
@@ -118,7 +119,8 @@ class Device:
             entry_id = f"{next(self._entry_ids):x}"
             try:
                 uploading = time.monotonic()
-                buffer = await self._fill(plan, entry_id)
+                buffer = await self._fill(fill_buffer, plan, entry_id, path=plan.path,
+                                          nbytes=plan.nbytes)
                 self.stage_times["upload"].record(time.monotonic() - uploading)
             finally:
                 self.unreserve(need)
@@ -129,7 +131,7 @@ class Device:
             self.stage_times["convert"].record(plan.convert_s)
         entry = Entry(id=entry_id, key=key, path=identity.path, device=self.name,
                       layout=layout, buffer=buffer, tensors=plan.layout.specs,
-                      file=identity.token)
+                      file=identity.token, packed=plan.nbytes)
         return self._added(entry, started, "the file")
 
     async def _from_host(self, copy: HostCopy, acquire_timeout: float) -> Entry:
@@ -153,14 +155,14 @@ class Device:
             raise
         try:
             uploading = time.monotonic()
-            buffer = copy.buffer if moved else await self.run(_upload, self.transport, contents,
-                                                              entry_id)
+            buffer = copy.buffer if moved else await self._fill(
+                _upload, contents, entry_id, path=copy.path, nbytes=copy.nbytes)
             self.stage_times["upload"].record(time.monotonic() - uploading)
         finally:
             self.unreserve(need)
         entry = Entry(id=entry_id, key=copy.key, path=copy.path, device=self.name,
                       layout=copy.layout, buffer=buffer, tensors=copy.tensors, file=copy.file,
-                      source=copy.source)
+                      source=copy.source, packed=copy.nbytes)
         return self._added(entry, started, "host memory")
 
     def _check_fits(self, need: int, path: str) -> None:
@@ -179,12 +181,14 @@ class Device:
                  seconds)
         return entry
 
-    async def _fill(self, plan: LoadPlan, entry_id: str) -> DeviceBuffer:
-        """Allocate and fill the entry's buffer. When the device (or the tmpfs) has less room
-        than the budget promised, evict idle entries one by one and retry, then CACHE_FULL."""
+    async def _fill(self, fill: Callable[..., DeviceBuffer], *args: Any, path: str,
+                    nbytes: int) -> DeviceBuffer:
+        """Allocate and fill an entry's buffer (``fill(self.transport, *args)``). When the
+        device (or the tmpfs) has less room than the budget promised, free host copies in the
+        same tmpfs, then idle entries, one by one, and retry; then CACHE_FULL."""
         while True:
             try:
-                return await self.run(fill_buffer, self.transport, plan, entry_id)
+                return await self.run(fill, self.transport, *args)
             except LoraCacheError as exc:
                 if exc.code is not ErrorCode.CACHE_FULL:
                     raise
@@ -200,7 +204,7 @@ class Device:
                 else:
                     raise
                 log.warning("%s has no room for %s (%s): freeing %s and retrying", self.name,
-                            plan.path, human_bytes(plan.nbytes), human_bytes(victims[0].nbytes))
+                            path, human_bytes(nbytes), human_bytes(victims[0].nbytes))
                 await self.run(free_all, self.transport, victims)
 
     async def make_probe(self, acquire_timeout: float) -> Entry:
@@ -277,17 +281,26 @@ class Device:
         elif self.transport is self.host.transport:  # the CPU: the buffers themselves move
             for entry in entries:
                 self._free_soon(self.host.keep(_host_copy(entry, entry.buffer)))
-        else:
-            task = asyncio.get_running_loop().create_task(self._demote(entries))
+        else:  # submitted now, so the copy runs (and frees) before any fill queued after it
+            copying = self.pool.submit(_copy_to_host, self.host.transport, entries)
+            task = asyncio.get_running_loop().create_task(
+                self._demoted(entries, copying, self._drops))
             self._demotions.add(task)
             task.add_done_callback(self._demotions.discard)
 
-    async def _demote(self, entries: list[Entry]) -> None:
-        """Copy evicted GPU entries to host memory, then free them on the device."""
+    async def _demoted(self, entries: list[Entry],
+                       copying: concurrent.futures.Future[list[DeviceBuffer | None]],
+                       drops: int) -> None:
+        """Keep the host copies of evicted GPU entries once they are made, unless an evict or
+        clear came since ``drops`` was counted (then they are freed)."""
         assert self.host is not None, "demoted to the host tier"
-        copies = await self.run(_copy_to_host, self.host.transport, entries)
+        copies = await asyncio.wrap_future(copying)
         for entry, buffer in zip(entries, copies):
-            if buffer is not None:
+            if buffer is None:
+                continue
+            if self._drops != drops:
+                self.pool.submit(free_all, self.host.transport, [buffer])
+            else:
                 self._free_soon(self.host.keep(_host_copy(entry, buffer)))
 
     def _free_soon(self, buffers: list[DeviceBuffer]) -> None:
@@ -301,6 +314,7 @@ class Device:
     def drop(self, match: Callable[[str], bool]) -> tuple[int, int]:
         """Evict the idle entries whose path ``match`` accepts (no host copy is kept);
         returns (evicted, still leased)."""
+        self._drops += 1  # host copies being made now are not kept
         matching = [e for e in self.cache.entries.values() if match(e.path)]
         idle = [e for e in matching if e.leases == 0]
         self.remove(idle)
@@ -379,16 +393,18 @@ def _upload(transport: Transport, contents: torch.Tensor, name: str) -> DeviceBu
 
 
 def _copy_to_host(host: Transport, entries: list[Entry]) -> list[DeviceBuffer | None]:
-    """Host buffers holding the evicted ``entries``' bytes (None where host memory had no
-    room: that entry is just dropped); frees the device buffers."""
+    """Host buffers holding the evicted ``entries``' packed bytes (None where the copy failed,
+    e.g. no room in host memory: that entry is just dropped); frees the device buffers."""
     copies: list[DeviceBuffer | None] = []
     for entry in entries:
         try:
-            copies.append(_upload(host, entry.buffer.contents().cpu(), f"host-{entry.id}"))
-        except LoraCacheError as exc:
-            log.warning("no host copy of %s: %s", entry.path, exc.message)
+            contents = entry.buffer.contents()[:entry.packed].cpu()
+            copies.append(_upload(host, contents, f"host-{entry.id}"))
+        except Exception as exc:  # a copy is an optimisation: never worth failing over
+            log.warning("no host copy of %s: %s", entry.path, exc)
             copies.append(None)
-        entry.buffer.free()
+        finally:
+            entry.buffer.free()
     return copies
 
 

@@ -16,8 +16,10 @@ import torch
 from loracache.daemon.config import load_config
 from loracache.daemon.service import CacheService
 from loracache.shared.dtypes import ITEM_SIZES
+from loracache.shared.errors import ErrorCode, LoraCacheError
 from loracache.shared.protocol import Acquire, AcquireResult, Clear, Evict, TierStats
 from loracache.shared.transport import open_handle
+from loracache.shared.transport.shm import ShmBuffer
 from tests.daemon.test_service_devices import GPU, LookalikeGpu
 from tests.daemon.service_node import ENTRY, TTL, Node, Shm, in_loop
 
@@ -187,3 +189,72 @@ def test_a_gpu_entry_evicted_for_room_is_copied_to_host_memory_and_uploaded_back
         asyncio.run(scenario())
     finally:
         node.service.close()
+
+
+class TightGpu(LookalikeGpu):
+    """A GPU stand-in whose memory holds ``segments`` segments: allocating more fails with
+    CACHE_FULL, as cudaMalloc's out-of-memory does."""
+
+    def __init__(self, directory: Path, segments: int) -> None:
+        super().__init__(directory)
+        self.capacity = segments * self.SEGMENT
+
+    def allocate(self, nbytes: int, name: str) -> ShmBuffer:
+        held = sum(p.stat().st_size for p in self.directory.glob("*.bin"))
+        if held + self.footprint(nbytes) > self.capacity:
+            raise LoraCacheError(ErrorCode.CACHE_FULL, "out of memory")
+        return super().allocate(nbytes, name)
+
+
+def test_a_gpu_entry_is_copied_out_and_freed_before_the_load_that_evicted_it(tmp_path):
+    """The victim's copy to host memory runs before the new entry is allocated: a device
+    with room for exactly its budget never holds both."""
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    config = load_config({"lora_dirs": [str(loras)], "max_bytes": str(LookalikeGpu.SEGMENT)},
+                         environ={})
+    service = CacheService(config, [Shm(tmp_path / "cpu"), TightGpu(tmp_path / "gpu", 1)])
+    node = Node(service, loras)
+
+    async def scenario() -> None:
+        session = await node.hello()
+        for name in "ab":
+            await node.release(await node.ask(Acquire(path=node.lora(name), device=GPU),
+                                              session), session)
+        await wait_for_host(node, {"a"})
+        # the copy holds the packed bytes, not the device's whole segment
+        assert host_stats(node).used == ENTRY
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        service.close()
+
+
+def test_a_clear_during_a_copy_to_host_memory_keeps_no_copy(tmp_path):
+    node = gpu_node(tmp_path, max_bytes=str(LookalikeGpu.SEGMENT))
+
+    async def scenario() -> None:
+        session = await node.hello()
+        await node.release(await node.ask(Acquire(path=node.lora("a"), device=GPU), session),
+                           session)
+        gpu = node.service.devices[GPU]
+        gpu.remove([gpu.cache.entries[next(iter(gpu.cache.entries))]], demote=True)
+        assert (await node.ask(Clear())).evicted == 0  # the copy is under way, not yet kept
+        await asyncio.gather(*gpu._demotions)
+        assert await node.names("host") == set()
+        await asyncio.sleep(0.05)  # the copy's free runs on the device's thread
+        assert list((tmp_path / "cpu").glob("*.bin")) == []
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        node.service.close()
+
+
+async def wait_for_host(node: Node, names: set[str]) -> None:
+    for _ in range(100):
+        if await node.names("host") == names:
+            return
+        await asyncio.sleep(0.02)
+    assert await node.names("host") == names
