@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
     stats.add_argument("--watch", type=float, metavar="SECONDS",
                        help="print again every SECONDS until interrupted")
-    listing = commands.add_parser("ls", parents=[where], help="cached entries")
+    listing = commands.add_parser("ls", parents=[where],
+                                  help="cached entries, in every tier (device, host, disk)")
     listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
     preload = commands.add_parser("preload", parents=[where], help="load a LoRA into the cache")
     preload.add_argument("path", help="file under one of the daemon's LoRA directories, or a "
@@ -169,7 +170,7 @@ def print_allocators(stats: StatsResult) -> None:
 
 
 def _ls(client: LoraCacheClient, args: argparse.Namespace) -> int:
-    entries = client.list()
+    entries = client.list(tiers=True)
     if args.json:
         print(json.dumps(msgspec.to_builtins(entries), indent=2))
         return 0

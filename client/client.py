@@ -108,9 +108,10 @@ class LoraCacheClient:
         stats: StatsResult = self._request(Stats())
         return stats
 
-    def list(self) -> list[EntryInfo]:
-        """Every cached entry: path, device, layout, size, leases, pinned, idle seconds."""
-        entries: EntriesResult = self._request(ListEntries())
+    def list(self, tiers: bool = False) -> list[EntryInfo]:
+        """Every entry on the daemon's devices: path, device, layout, size, leases, pinned,
+        idle seconds, source; with ``tiers``, host copies and downloads too (``tier``)."""
+        entries: EntriesResult = self._request(ListEntries(tiers=tiers))
         return entries.entries
 
     def preload(self, path: str | os.PathLike[str], device: str | torch.device = "cpu",

@@ -126,6 +126,11 @@ class DiskCache:
                     _remove(path)
                 self._trim()
 
+    def snapshot(self) -> list[DiskFile]:
+        """The downloads, least recently used first."""
+        with self._lock:
+            return list(self.files.values())
+
     def stats(self) -> TierStats:
         with self._lock:
             return TierStats(tier="disk", budget=self.budget, used=self.used,

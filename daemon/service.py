@@ -281,16 +281,18 @@ class CacheService:
                 f"{len(self.sessions.sessions)} sessions, {sum(c.leases for c in caches)} leases")
 
     def _list(self, req: ListEntries, _: Session | None) -> EntriesResult:
-        """Every entry: on the devices, then host copies, then downloads (least recent
-        first within each)."""
+        """The entries on the devices; with ``tiers``, then host copies and downloads (least
+        recent first within each)."""
         entries = [entry.info() for device in self.devices.values()
                    for entry in device.cache.entries.values()]
+        if not req.tiers:
+            return EntriesResult(entries=entries)
         if self.host is not None:
             entries += [copy.info() for copy in self.host.copies.values()]
         if self.disk is not None:
             entries += [EntryInfo(id="", path=str(f.path), device="disk", layout="",
                                   nbytes=f.size, tier="disk", source=f.url)
-                        for f in list(self.disk.files.values())]
+                        for f in self.disk.snapshot()]
         return EntriesResult(entries=entries)
 
     def _preload(self, req: Preload,
@@ -371,11 +373,11 @@ class CacheService:
         for each in devices:
             dropped, leased = each.drop(match)
             evicted, busy = evicted + dropped, busy + leased
+        copies = []
         if not device and self.host is not None and self._host_transport is not None:
             copies = self.host.drop(match)
             free_all(self._host_transport, copies)
-            evicted += len(copies)
-        return DropResult(evicted=evicted, busy=busy)
+        return DropResult(evicted=evicted, busy=busy, copies=len(copies))
 
     def _released(self, leases: list[Lease]) -> None:
         touched = {}

@@ -163,11 +163,13 @@ class EntriesResult(msgspec.Struct, frozen=True):
     entries: list[EntryInfo]
 
 
-class DropResult(msgspec.Struct, frozen=True):
-    """What ``evict`` and ``clear`` answer: entries evicted, and matching ones still leased."""
+class DropResult(msgspec.Struct, frozen=True, omit_defaults=True):
+    """What ``evict`` and ``clear`` answer: entries evicted, matching ones still leased, and
+    host copies dropped."""
 
     evicted: int
     busy: int
+    copies: int = 0
 
 
 # ---------------------------------------------------------------------------------- requests
@@ -232,7 +234,10 @@ class Stats(Request, frozen=True, kw_only=True, tag="stats"):
 
 
 class ListEntries(Request, frozen=True, kw_only=True, tag="list"):
+    """The entries on the devices; with ``tiers``, host copies and downloads too."""
+
     result_type = EntriesResult
+    tiers: bool = False
 
 
 class Preload(Request, frozen=True, kw_only=True, tag="preload"):

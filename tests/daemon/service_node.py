@@ -104,7 +104,7 @@ class Node:
 
     async def names(self, tier: str = "device") -> set[str]:
         """The files of the entries in ``tier``: on the device, or copies in host memory."""
-        listed = await self.ask(ListEntries())
+        listed = await self.ask(ListEntries(tiers=True))
         assert isinstance(listed, EntriesResult)
         return {stem(e) for e in listed.entries if e.tier == tier}
 

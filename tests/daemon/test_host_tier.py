@@ -120,9 +120,10 @@ async def test_evict_and_clear_drop_host_copies_too(make_node):
         await node.release(await node.lease(name, session), session)
     assert await node.names("host") == {"a", "b"}
     result = await node.ask(Evict(path=node.lora("a")))
-    assert result.evicted == 1 and await node.names("host") == {"b"}
+    assert (result.evicted, result.copies) == (0, 1) and await node.names("host") == {"b"}
     result = await node.ask(Clear())
-    assert result.evicted == 2 and await node.names("host") == set() and await node.names() == set()
+    assert (result.evicted, result.copies) == (1, 1)
+    assert await node.names("host") == set() and await node.names() == set()
     await asyncio.sleep(0.05)
     assert list(node.transport.directory.glob("*.bin")) == []
 
@@ -240,7 +241,8 @@ def test_a_clear_during_a_copy_to_host_memory_keeps_no_copy(tmp_path):
                            session)
         gpu = node.service.devices[GPU]
         gpu.remove([gpu.cache.entries[next(iter(gpu.cache.entries))]], demote=True)
-        assert (await node.ask(Clear())).evicted == 0  # the copy is under way, not yet kept
+        cleared = await node.ask(Clear())
+        assert (cleared.evicted, cleared.copies) == (0, 0)  # the copy is under way, not kept
         await asyncio.gather(*gpu._demotions)
         assert await node.names("host") == set()
         await asyncio.sleep(0.05)  # the copy's free runs on the device's thread

@@ -26,8 +26,7 @@ def lora(lora_dir, name: str, seed: int = 0) -> str:
 
 def cached_names(daemon) -> set[str]:
     with daemon.client(heartbeat=False) as client:
-        return {e.path.rsplit("/", 1)[1].removesuffix(".safetensors") for e in client.list()
-                if e.tier == "device"}
+        return {e.path.rsplit("/", 1)[1].removesuffix(".safetensors") for e in client.list()}
 
 
 def test_cache_full_after_waiting_for_the_timeout(start_daemon, lora_dir):

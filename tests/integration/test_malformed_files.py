@@ -330,7 +330,7 @@ def test_daemon_is_clean_after_the_corpus(served: Served) -> None:
     assert stats.leases == 0
     assert stats.errors.get("INVALID_LORA", 0) == served.invalid_replies
     assert served.invalid_replies >= len(CORPUS)
-    listed = served.client.list()
+    listed = served.client.list(tiers=True)
     entries = [e for e in listed if e.tier == "device"]
     paths = {e.path for e in entries}
     refused = {os.path.realpath(p) for p in served.refused.values()}
@@ -369,7 +369,7 @@ def test_file_truncated_between_header_check_and_copy(start_daemon, lora_dir: Pa
         assert "victim.safetensors" in error.value.message, error.value.message
         stats = daemon.cpu_stats()
         assert stats.reserved == 0 and stats.leases == 0
-        listed = client.list()
+        listed = client.list(tiers=True)
         assert all(e.path != str(victim.resolve()) for e in listed)
         assert len(daemon.shm_files()) == stats.entries + sum(e.tier == "host" for e in listed)
         assert stats.used == sum(e.nbytes for e in listed if e.tier == "device")

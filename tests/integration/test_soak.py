@@ -109,7 +109,7 @@ def test_soak_with_kills_keeps_budget_leases_counters_and_memory(start_daemon, l
     assert disk.misses > 0 and disk.hits > 0 and disk.evictions > 0, disk
     assert disk.used <= disk.budget, disk  # nothing in use at the end: back within the budget
     with daemon.client(heartbeat=False) as client:
-        listed = client.list()
+        listed = client.list(tiers=True)
     assert len(daemon.shm_files()) == sum(e.tier in ("device", "host") for e in listed), (
         "shared memory beyond the entries and host copies the daemon lists")
     assert "Traceback" not in daemon.read_log(), daemon.read_log()[-5000:]

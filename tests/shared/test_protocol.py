@@ -32,6 +32,7 @@ from loracache.shared.protocol import (
     HelloResult,
     ListEntries,
     LoadTimesInfo,
+    Prefetch,
     Preload,
     Probe,
     Release,
@@ -200,7 +201,7 @@ def test_tensor_spec_is_a_four_item_array_on_the_wire() -> None:
 
 def test_op_names_on_the_wire_are_pinned() -> None:
     assert set(REQUEST_TYPES) == {"hello", "acquire", "release", "heartbeat", "bye", "stats",
-                                  "list", "preload", "evict", "clear", "probe"}
+                                  "list", "preload", "prefetch", "evict", "clear", "probe"}
     assert all(cls.op == op for op, cls in REQUEST_TYPES.items())
     assert all(issubclass(cls, Request) for cls in REQUEST_TYPES.values())
 
@@ -210,7 +211,7 @@ def test_result_type_of_every_op_is_pinned() -> None:
     assert {op: cls.result_type for op, cls in REQUEST_TYPES.items()} == {
         "hello": HelloResult, "acquire": AcquireResult, "release": Done, "heartbeat": Done,
         "bye": Done, "stats": StatsResult, "list": EntriesResult, "preload": EntryInfo,
-        "evict": DropResult, "clear": DropResult, "probe": AcquireResult}
+        "prefetch": Done, "evict": DropResult, "clear": DropResult, "probe": AcquireResult}
 
 
 def test_error_codes_are_a_closed_set_whose_wire_value_is_the_name() -> None:
@@ -235,8 +236,10 @@ SAMPLES = {
     "heartbeat": Heartbeat(),
     "bye": Bye(),
     "stats": Stats(),
-    "list": ListEntries(),
+    "list": ListEntries(tiers=True),
     "preload": Preload(path="p.safetensors", device="cuda:GPU-1", layout="diffusers", pin=True),
+    "prefetch": Prefetch(paths=["a.safetensors", "hf://org/repo/b.safetensors"],
+                         device="cuda:GPU-1", layout="sdxl"),
     "evict": Evict(path="p.safetensors", device="cpu"),
     "clear": Clear(device="cuda:GPU-1"),
     "probe": Probe(device="cuda:GPU-1"),
@@ -354,6 +357,7 @@ RESULT_SAMPLES: list[Any] = [
                                             nbytes=1)]),
     EntriesResult(entries=[]),
     DropResult(evicted=3, busy=1),
+    DropResult(evicted=0, busy=0, copies=2),
 ]
 
 
@@ -741,7 +745,7 @@ def test_text_fields_include_every_string_field() -> None:
 
 
 def _with_text(op: str, field: str, text: str) -> bytes:
-    body = envelope(op, path="p", lease="L")
+    body = envelope(op, path="p", lease="L", paths=["p"])
     body[field] = text
     return pack(body)
 
