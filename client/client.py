@@ -127,6 +127,8 @@ class LoraCacheClient:
         return at once: a scheduler that knows the next requests' LoRAs calls this so their
         acquires are hits. Refusals of the request itself (a URL not allowed, an unknown
         device) raise here; a failed fetch or load shows in the daemon's log and at acquire."""
+        if isinstance(sources, (str, os.PathLike)):
+            raise ValueError("prefetch takes a list of LoRAs: prefetch([source])")
         self._request(Prefetch(paths=[os.fspath(s) for s in sources], device=device_name(device),
                                layout=layout))
 

@@ -419,7 +419,7 @@ SETTINGS = (
             reloadable=False),
     Setting("cache_max_bytes", parse_size, lambda: SizeSpec(percent=25.0),
             "bytes of downloads kept in cache_dir: bytes, 50GiB or 25% of its file system"),
-    Setting("cache_min_free_bytes", parse_size, lambda: SizeSpec(percent=5.0),
+    Setting("cache_min_free_bytes", _size_or_off, lambda: SizeSpec(percent=5.0),
             "free space downloads leave on cache_dir's file system: bytes, 10GiB or 5%"),
     Setting("source_revalidate_s", _seconds, lambda: 300.0,
             "seconds a downloaded LoRA is served before its source is asked whether it changed"),

@@ -66,6 +66,8 @@ log = logging.getLogger("loracache.daemon")
 # Ops that need a session; the others (stats, list, preload, ...) also serve tools like the CLI.
 SESSION_OPS = (Acquire, Release, Heartbeat, Bye, Probe)
 MAX_PID = 2**22  # the kernel's PID_MAX_LIMIT
+PREFETCH_AT_ONCE = 4  # prefetched LoRAs fetched and loaded at a time
+HOST_SHARE_OF_TMPFS = 0.5  # the host tier takes at most this share of shm_dir's file system
 
 
 class CacheService:
@@ -86,6 +88,7 @@ class CacheService:
         self.errors: collections.Counter[str] = collections.Counter()  # replies by error code
         self.metrics_address: str | None = None  # set by the server when it serves metrics
         self._prefetching: set[asyncio.Task[None]] = set()
+        self._prefetch_slots = asyncio.Semaphore(PREFETCH_AT_ONCE)
         # Each takes its request and the session (None for ops that need none).
         self._handlers: dict[type[Request], Callable[[Any, Any], Any]] = {
             Hello: self._hello, Acquire: self._acquire, Release: self._release,
@@ -337,7 +340,7 @@ class CacheService:
             if is_remote(path):
                 check_allowed(parse_source(path), self.config.allow_sources)
             else:
-                confine(path, self.config.lora_dirs)
+                identify(path, self.config.lora_dirs)  # allowed, and there
         for path in req.paths:
             task = asyncio.get_running_loop().create_task(
                 self._warm(Preload(path=path, device=device.name, layout=req.layout)))
@@ -346,12 +349,15 @@ class CacheService:
         return Done()
 
     async def _warm(self, req: Preload) -> None:
-        try:
-            outcome = self._preload(req, None)
-            if inspect.isawaitable(outcome):
-                await outcome
-        except Exception as exc:  # the worker learns it at acquire; the operator here
-            log.warning("prefetch of %s on %s failed: %s", req.path, req.device, exc)
+        """One prefetched LoRA, as a preload; a few at a time, so that a long list does not
+        start every download and load at once."""
+        async with self._prefetch_slots:
+            try:
+                outcome = self._preload(req, None)
+                if inspect.isawaitable(outcome):
+                    await outcome
+            except Exception as exc:  # the worker learns it at acquire; the operator here
+                log.warning("prefetch of %s on %s failed: %s", req.path, req.device, exc)
 
     def _evict(self, req: Evict, _: Session | None) -> DropResult:
         if is_remote(req.path):  # the entries made from its downloads
@@ -397,7 +403,7 @@ class CacheService:
         self.config = config
         self.sessions.ttl = config.session_ttl
         if self.host is not None and self._host_transport is not None:
-            budget = config.host_max_bytes.resolve(self._host_transport.total_memory())
+            budget = _host_budget(config, self._host_transport)
             free_all(self._host_transport, self.host.shrink(budget))
         if self.disk is not None:
             self.disk.budget, self.disk.min_free = _disk_limits(config, self.disk.directory)
@@ -480,7 +486,8 @@ class CacheService:
 
     def close(self) -> None:
         """Free every entry and every file the transports created (at shutdown)."""
-        for device in self.devices.values():
+        # GPUs first: their copies to host memory finish before the host memory is let go.
+        for device in sorted(self.devices.values(), key=lambda d: d.name == "cpu"):
             device.close()
         if self._host_transport is not None and "cpu" not in self.devices:
             if self.host is not None:
@@ -504,8 +511,18 @@ def serves_cpu(config: DaemonConfig) -> bool:
 def _host_tier(config: DaemonConfig, transport: Transport | None) -> HostTier | None:
     if transport is None:
         return None
-    budget = config.host_max_bytes.resolve(transport.total_memory())
+    budget = _host_budget(config, transport)
     return HostTier(transport, budget) if budget > 0 else None
+
+
+def _host_budget(config: DaemonConfig, transport: Transport) -> int:
+    """``host_max_bytes``, within a share of the tmpfs the copies live in: it also holds the
+    CPU's entries and torch's CUDA IPC files, which must not find it full."""
+    budget = config.host_max_bytes.resolve(transport.total_memory())
+    tmpfs = getattr(transport, "directory", None)
+    if tmpfs is not None:
+        budget = min(budget, int(shutil.disk_usage(tmpfs).total * HOST_SHARE_OF_TMPFS))
+    return budget
 
 
 def _disk_cache(config: DaemonConfig) -> DiskCache | None:

@@ -144,7 +144,8 @@ def _hub_path(path: str, prefix: bool) -> tuple[str, str | None]:
     if prefix:
         raise ValueError("a prefix names no revision: hf://org/repo/ allows every revision")
     revision = urllib.parse.unquote(revision, errors="strict")
-    if not revision or any(ord(c) < 33 or ord(c) == 127 for c in revision):
+    if (not revision or any(ord(c) < 33 or ord(c) == 127 for c in revision)
+            or any(part in ("", ".", "..") for part in revision.split("/"))):
         raise ValueError("the revision after '@' must be a branch, tag or commit")
     return f"/{repo}{slash}{rest}", revision
 
@@ -186,6 +187,8 @@ class SourceSettings:
     skip_signature: bool = False  # s3: a public bucket, asked without credentials
 
 
+# The headers the HTTP client drops when a redirect leaves the host (reqwest's sensitive ones).
+CREDENTIAL_HEADERS = ("authorization", "cookie")
 SETTING_KEYS = {"https": ("headers_from_env",), "http": ("headers_from_env",),
                 "s3": ("endpoint", "region", "profile", "skip_signature"), "hf": ()}
 
@@ -206,10 +209,12 @@ def parse_source_settings(origin: str, table: Any) -> tuple[str, SourceSettings]
         raise ValueError(f"unknown key {unknown[0]!r} for {source.scheme}://; allowed: {names}")
     headers = table.get("headers_from_env", {})
     if not isinstance(headers, dict) or not all(
-            isinstance(k, str) and re.fullmatch(r"[A-Za-z0-9-]+", k) and isinstance(v, str)
+            isinstance(k, str) and k.lower() in CREDENTIAL_HEADERS and isinstance(v, str)
             and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v) for k, v in headers.items()):
-        raise ValueError("headers_from_env maps header names to environment variable names, "
-                         "like { Authorization = \"CIVITAI_AUTHORIZATION\" }")
+        raise ValueError("headers_from_env maps Authorization or Cookie to the name of an "
+                         "environment variable, like { Authorization = "
+                         "\"CIVITAI_AUTHORIZATION\" }: only those headers are dropped when a "
+                         "redirect leaves the host, so only they may carry a token")
     for key in ("endpoint", "region", "profile"):
         if not isinstance(table.get(key, ""), str):
             raise ValueError(f"{key} must be a string")

@@ -260,3 +260,11 @@ async def wait_for_host(node: Node, names: set[str]) -> None:
             return
         await asyncio.sleep(0.02)
     assert await node.names("host") == names
+
+
+@in_loop
+async def test_the_host_tier_takes_at_most_half_of_its_tmpfs(make_node):
+    """Host copies share the tmpfs with the CPU's entries and torch's CUDA IPC files."""
+    node = make_node(host_max_bytes="100%")
+    tmpfs = shutil.disk_usage(node.transport.directory).total
+    assert host_stats(node).budget == min(tmpfs // 2, node.transport.total_memory())

@@ -43,6 +43,7 @@ async def test_a_prefetch_is_checked_before_it_is_answered(make_node, tmp_path):
     good = node.lora("a")
     refusals = {
         ErrorCode.FORBIDDEN_PATH: Prefetch(paths=[good, str(outside)]),
+        ErrorCode.NOT_FOUND: Prefetch(paths=[good, "missing.safetensors"]),
         ErrorCode.FORBIDDEN_SOURCE: Prefetch(paths=[good, "https://example.com/x.safetensors"]),
         ErrorCode.UNKNOWN_DEVICE: Prefetch(paths=[good], device="cuda:7"),
         ErrorCode.BAD_REQUEST: Prefetch(paths=[good], layout="nope"),

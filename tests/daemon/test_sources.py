@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from loracache.daemon.config import ConfigError, load_config
-from loracache.daemon.sources import (check_allowed, is_remote, parse_prefix, parse_source)
+from loracache.daemon.sources import (check_allowed, is_remote, parse_prefix, parse_source,
+                                       parse_source_settings)
 from loracache.shared.errors import ErrorCode, LoraCacheError
 
 
@@ -18,6 +19,9 @@ from loracache.shared.errors import ErrorCode, LoraCacheError
     ("s3://bucket/team/a.safetensors", "s3://bucket/team/a.safetensors"),
     ("http://[::1]:8080/a.safetensors", "http://[::1]:8080/a.safetensors"),
     ("http://[::1]:80/a.safetensors", "http://[::1]/a.safetensors"),
+    ("hf://Org/repo/sub/a.safetensors", "hf://Org/repo/sub/a.safetensors"),
+    ("hf://org/repo@v1.0/a.safetensors", "hf://org/repo@v1.0/a.safetensors"),
+    ("hf://org/repo@refs%2Fpr%2F1/a.safetensors", "hf://org/repo@refs%2Fpr%2F1/a.safetensors"),
 ])
 def test_urls_are_compared_in_one_canonical_form(text, url):
     assert is_remote(text) and parse_source(text).url == url
@@ -39,6 +43,13 @@ def test_urls_are_compared_in_one_canonical_form(text, url):
     ("https://example.com/a%00.safetensors", "control characters"),
     ("https://example.com/team/..;/secret/a.safetensors", "';'"),
     ("https://example.com/team/%5C..%5Csecret/a.safetensors", "'\\'"),
+    ("hf://org/a.safetensors", "a repository and a file"),
+    ("hf://org/../repo/a.safetensors", "not a Hub repository name"),
+    ("hf://org/repo@./loras/a.safetensors", "branch, tag or commit"),
+    ("hf://org/repo@../a.safetensors", "branch, tag or commit"),
+    ("hf://org/repo@refs%2F..%2Fmain/a.safetensors", "branch, tag or commit"),
+    ("hf://org/repo@/a.safetensors", "branch, tag or commit"),
+    ("hf://or%20g/repo/a.safetensors", "user or organisation"),
 ])
 def test_urls_that_could_slip_past_a_prefix_are_refused(text, why):
     with pytest.raises(LoraCacheError) as error:
@@ -105,3 +116,47 @@ def test_the_cache_dir_may_not_overlap_a_lora_dir(tmp_path):
     for cache_dir in (tmp_path / "loras", tmp_path / "loras" / "downloads", tmp_path):
         with pytest.raises(ConfigError, match="overlaps"):
             load_config({**flags, "cache_dir": str(cache_dir)}, environ={})
+
+
+ALLOWED_HUB = (parse_prefix("hf://org/"), parse_prefix("hf://team/repo/"))
+
+
+@pytest.mark.parametrize("url, allowed", [
+    ("hf://org/any/a.safetensors", True), ("hf://org/any@v2/sub/a.safetensors", True),
+    ("hf://team/repo@main/a.safetensors", True), ("hf://team/repo2/a.safetensors", False),
+    ("hf://Org/any/a.safetensors", False),  # Hub names keep their case: no spelling gets in
+    ("hf://evil/repo/a.safetensors", False)])
+def test_a_hub_prefix_allows_every_revision_of_what_it_names(url, allowed):
+    if allowed:
+        check_allowed(parse_source(url), ALLOWED_HUB)
+    else:
+        with pytest.raises(LoraCacheError):
+            check_allowed(parse_source(url), ALLOWED_HUB)
+
+
+def test_a_prefix_names_no_hub_revision():
+    with pytest.raises(ValueError, match="every revision"):
+        parse_prefix("hf://org/repo@v1/")
+
+
+@pytest.mark.parametrize("table, why", [
+    ({"headers_from_env": {"X-Api-Key": "TOKEN"}}, "only they may carry a token"),
+    ({"headers_from_env": {"Authorization": "not a name"}}, "environment variable"),
+    ({"endpoint": "ftp://minio"}, "http:// or https://"),
+    ({"region": 3}, "must be a string"),
+    ({"skip_signature": "yes"}, "true or false"),
+    ({"bucket": "x"}, "unknown key 'bucket'"),
+])
+def test_source_settings_are_checked(table, why):
+    origin = "https://civitai.com" if "headers_from_env" in table else "s3://bucket"
+    with pytest.raises(ValueError, match=why):
+        parse_source_settings(origin, table)
+
+
+def test_source_settings_are_per_host_or_bucket():
+    assert parse_source_settings("HTTPS://Civitai.com:443", {
+        "headers_from_env": {"Authorization": "CIVITAI"}})[0] == "https://civitai.com"
+    with pytest.raises(ValueError, match="per host or bucket"):
+        parse_source_settings("https://civitai.com/api/", {})
+    with pytest.raises(ValueError, match="headers_from_env"):
+        parse_source_settings("s3://bucket", {"headers_from_env": {"Authorization": "X"}})

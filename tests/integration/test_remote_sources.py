@@ -350,6 +350,8 @@ def test_prefetch_downloads_and_loads_before_the_acquire(remote_daemon, server, 
     url = f"{server.base}/files/a.safetensors"
     daemon = remote_daemon()
     with daemon.client() as client:
+        with pytest.raises(ValueError, match="a list"):
+            client.prefetch(url)  # a str is iterable: it would prefetch each of its characters
         client.prefetch([url])
         wait_until(lambda: any(e.tier == "device" for e in client.list()))
         (entry,) = [e for e in client.list() if e.tier == "device"]
