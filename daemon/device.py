@@ -154,10 +154,13 @@ class Device:
                 self._free_soon(self.host.keep(copy))
             raise
         try:
-            uploading = time.monotonic()
-            buffer = copy.buffer if moved else await self._fill(
-                _upload, contents, entry_id, path=copy.path, nbytes=copy.nbytes)
-            self.stage_times["upload"].record(time.monotonic() - uploading)
+            if moved:
+                buffer = copy.buffer
+            else:
+                uploading = time.monotonic()
+                buffer = await self._fill(_upload, contents, entry_id, path=copy.path,
+                                          nbytes=copy.nbytes)
+                self.stage_times["upload"].record(time.monotonic() - uploading)
         finally:
             self.unreserve(need)
         entry = Entry(id=entry_id, key=copy.key, path=copy.path, device=self.name,
@@ -282,6 +285,9 @@ class Device:
             for entry in entries:
                 self._free_soon(self.host.keep(_host_copy(entry, entry.buffer)))
         else:  # submitted now, so the copy runs (and frees) before any fill queued after it
+            kept = [e for e in entries if e.key in self.host.copies]  # copied already
+            entries = [e for e in entries if e.key not in self.host.copies]
+            self._free_soon([e.buffer for e in kept])
             copying = self.pool.submit(_copy_to_host, self.host.transport, entries)
             task = asyncio.get_running_loop().create_task(
                 self._demoted(entries, copying, self._drops))

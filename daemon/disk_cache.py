@@ -107,6 +107,7 @@ class DiskCache:
             with self._lock:
                 known = self.files.get(source.url)
                 if known is not None:
+                    _touch(known.path)  # the order of use survives restarts
                     if time.monotonic() - known.checked >= self.revalidate_s:
                         self._start(source, known)  # not awaited: later requests see the answer
                     self.files.move_to_end(source.url)
@@ -379,6 +380,15 @@ def _lock_directory(directory: Path) -> Any:
         raise ConfigError(f"cache_dir {directory} is in use by another loracache daemon; give "
                           "each daemon a cache_dir of its own") from None
     return lock_file
+
+
+def _touch(path: Path) -> None:
+    """Set the file's access time to now, whatever the mount's atime policy; its modification
+    time stays, as it is part of the file's identity (a new one would be a new entry)."""
+    try:
+        os.utime(path, ns=(time.time_ns(), path.stat().st_mtime_ns))
+    except OSError:  # gone meanwhile: the load that follows says so
+        pass
 
 
 def _sha256(path: Path) -> str:

@@ -127,6 +127,9 @@ def _parse(text: str, prefix: bool, origin: bool = False) -> RemoteSource:
         raise ValueError("only .safetensors files are served")
     if prefix and not segments and scheme not in ("s3", "hf") and not origin:
         raise ValueError("a prefix names at least a path: https://host/ allows the whole host")
+    if prefix and segments and not origin and not path.endswith(("/", ".safetensors")):
+        raise ValueError("a prefix ends with '/' (everything below it) or names one "
+                         ".safetensors file; as written it would allow nothing")
     if scheme == "hf" and not prefix and len(segments) < 2:
         raise ValueError("a Hub URL names a repository and a file: hf://org/repo/file")
     return RemoteSource(scheme, authority, path or "/", revision)

@@ -180,3 +180,27 @@ def test_a_source_that_is_away_leaves_the_copy_in_service(origin, tmp_path):
         asyncio.run(scenario())
     finally:
         cache.close()
+
+
+def test_the_order_of_use_survives_a_restart(origin, tmp_path):
+    origin.files.update(a=lora(1), b=lora(2))
+    origin.etags.update(a="1", b="2")
+    directory = tmp_path / "cache"
+    cache = open_cache(directory, origin, budget=1 << 20)
+    cache.revalidate_s = 300
+
+    async def scenario() -> None:
+        for name in "aba":  # a is fetched, b, then a is served again from disk
+            await fetched(cache, origin.url(name))
+            await asyncio.sleep(0.01)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        cache.close()
+    again = DiskCache(directory, budget=1 << 20, min_free=0, revalidate_s=300,
+                      remotes=Remotes({}, timeout_s=10))
+    try:
+        assert list(again.files) == [origin.url("b"), origin.url("a")]  # least recent first
+    finally:
+        again.close()

@@ -134,6 +134,12 @@ def test_a_hub_prefix_allows_every_revision_of_what_it_names(url, allowed):
             check_allowed(parse_source(url), ALLOWED_HUB)
 
 
+@pytest.mark.parametrize("prefix", ["s3://bucket/team", "hf://org/repo", "https://h/loras"])
+def test_a_prefix_that_would_allow_nothing_is_refused(prefix):
+    with pytest.raises(ValueError, match="allow nothing"):
+        parse_prefix(prefix)
+
+
 def test_a_prefix_names_no_hub_revision():
     with pytest.raises(ValueError, match="every revision"):
         parse_prefix("hf://org/repo@v1/")
