@@ -118,10 +118,8 @@ class Device:
             await self.reserve(need, acquire_timeout)
             entry_id = f"{next(self._entry_ids):x}"
             try:
-                uploading = time.monotonic()
                 buffer = await self._fill(fill_buffer, plan, entry_id, path=plan.path,
                                           nbytes=plan.nbytes)
-                self.stage_times["upload"].record(time.monotonic() - uploading)
             finally:
                 self.unreserve(need)
         finally:
@@ -154,13 +152,8 @@ class Device:
                 self._free_soon(self.host.keep(copy))
             raise
         try:
-            if moved:
-                buffer = copy.buffer
-            else:
-                uploading = time.monotonic()
-                buffer = await self._fill(_upload, contents, entry_id, path=copy.path,
-                                          nbytes=copy.nbytes)
-                self.stage_times["upload"].record(time.monotonic() - uploading)
+            buffer = copy.buffer if moved else await self._fill(
+                _upload, contents, entry_id, path=copy.path, nbytes=copy.nbytes)
         finally:
             self.unreserve(need)
         entry = Entry(id=entry_id, key=copy.key, path=copy.path, device=self.name,
@@ -188,10 +181,14 @@ class Device:
                     nbytes: int) -> DeviceBuffer:
         """Allocate and fill an entry's buffer (``fill(self.transport, *args)``). When the
         device (or the tmpfs) has less room than the budget promised, free host copies in the
-        same tmpfs, then idle entries, one by one, and retry; then CACHE_FULL."""
+        same tmpfs, then idle entries, one by one, and retry; then CACHE_FULL. Its time is the
+        load's upload stage."""
+        started = time.monotonic()
         while True:
             try:
-                return await self.run(fill, self.transport, *args)
+                buffer = await self.run(fill, self.transport, *args)
+                self.stage_times["upload"].record(time.monotonic() - started)
+                return buffer
             except LoraCacheError as exc:
                 if exc.code is not ErrorCode.CACHE_FULL:
                     raise

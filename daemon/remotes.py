@@ -9,6 +9,7 @@ SOURCE_FAILED (the source is away, timed out or cut the file off).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import errno
@@ -17,7 +18,7 @@ import re
 import shutil
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 import obstore
 from obstore.store import HTTPStore, S3Store
@@ -73,10 +74,8 @@ class Remotes:
         """What ``source`` is now, asked without fetching its bytes."""
         if source.scheme == "hf":
             return _hub_head(source)
-        try:
+        with _fetching(source):
             meta = obstore.head(self._store(source), _key(source))
-        except Exception as exc:
-            raise source_error(source, exc) from None
         return _object_file(meta)
 
     def download(self, source: RemoteSource, partial: Path, admit: Admit) -> RemoteFile:
@@ -84,14 +83,12 @@ class Remotes:
         bytes come; the file's size is checked against what the source announced."""
         if source.scheme == "hf":
             return _hub_download(source, partial, admit)
-        try:
+        with _fetching(source):
             result = obstore.get(self._store(source), _key(source))
-        except Exception as exc:
-            raise source_error(source, exc) from None
         announced = _object_file(result.meta)
         admit(announced)
         written = 0
-        try:
+        with _fetching(source):
             with open(partial, "wb") as out:
                 for chunk in result.stream(min_chunk_size=CHUNK):
                     written += len(chunk)
@@ -102,14 +99,6 @@ class Remotes:
                     out.write(chunk)
                 out.flush()
                 os.fsync(out.fileno())
-        except (LoraCacheError, NoRoom):
-            raise
-        except OSError as exc:
-            if exc.errno in NO_ROOM:
-                raise NoRoom(exc.errno, str(exc)) from None
-            raise source_error(source, exc) from None
-        except Exception as exc:  # cut off or timed out
-            raise source_error(source, exc) from None
         if written != announced.size:
             raise LoraCacheError(ErrorCode.SOURCE_FAILED, f"{source.url} was cut off: "
                                  f"{written} of {announced.size} bytes came")
@@ -248,7 +237,6 @@ def _hub_metadata(source: RemoteSource) -> tuple[RemoteFile, str | None]:
 
 def _hub_download(source: RemoteSource, partial: Path, admit: Admit) -> RemoteFile:
     """The file from the Hub, or from the Hub's own cache when HF_HUB_OFFLINE is set."""
-    import huggingface_hub
 
     offline = _hub_offline()
     announced, commit = (None, None) if offline else _hub_metadata(source)
@@ -256,29 +244,28 @@ def _hub_download(source: RemoteSource, partial: Path, admit: Admit) -> RemoteFi
         admit(announced)
     folder = partial.with_name(partial.name + ".hub")
     try:
-        # The commit just resolved, so a branch that moves meanwhile cannot swap the file.
-        fetched = Path(huggingface_hub.hf_hub_download(
-            source.hub_repo_id, source.hub_filename, revision=commit or source.revision,
-            local_files_only=offline, local_dir=None if offline else folder))
-        size = fetched.stat().st_size
-        if announced is None:  # from the Hub cache: its blob is named by its hash
-            announced = _hub_cached_file(fetched, size)
-            admit(announced)
-        if size != announced.size:
-            raise LoraCacheError(ErrorCode.SOURCE_FAILED, f"{source.url} was cut off: "
-                                 f"{size} of {announced.size} bytes came")
-        shutil.copyfile(fetched, partial) if offline else os.replace(fetched, partial)
-    except (LoraCacheError, NoRoom):
-        raise
-    except OSError as exc:
-        if exc.errno in NO_ROOM:
-            raise NoRoom(exc.errno, str(exc)) from None
-        raise source_error(source, exc) from None
-    except Exception as exc:
-        raise source_error(source, exc) from None
+        with _fetching(source):
+            fetched = _hub_file(source, commit, offline, folder)
+            size = fetched.stat().st_size
+            if announced is None:  # from the Hub cache: its blob is named by its hash
+                announced = _hub_cached_file(fetched, size)
+                admit(announced)
+            if size != announced.size:
+                raise LoraCacheError(ErrorCode.SOURCE_FAILED, f"{source.url} was cut off: "
+                                     f"{size} of {announced.size} bytes came")
+            shutil.copyfile(fetched, partial) if offline else os.replace(fetched, partial)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return announced
+
+
+def _hub_file(source: RemoteSource, commit: str | None, offline: bool, folder: Path) -> Path:
+    import huggingface_hub
+
+    # The commit just resolved, so a branch that moves meanwhile cannot swap the file.
+    return Path(huggingface_hub.hf_hub_download(
+        source.hub_repo_id, source.hub_filename, revision=commit or source.revision,
+        local_files_only=offline, local_dir=None if offline else folder))
 
 
 def _hub_cached_file(fetched: Path, size: int) -> RemoteFile:
@@ -288,6 +275,22 @@ def _hub_cached_file(fetched: Path, size: int) -> RemoteFile:
 
 
 # ------------------------------------------------------------------------------ the errors
+
+@contextlib.contextmanager
+def _fetching(source: RemoteSource) -> Iterator[None]:
+    """What fetching ``source`` raises, translated: our errors as they are, a full disk as
+    NoRoom (the disk cache makes room and tries again), the libraries' by source_error."""
+    try:
+        yield
+    except (LoraCacheError, NoRoom):
+        raise
+    except OSError as exc:
+        if exc.errno in NO_ROOM:
+            raise NoRoom(exc.errno, str(exc)) from None
+        raise source_error(source, exc) from None
+    except Exception as exc:  # cut off, timed out, refused
+        raise source_error(source, exc) from None
+
 
 def source_error(source: RemoteSource, exc: BaseException) -> LoraCacheError:
     """The code and message for a library's exception while fetching ``source``."""

@@ -16,6 +16,14 @@ def lora_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
+def cache_dir(tmp_path: Path) -> Path:
+    """A directory for a daemon's downloads (``--cache-dir``)."""
+    directory = tmp_path / "cache"
+    directory.mkdir()
+    return directory
+
+
+@pytest.fixture
 def start_daemon(lora_dir: Path) -> Iterator[Callable[..., Daemon]]:
     """Start real daemon processes (flags as arguments); all are stopped after the test."""
     daemons: list[Daemon] = []

@@ -142,13 +142,6 @@ def hub() -> Iterator[Hub]:
 
 
 @pytest.fixture
-def cache_dir(tmp_path: Path) -> Path:
-    directory = tmp_path / "cache"
-    directory.mkdir()
-    return directory
-
-
-@pytest.fixture
 def hf_home(tmp_path: Path) -> Path:
     return tmp_path / "hf-home"
 

@@ -127,13 +127,6 @@ def big_lora_bytes(seed: int) -> bytes:
 
 
 @pytest.fixture
-def cache_dir(tmp_path: Path) -> Path:
-    directory = tmp_path / "cache"
-    directory.mkdir()
-    return directory
-
-
-@pytest.fixture
 def remote_daemon(start_daemon, server, cache_dir):
     def start(*flags: str, **kwargs) -> Daemon:
         allowed = [arg for kind in ("files", "moved", "cut", "private", "missing", "hang",

@@ -117,13 +117,6 @@ def s3() -> Iterator[S3]:
 
 
 @pytest.fixture
-def cache_dir(tmp_path: Path) -> Path:
-    directory = tmp_path / "cache"
-    directory.mkdir()
-    return directory
-
-
-@pytest.fixture
 def s3_daemon(start_daemon, s3, cache_dir):
     """A daemon allowed ``s3://loras/team/`` only, reaching moto by the AWS variables."""
     def start(*flags: str, **env: str) -> Daemon:
