@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import subprocess
 import sys
+import socketserver
+import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from safetensors.torch import save_file
@@ -39,6 +42,22 @@ def sized_lora(path: Path, nbytes: int, seed: int = 0) -> Path:
         total += 2 * 16 * width * 2
         i += 1
     return write_lora(path, tensors)
+
+
+@contextlib.contextmanager
+def serving(server: socketserver.BaseServer,
+            unblock: Callable[[], None] = lambda: None) -> Iterator[None]:
+    """Run ``server`` on a thread of its own for the block; at its end ``unblock`` first lets
+    go of handlers that wait on purpose, so that shutting down does not wait for them."""
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        unblock()
+        server.shutdown()
+        server.server_close()
+        thread.join()
 
 
 def wait_until(condition: Callable[[], Any], timeout: float = 15.0,

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load, save
 
 from loracache.client import ErrorCode, LoraCacheError
-from tests.support import Daemon
+from tests.support import Daemon, serving
 
 RESOLVE = re.compile(r"/([^/]+)/([^/]+)/resolve/([^/]+)/(.+)")
 
@@ -133,12 +133,8 @@ class HubHandler(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def hub() -> Iterator[Hub]:
     server = Hub()
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-    thread.join()
+    with serving(server):
+        yield server
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save
 
 from loracache.client import ErrorCode, LoraCacheError
-from tests.support import Daemon, wait_until
+from tests.support import Daemon, serving, wait_until
 
 
 class LoraServer(http.server.ThreadingHTTPServer):
@@ -103,13 +103,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def server() -> Iterator[LoraServer]:
     srv = LoraServer()
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield srv
-    srv.stopping.set()
-    srv.shutdown()
-    srv.server_close()
-    thread.join()
+    with serving(srv, unblock=srv.stopping.set):
+        yield srv
 
 
 def lora_bytes(seed: int) -> bytes:

@@ -38,7 +38,7 @@ import torch
 from loracache.client import LoraCacheClient, LoraCacheError
 from loracache.shared.packing import TensorItem, pack
 from loracache.shared.protocol import StatsResult
-from tests.support import REPO, Daemon
+from tests.support import REPO, Daemon, serving
 from examples.tiny_models import save, sd_lora_peft, tiny_sd_pipeline
 
 SOAK_SECONDS = float(os.environ.get("LORACACHE_SOAK_SECONDS", "30"))
@@ -284,14 +284,8 @@ def file_server(directory: Path) -> Iterator[str]:
     """Serve ``directory`` over HTTP (as a plain web server does); yields its base URL."""
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(
         QuietFiles, directory=str(directory)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serving(server):
         yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
 
 
 class QuietFiles(http.server.SimpleHTTPRequestHandler):
