@@ -88,7 +88,8 @@ def load_and_fuse_lora(pipeline: Any, source: str | os.PathLike[str] | Mapping[s
     bit-exactly; ``"subtract"`` subtracts the same deltas. ``strict`` makes keys that match no
     module an error (else a warning). ``fallback="local"`` loads the file in this process when
     the daemon is unreachable or its memory cannot be mapped here (one warning per process);
-    ``"error"`` raises instead.
+    ``"error"`` raises instead. A URL (``https://``, ``s3://``, ``hf://``) is fetched by the
+    daemon only: without one it raises whatever the fallback.
     """
     if restore not in RESTORE_MODES:
         raise ValueError(f"restore must be one of {RESTORE_MODES}, not {restore!r}")
@@ -289,8 +290,8 @@ def _canonical_source(pipeline: Any, family: Family, source: Any, client: LoraCa
         lease = lender.acquire(path, device=wanted, layout=family.name)
         return lease.tensors, lease, lender
     except LoraCacheError as exc:
-        if exc.code not in FALLBACK_CODES or fallback == "error":
-            raise
+        if exc.code not in FALLBACK_CODES or fallback == "error" or "://" in path:
+            raise  # a URL is fetched by the daemon only: there is nothing to load here
         _warn_fallback(exc)
     with safe_open(path, framework="pt") as f:
         metadata = f.metadata()

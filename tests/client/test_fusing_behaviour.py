@@ -172,6 +172,9 @@ def test_fallback_loads_locally_with_one_warning(no_daemon, lora_dir, caplog):
     with pytest.raises(LoraCacheError) as error:
         load_and_fuse_lora(pipe, path, "c", fallback="error")
     assert error.value.code is ErrorCode.DAEMON_UNAVAILABLE
+    with pytest.raises(LoraCacheError) as error:  # only the daemon fetches: no local fallback
+        load_and_fuse_lora(pipe, "hf://org/repo/a.safetensors", "d")
+    assert error.value.code is ErrorCode.DAEMON_UNAVAILABLE
 
 
 def test_loads_use_the_daemon_again_once_it_is_back(no_daemon, start_daemon, lora_dir):

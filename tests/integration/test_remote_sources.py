@@ -431,3 +431,27 @@ def test_a_preload_table_may_name_a_url(remote_daemon, server, tmp_path):
         wait_until(lambda: any(e.tier == "device" for e in client.list()))
         (entry,) = [e for e in client.list() if e.tier == "device"]
         assert entry.source == url and entry.pinned
+
+
+def test_a_worker_fuses_a_lora_by_url(remote_daemon, server, tmp_path):
+    """load_and_fuse_lora(pipe, URL): the daemon fetches, the worker fuses what it lends, and
+    the weights are those the same file gives when fused from this process's own copy."""
+    from examples.tiny_models import save, sd_lora_peft, tiny_sd_pipeline
+    from loracache.client import load_and_fuse_lora
+
+    pipe, expected = tiny_sd_pipeline(smallest=True), tiny_sd_pipeline(smallest=True)
+    path = save(sd_lora_peft(pipe), tmp_path / "style.safetensors")
+    server.files["style.safetensors"] = path.read_bytes()
+    load_and_fuse_lora(expected, load_file(path), "style")  # fused from a state dict, here
+    before = {name: p.detach().clone() for name, p in pipe.unet.named_parameters()}
+    daemon = remote_daemon()
+    with daemon.client() as client:
+        load_and_fuse_lora(pipe, f"{server.base}/files/style.safetensors", "style",
+                           client=client, fallback="error")
+        fused = {**dict(pipe.unet.named_parameters()),
+                 **{f"te.{k}": v for k, v in pipe.text_encoder.named_parameters()}}
+        want = {**dict(expected.unet.named_parameters()),
+                **{f"te.{k}": v for k, v in expected.text_encoder.named_parameters()}}
+        assert all(torch.equal(fused[name], want[name]) for name in want)
+        assert any(not torch.equal(fused[name], b) for name, b in before.items())  # it fused
+    assert server.gets["/files/style.safetensors"] == 1
