@@ -218,6 +218,23 @@ def test_metrics_endpoint_matches_stats(start_daemon, lora_dir):
     assert metrics["loracache_load_duration_seconds_count", (("device", "cpu"),)] == 1
     assert metrics["loracache_load_duration_seconds_bucket",
                    (("device", "cpu"), ("le", "+Inf"))] == 1
+    # where the load's time went: one read and one upload (raw: nothing converted)
+    for stage in ("read", "upload"):
+        labels = (("device", "cpu"), ("stage", stage))
+        assert metrics["loracache_load_stage_seconds_count", labels] == 1, stage
+        assert metrics["loracache_load_stage_seconds_sum", labels] == pytest.approx(
+            cpu.stage_seconds[stage].sum)
+    assert ("loracache_load_stage_seconds_count", (("device", "cpu"), ("stage", "convert"))) \
+        not in metrics
+    (host,) = stats.tiers  # no cache_dir: no disk tier
+    for metric, key in [("loracache_tier_budget_bytes", "budget"),
+                        ("loracache_tier_used_bytes", "used"),
+                        ("loracache_tier_entries", "entries"),
+                        ("loracache_tier_hits_total", "hits"),
+                        ("loracache_tier_misses_total", "misses"),
+                        ("loracache_tier_evictions_total", "evictions")]:
+        assert metrics[metric, (("tier", "host"),)] == getattr(host, key), metric
+    assert host.misses == 1 and host.budget > 0  # the one load looked there first
 
 
 def test_metrics_address_in_use_refuses_to_start(lora_dir, tmp_path):
