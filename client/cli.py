@@ -148,15 +148,14 @@ def print_stats(stats: StatsResult, watching: bool = False) -> None:
 
 def print_stages(stats: StatsResult) -> None:
     """Where load time goes: a line per device and per tier that has loaded."""
-    for d in stats.devices:
-        if d.stage_seconds:
-            print(f"{d.device} loads, p50 / p90: " + ", ".join(
-                f"{stage} {_seconds(t.p50)} / {_seconds(t.p90)}"
-                for stage, t in d.stage_seconds.items()))
-    for t in stats.tiers:
-        if t.load_seconds is not None and t.load_seconds.count:
-            print(f"downloads, p50 / p90: {_seconds(t.load_seconds.p50)} / "
-                  f"{_seconds(t.load_seconds.p90)}")
+    lines = [f"{d.device} loads, p50 / p90: " + ", ".join(
+        f"{stage} {_seconds(t.p50)} / {_seconds(t.p90)}" for stage, t in d.stage_seconds.items())
+        for d in stats.devices if d.stage_seconds]
+    lines += [f"downloads, p50 / p90: {_seconds(t.load_seconds.p50)} / "
+              f"{_seconds(t.load_seconds.p90)}"
+              for t in stats.tiers if t.load_seconds is not None and t.load_seconds.count]
+    if lines:
+        print("", *lines, sep="\n")
 
 
 def print_allocators(stats: StatsResult) -> None:

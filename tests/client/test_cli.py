@@ -114,7 +114,9 @@ def test_stats_counts_a_known_sequence(daemon, lora_dir):
     assert preload.stdout == f"{lora_dir / 'a.safetensors'} on cpu (raw): 1.0 MiB, pinned\n"
     with daemon.client() as client, client.acquire("a.safetensors"):
         during = cpu_stats(daemon.socket)
-        (row,) = table(cli("stats", socket=daemon.socket).stdout, "DEVICE")
+        printed = cli("stats", socket=daemon.socket).stdout
+        (row,) = table(printed, "DEVICE")
+        (host,) = table(printed, "TIER")  # no cache_dir: the host tier alone
     assert {k: during[k] for k in counters} == {
         "used": MiB, "pinned_bytes": MiB, "entries": 1, "leases": 1, "sessions": 1, "hits": 1,
         "misses": 0, "evictions": 0, "loads": 1}
@@ -129,6 +131,8 @@ def test_stats_counts_a_known_sequence(daemon, lora_dir):
             row["LEASES"], row["SESSIONS"], row["HITS"], row["HIT RATE"], row["LOADS"]) == (
         "cpu", "1.0 GiB", "1.0 MiB", "1.0 MiB", "1", "1", "1", "1", "100%", "1")
     assert re.fullmatch(r"(\d+ ms|\d+\.\ds) / .+ / .+", row["LOAD p50 / p90 / p99"]), row
+    assert (host["TIER"], host["USED"], host["ENTRIES"], host["MISSES"]) == ("host", "0 B", "0",
+                                                                          "1"), host
 
     after = cpu_stats(daemon.socket)  # the client said goodbye
     assert (after["leases"], after["sessions"], after["entries"]) == (0, 0, 1)
@@ -158,6 +162,7 @@ def test_ls_json_and_table(shared_daemon):
                 entry["pinned"]) == ("cpu", "raw", nbytes, leases, pinned), entry
     assert entries["pinned.safetensors"]["idle_s"] == entries["leased.safetensors"]["idle_s"] == 0
     assert entries["idle.safetensors"]["idle_s"] >= 0.1
+    assert {r["TIER"] for r in rows.values()} == {"device"}
     assert [(r["SIZE"], r["LEASES"], r["PINNED"], r["LAYOUT"]) for r in (
         rows["pinned.safetensors"], rows["leased.safetensors"], rows["idle.safetensors"])] == [
         ("1.0 MiB", "0", "yes", "raw"), ("2.0 MiB", "1", "", "raw"), ("1.0 KiB", "0", "", "raw")]
