@@ -59,7 +59,9 @@ class Device:
         self._header_pool = header_pool
         self._entry_ids = entry_ids
         self._demotions: set[asyncio.Task[None]] = set()  # GPU entries being copied to host
-        self._drops = 0  # evicts and clears so far: a copy made across one is not kept
+        # What evicts and clears matched while copies to host memory were under way: such a
+        # copy of a matching file is not kept (cleared once no copy is under way).
+        self._drop_log: list[Callable[[str], bool]] = []
         self._loading: dict[Hashable, asyncio.Future[None]] = {}  # single flight, per file
         self._room_freed = asyncio.Event()
         self._collecting: concurrent.futures.Future[None] | None = None
@@ -287,24 +289,29 @@ class Device:
             self._free_soon([e.buffer for e in kept])
             copying = self.pool.submit(_copy_to_host, self.host.transport, entries)
             task = asyncio.get_running_loop().create_task(
-                self._demoted(entries, copying, self._drops))
+                self._demoted(entries, copying, len(self._drop_log)))
             self._demotions.add(task)
-            task.add_done_callback(self._demotions.discard)
+            task.add_done_callback(self._demotion_done)
 
     async def _demoted(self, entries: list[Entry],
                        copying: concurrent.futures.Future[list[DeviceBuffer | None]],
-                       drops: int) -> None:
+                       since: int) -> None:
         """Keep the host copies of evicted GPU entries once they are made, unless an evict or
-        clear came since ``drops`` was counted (then they are freed)."""
+        clear of their file came meanwhile (``_drop_log`` from ``since``: they are freed)."""
         assert self.host is not None, "demoted to the host tier"
         copies = await asyncio.wrap_future(copying)
         for entry, buffer in zip(entries, copies):
             if buffer is None:
                 continue
-            if self._drops != drops:
+            if any(match(entry.path) for match in self._drop_log[since:]):
                 self.pool.submit(free_all, self.host.transport, [buffer])
             else:
                 self._free_soon(self.host.keep(_host_copy(entry, buffer)))
+
+    def _demotion_done(self, task: asyncio.Task[None]) -> None:
+        self._demotions.discard(task)
+        if not self._demotions:
+            self._drop_log.clear()
 
     def _free_soon(self, buffers: list[DeviceBuffer]) -> None:
         if buffers:
@@ -317,7 +324,8 @@ class Device:
     def drop(self, match: Callable[[str], bool]) -> tuple[int, int]:
         """Evict the idle entries whose path ``match`` accepts (no host copy is kept);
         returns (evicted, still leased)."""
-        self._drops += 1  # host copies being made now are not kept
+        if self._demotions:
+            self._drop_log.append(match)
         matching = [e for e in self.cache.entries.values() if match(e.path)]
         idle = [e for e in matching if e.leases == 0]
         self.remove(idle)

@@ -3,11 +3,12 @@
 However many workers and devices ask for a URL at once, it is downloaded once (single flight
 on the event loop; the transfer runs in a thread). A download streams into ``.partial/``, is
 checked (the announced size, the sha256 where the source publishes one, the safetensors header)
-and renamed into place with a JSON sidecar that records its URL and version, so a crash never
-leaves a half file that looks whole. The files outlive the daemon: the index is rebuilt from
-the sidecars at start. Least recently used files go when the directory's byte budget or the
-file system's free-space floor needs room; room for a download is reserved from the size its
-source announces before its bytes come, so downloads at once cannot overrun the budget.
+and renamed into place under a name of its own, with a JSON sidecar that records its URL and
+version, so a crash never leaves a half file that looks whole. The files outlive the daemon:
+the index is rebuilt from the sidecars at start. Least recently used files go when the
+directory's byte budget or the file system's free-space floor needs room; room for a download
+is reserved from the size its source announces before its bytes come, so downloads at once
+cannot overrun the budget.
 
 A URL fetched once is served from disk at once. After ``revalidate_s`` a request still gets the
 copy at once while the source is asked (in the background) whether it changed; a changed file
@@ -182,7 +183,6 @@ class DiskCache:
             self._reserved -= fetched.size
             old = self.files.pop(fetched.url, None)
             self.files[fetched.url] = fetched
-            self._doomed.discard(fetched.path)  # the same version again, under the same name
             if old is not None and old.path != fetched.path:
                 self._discard(old.path)  # an entry loaded from it holds its own copy
             self._trim(keep=fetched)
@@ -270,8 +270,8 @@ class DiskCache:
                                      "its source gives; it was corrupted on the way")
             with open(partial, "rb") as f:
                 read_header(f, source.url)
-            name = hashlib.sha256(f"{source.url}\0{remote.version}".encode()).hexdigest()[:32]
-            final = self.directory / f"{name}.safetensors"
+            # A name of its own: no download ever lands on a file served or held meanwhile.
+            final = self.directory / f"{secrets.token_hex(16)}.safetensors"
             fetched = DiskFile(source.url, final, remote.size, remote.version, time.monotonic())
             _write_sidecar(fetched, partial)
         except NoRoom as exc:

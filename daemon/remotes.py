@@ -146,7 +146,8 @@ def _make_store(source: RemoteSource, settings: SourceSettings,
     for header, variable in settings.headers_from_env.items():
         value = os.environ.get(variable)
         if not value:
-            raise LoraCacheError(ErrorCode.SOURCE_DENIED,
+            # the daemon's configuration, not the source's answer: copies stay in service
+            raise LoraCacheError(ErrorCode.SOURCE_FAILED,
                                  f"{source.origin}: header {header} comes from the environment "
                                  f"variable {variable}, which the daemon does not have; set it "
                                  "in the daemon's environment (EnvironmentFile= under systemd)")
@@ -178,7 +179,7 @@ def _profile_credentials(profile: str | None) -> Any:
         import boto3
         from obstore.auth.boto3 import Boto3CredentialProvider
     except ImportError:
-        raise LoraCacheError(ErrorCode.SOURCE_DENIED,
+        raise LoraCacheError(ErrorCode.SOURCE_FAILED,
                              f"profile = {profile!r} needs boto3 to read AWS profiles: "
                              "pip install boto3, or give credentials by the AWS_* variables"
                              ) from None

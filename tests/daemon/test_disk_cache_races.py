@@ -93,8 +93,10 @@ async def fetched(cache: DiskCache, url: str) -> Path:
 
 
 async def settled(cache: DiskCache) -> None:
+    """Once nothing is downloaded or asked any more: no room is held for downloads."""
     while cache._inflight:
         await asyncio.sleep(0.01)
+    assert cache._reserved == 0
 
 
 def test_a_look_at_the_source_does_not_bring_back_a_file_evicted_meanwhile(origin, tmp_path):
@@ -121,7 +123,9 @@ def test_a_look_at_the_source_does_not_bring_back_a_file_evicted_meanwhile(origi
         cache.close()
 
 
-def test_a_version_that_comes_back_is_not_deleted_by_its_earlier_holder(origin, tmp_path):
+def test_a_version_that_comes_back_is_a_file_of_its_own(origin, tmp_path):
+    """v1, v2, then v1 again while a holder still loads from the first v1: every download has
+    a name of its own, so the holder's done() removes its file and nothing that is served."""
     origin.files["a"], origin.etags["a"] = lora(1), "1"
     cache = open_cache(tmp_path / "cache", origin, budget=1 << 20)
 
@@ -131,11 +135,14 @@ def test_a_version_that_comes_back_is_not_deleted_by_its_earlier_holder(origin, 
         await fetched(cache, origin.url("a"))  # due: v2 is downloaded; v1 waits for its holder
         await settled(cache)
         origin.etags["a"] = "1"
-        await fetched(cache, origin.url("a"))  # v1 again: the same name as the held file
+        await fetched(cache, origin.url("a"))  # v1 again
         await settled(cache)
-        assert cache.files[origin.url("a")].path == held
-        cache.done(held)  # the first holder is done: the file is indexed again, it stays
-        assert held.exists() and held.with_suffix(".json").exists()
+        served = cache.files[origin.url("a")].path
+        assert served != held and held.exists()
+        cache.done(held)  # the first holder is done: its file goes, the served one stays
+        assert not held.exists()
+        assert served.exists() and served.with_suffix(".json").exists()
+        assert sorted(p.name for p in (tmp_path / "cache").glob("*.safetensors")) == [served.name]
 
     try:
         asyncio.run(scenario())

@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 from loracache.daemon.config import load_config
@@ -232,21 +233,27 @@ def test_a_gpu_entry_is_copied_out_and_freed_before_the_load_that_evicted_it(tmp
         service.close()
 
 
-def test_a_clear_during_a_copy_to_host_memory_keeps_no_copy(tmp_path):
+@pytest.mark.parametrize("dropping, kept", [("clear", False), ("evict a", False),
+                                             ("evict b", True)])
+def test_an_evict_or_clear_during_a_copy_to_host_memory_keeps_no_copy_of_its_file(
+        tmp_path, dropping, kept):
     node = gpu_node(tmp_path, max_bytes=str(LookalikeGpu.SEGMENT))
 
     async def scenario() -> None:
         session = await node.hello()
         await node.release(await node.ask(Acquire(path=node.lora("a"), device=GPU), session),
                            session)
+        node.lora("b")
         gpu = node.service.devices[GPU]
         gpu.remove([gpu.cache.entries[next(iter(gpu.cache.entries))]], demote=True)
-        cleared = await node.ask(Clear())
-        assert (cleared.evicted, cleared.copies) == (0, 0)  # the copy is under way, not kept
+        request = Clear() if dropping == "clear" else Evict(path=f"{dropping[-1]}.safetensors")
+        dropped = await node.ask(request)
+        assert (dropped.evicted, dropped.copies) == (0, 0)  # the copy is under way, not kept
         await asyncio.gather(*gpu._demotions)
-        assert await node.names("host") == set()
-        await asyncio.sleep(0.05)  # the copy's free runs on the device's thread
-        assert list((tmp_path / "cpu").glob("*.bin")) == []
+        assert await node.names("host") == ({"a"} if kept else set())
+        await asyncio.sleep(0.05)  # a discarded copy is freed on the device's thread
+        assert len(list((tmp_path / "cpu").glob("*.bin"))) == (1 if kept else 0)
+        assert gpu._drop_log == []  # forgotten once no copy is under way
 
     try:
         asyncio.run(scenario())
