@@ -192,7 +192,8 @@ def _evict(client: LoraCacheClient, args: argparse.Namespace) -> int:
     """``evict PATH``, ``evict --all`` and ``clear`` (which is ``evict --all``)."""
     every = getattr(args, "all", True)
     result = client.clear(args.device) if every else client.evict(args.path, args.device)
-    print(f"evicted {result.evicted}, still leased {result.busy}")
+    print(f"evicted {result.evicted}, still leased {result.busy}"
+          + (f", host copies dropped {result.copies}" if result.copies else ""))
     return 0
 
 

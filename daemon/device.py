@@ -151,7 +151,7 @@ class Device:
             await self.reserve(need, acquire_timeout)
         except BaseException:
             if moved:
-                self._free_soon(self.host.keep(copy))
+                self._free_soon(self.host.keep(copy), self.host.transport)
             raise
         try:
             buffer = copy.buffer if moved else await self._fill(
@@ -201,12 +201,17 @@ class Device:
                     victims = self.host.drop_oldest()
                 elif self.cache.idle:
                     victim = next(iter(self.cache.idle.values()))
-                    self.cache.remove(victim)
-                    victims = [victim.buffer]
+                    log.warning("%s has no room for %s (%s): evicting %s and retrying",
+                                self.name, path, human_bytes(nbytes), victim.path)
+                    # A GPU's victim is copied to host memory and freed on this device's thread
+                    # before the retry; the CPU's must be freed, not moved (same tmpfs).
+                    self.remove([victim], demote=not host_copies and self.transport is not (
+                        self.host.transport if self.host is not None else None))
+                    continue
                 else:
                     raise
-                log.warning("%s has no room for %s (%s): freeing %s and retrying", self.name,
-                            path, human_bytes(nbytes), human_bytes(victims[0].nbytes))
+                log.warning("%s has no room for %s (%s): freeing a host copy (%s) and retrying",
+                            self.name, path, human_bytes(nbytes), human_bytes(victims[0].nbytes))
                 await self.run(free_all, self.transport, victims)
 
     async def make_probe(self, acquire_timeout: float) -> Entry:
@@ -282,10 +287,13 @@ class Device:
             self._free_soon([e.buffer for e in entries])
         elif self.transport is self.host.transport:  # the CPU: the buffers themselves move
             for entry in entries:
-                self._free_soon(self.host.keep(_host_copy(entry, entry.buffer)))
+                self._free_soon(self.host.keep(_host_copy(entry, entry.buffer)),
+                                self.host.transport)
         else:  # submitted now, so the copy runs (and frees) before any fill queued after it
             kept = [e for e in entries if e.key in self.host.copies]  # copied already
             entries = [e for e in entries if e.key not in self.host.copies]
+            for entry in kept:
+                self.host.copies.move_to_end(entry.key)  # used more recently than its place
             self._free_soon([e.buffer for e in kept])
             copying = self.pool.submit(_copy_to_host, self.host.transport, entries)
             task = asyncio.get_running_loop().create_task(
@@ -304,18 +312,21 @@ class Device:
             if buffer is None:
                 continue
             if any(match(entry.path) for match in self._drop_log[since:]):
-                self.pool.submit(free_all, self.host.transport, [buffer])
+                self._free_soon([buffer], self.host.transport)
             else:
-                self._free_soon(self.host.keep(_host_copy(entry, buffer)))
+                self._free_soon(self.host.keep(_host_copy(entry, buffer)), self.host.transport)
 
     def _demotion_done(self, task: asyncio.Task[None]) -> None:
         self._demotions.discard(task)
         if not self._demotions:
             self._drop_log.clear()
 
-    def _free_soon(self, buffers: list[DeviceBuffer]) -> None:
+    def _free_soon(self, buffers: list[DeviceBuffer],
+                   transport: Transport | None = None) -> None:
+        """Free ``buffers`` (of ``transport``, by default the device's) on the device's
+        thread."""
         if buffers:
-            self.pool.submit(free_all, self.transport, buffers)
+            self.pool.submit(free_all, transport or self.transport, buffers)
 
     def trim(self) -> None:
         """Drop idle entries beyond the cache-size cap (to the host tier)."""

@@ -63,6 +63,7 @@ class DiskFile:
     size: int
     version: str  # the ETag or revision, or size and modification time where there is none
     checked: float = -math.inf  # time.monotonic() of the last look at the source
+    refused: bool = False  # the last look was answered 404 or 401/403
 
 
 class DiskCache:
@@ -107,8 +108,12 @@ class DiskCache:
         while True:
             with self._lock:
                 known = self.files.get(source.url)
+                if known is not None and not _touch(known.path):  # removed behind our back
+                    log.warning("disk cache: %s is gone from %s; downloading it again",
+                                known.path, self.directory)
+                    del self.files[source.url]
+                    known = None
                 if known is not None:
-                    _touch(known.path)  # the order of use survives restarts
                     if time.monotonic() - known.checked >= self.revalidate_s:
                         self._start(source, known)  # not awaited: later requests see the answer
                     self.files.move_to_end(source.url)
@@ -140,7 +145,12 @@ class DiskCache:
                              evictions=self.evictions, load_seconds=self.download_times.stats())
 
     def close(self) -> None:
-        """Let go of the directory (downloads under way are in daemon threads: abandoned)."""
+        """Remove the files replaced while in use, and let go of the directory (downloads under
+        way are in daemon threads: abandoned, their partial files removed at the next start)."""
+        with self._lock:
+            for path in self._doomed:
+                _remove(path)
+            self._doomed.clear()
         self._lock_file.close()
 
     # ---------------------------------------------------------------------- on the event loop
@@ -170,8 +180,7 @@ class DiskCache:
             return  # a download: its waiters get the error
         elif isinstance(error, LoraCacheError) and error.code in (ErrorCode.NOT_FOUND,
                                                                   ErrorCode.SOURCE_DENIED):
-            log.warning("%s; its copy is no longer served", error.message)
-            self._forget(known)
+            self._refused(known, error)
         else:  # the source is away: the copy is served on
             log.warning("could not refresh %s (%s); serving the copy from %s", source.url,
                         error, known.path)
@@ -193,15 +202,24 @@ class DiskCache:
         with self._lock:
             current = self.files.get(checked.url)
             if current is not None and current.path == checked.path:
-                current.checked = checked.checked
+                current.checked, current.refused = checked.checked, False
 
-    def _forget(self, gone: DiskFile) -> None:
-        """Stop serving a copy whose source no longer has it, or no longer lets us read it."""
+    def _refused(self, known: DiskFile, error: LoraCacheError) -> None:
+        """The source says it no longer has the file, or no longer lets us read it. Twice in a
+        row (``revalidate_s`` apart), and the copy is no longer served: once may be a credential
+        that expires and is renewed, or a token the daemon was restarted without."""
         with self._lock:
-            current = self.files.get(gone.url)
-            if current is not None and current.path == gone.path:
-                del self.files[gone.url]
-                self._discard(gone.path)
+            current = self.files.get(known.url)
+            if current is None or current.path != known.path:
+                return
+            if not current.refused:
+                current.refused, current.checked = True, time.monotonic()
+                log.warning("%s; the copy is served until the source says so again",
+                            error.message)
+                return
+            del self.files[known.url]
+            self._discard(known.path)
+        log.warning("%s, again; its copy is no longer served", error.message)
 
     def _trim(self, keep: DiskFile | None = None, need: int = 0) -> None:
         """Evict least recently used files until ``need`` more bytes fit the budget and the
@@ -336,8 +354,15 @@ class DiskCache:
                 continue
             found.append((path.stat().st_atime, DiskFile(data["url"], path, data["size"],
                                                          data["version"])))
+        newest = {f.url: f for _, f in sorted(found, key=lambda pair: pair[1].path.with_suffix(
+            ".json").stat().st_mtime_ns)}  # of two downloads of a URL, the later one serves
         for _, fetched in sorted(found, key=lambda pair: pair[0]):
-            self.files[fetched.url] = fetched
+            if newest[fetched.url] is fetched:
+                self.files[fetched.url] = fetched
+            else:
+                log.info("disk cache: %s was replaced by a later download; removing it",
+                         fetched.path)
+                _remove(fetched.path)
         for orphan in self.directory.glob("*.safetensors"):
             if OWN_NAME.fullmatch(orphan.name) and not orphan.with_suffix(".json").exists():
                 _remove(orphan)
@@ -382,13 +407,17 @@ def _lock_directory(directory: Path) -> Any:
     return lock_file
 
 
-def _touch(path: Path) -> None:
-    """Set the file's access time to now, whatever the mount's atime policy; its modification
-    time stays, as it is part of the file's identity (a new one would be a new entry)."""
+def _touch(path: Path) -> bool:
+    """Set the file's access time to now, whatever the mount's atime policy (the order of use
+    survives restarts); its modification time stays, as it is part of the file's identity.
+    False if the file is gone."""
     try:
         os.utime(path, ns=(time.time_ns(), path.stat().st_mtime_ns))
-    except OSError:  # gone meanwhile: the load that follows says so
+    except FileNotFoundError:
+        return False
+    except OSError:  # not ours to touch (a read-only mount): the order is just not kept
         pass
+    return True
 
 
 def _sha256(path: Path) -> str:

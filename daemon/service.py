@@ -59,7 +59,7 @@ from .disk_cache import DiskCache
 from .remotes import Remotes
 from .files import FileIdentity, confine, identify
 from .sessions import Lease, Session, SessionTable
-from .sources import check_allowed, is_remote, parse_source
+from .sources import RemoteSource, check_allowed, is_remote, parse_source
 
 log = logging.getLogger("loracache.daemon")
 
@@ -161,13 +161,19 @@ class CacheService:
     async def _downloaded(self, url: str) -> tuple[DiskCache, Path]:
         """The local copy of the LoRA at ``url``, fetched if need be; the caller tells the
         disk cache when it is :meth:`~DiskCache.done` with it."""
+        source, disk = self._fetchable(url)
+        return disk, await disk.fetch(source)
+
+    def _fetchable(self, url: str) -> tuple[RemoteSource, DiskCache]:
+        """``url``'s canonical source and the disk cache it is fetched into, if the daemon may
+        fetch it."""
         source = parse_source(url)
         check_allowed(source, self.config.allow_sources)
         if self.disk is None:  # allow_sources came with a reload; cache_dir needs a restart
             raise LoraCacheError(ErrorCode.FORBIDDEN_SOURCE,
                                  f"{source.url}: this daemon started without cache_dir, so it "
                                  "fetches nothing; restart it with cache_dir set")
-        return self.disk, await self.disk.fetch(source)
+        return source, self.disk
 
     async def _acquire_loading(self, device: Device, identity: FileIdentity, req: Acquire,
                                session: Session, source: str = "") -> AcquireResult:
@@ -338,7 +344,7 @@ class CacheService:
                                  f"known: {', '.join(LAYOUTS)}")
         for path in req.paths:
             if is_remote(path):
-                check_allowed(parse_source(path), self.config.allow_sources)
+                self._fetchable(path)
             else:
                 identify(path, self.config.lora_dirs)  # allowed, and there
         for path in req.paths:

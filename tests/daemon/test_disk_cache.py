@@ -4,6 +4,7 @@ in its directory is touched."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -61,3 +62,21 @@ def test_two_daemons_may_not_share_a_cache_directory(tmp_path):
     finally:
         first.close()
     open_cache(tmp_path).close()  # free again
+
+
+def test_of_two_downloads_of_one_url_the_later_is_kept(tmp_path):
+    """A crash between a new download's sidecar and the old file's removal leaves both."""
+    for name, version in (("a" * 32, "etag:old"), ("b" * 32, "etag:new")):
+        (tmp_path / f"{name}.safetensors").write_bytes(b"x" * 10)
+        (tmp_path / f"{name}.json").write_text(json.dumps(
+            {"url": "https://example.com/a.safetensors", "size": 10, "version": version}))
+        time.sleep(0.01)  # the later sidecar is the newer one
+    cache = open_cache(tmp_path)
+    try:
+        (kept,) = cache.files.values()
+        assert kept.version == "etag:new" and cache.used == 10
+        newer = "b" * 32
+        assert sorted(p.name for p in tmp_path.glob("[ab]*")) == [f"{newer}.json",
+                                                                f"{newer}.safetensors"]
+    finally:
+        cache.close()

@@ -150,24 +150,98 @@ def test_a_version_that_comes_back_is_a_file_of_its_own(origin, tmp_path):
         cache.close()
 
 
-@pytest.mark.parametrize("status, served_on", [(404, False), (403, False), (503, True)])
-def test_a_copy_goes_when_its_source_says_it_is_gone_and_stays_when_it_is_away(
-        origin, tmp_path, status, served_on):
-    """404: deleted at the source; 403: access revoked; 503: the source is away for now."""
+@pytest.mark.parametrize("status, refusal", [(404, True), (403, True), (503, False)])
+def test_a_copy_goes_when_its_source_says_twice_it_is_gone_and_stays_when_it_is_away(
+        origin, tmp_path, status, refusal):
+    """404: deleted at the source; 403: access revoked (twice in a row: once may be a
+    credential being renewed); 503: the source is away for now."""
     origin.files["a"], origin.etags["a"] = lora(1), "1"
     cache = open_cache(tmp_path / "cache", origin, budget=1 << 20)
 
     async def scenario() -> None:
         path = await fetched(cache, origin.url("a"))
         origin.status["a"] = status
-        await fetched(cache, origin.url("a"))  # served once more while the source is asked
-        await settled(cache)
-        assert (origin.url("a") in cache.files, path.exists()) == (served_on, served_on)
+        for look in (1, 2):
+            await fetched(cache, origin.url("a"))  # served while the source is asked
+            await settled(cache)
+            gone = refusal and look == 2
+            assert (origin.url("a") in cache.files, path.exists()) == (not gone, not gone)
+        origin.status.pop("a")
+        if not refusal:  # a source back after being away: the copy was served all along
+            await fetched(cache, origin.url("a"))
+            await settled(cache)
+            assert cache.files[origin.url("a")].path == path
 
     try:
         asyncio.run(scenario())
     finally:
         cache.close()
+
+
+def test_a_refusal_then_an_answer_starts_the_count_again(origin, tmp_path):
+    origin.files["a"], origin.etags["a"] = lora(1), "1"
+    cache = open_cache(tmp_path / "cache", origin, budget=1 << 20)
+
+    async def scenario() -> None:
+        path = await fetched(cache, origin.url("a"))
+        for status in (403, None, 403):  # refused, answered, refused: never twice in a row
+            if status is None:
+                origin.status.pop("a")
+            else:
+                origin.status["a"] = status
+            await fetched(cache, origin.url("a"))
+            await settled(cache)
+        assert cache.files[origin.url("a")].path == path and path.exists()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        cache.close()
+
+
+def test_a_copy_removed_behind_the_daemon_is_downloaded_again(origin, tmp_path):
+    origin.files["a"], origin.etags["a"] = lora(1), "1"
+    cache = open_cache(tmp_path / "cache", origin, budget=1 << 20)
+    cache.revalidate_s = 300
+
+    async def scenario() -> None:
+        first = await fetched(cache, origin.url("a"))
+        first.unlink()  # an operator, or a cleaner of old files
+        again = await fetched(cache, origin.url("a"))
+        assert again != first and again.read_bytes() == origin.files["a"]
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        cache.close()
+
+
+def test_a_file_replaced_while_in_use_does_not_outlive_a_restart(origin, tmp_path):
+    """v1 is held while v2 is downloaded; the daemon stops before v1's holder is done: at the
+    next start only v2 is there."""
+    origin.files["a"], origin.etags["a"] = lora(1), "1"
+    directory = tmp_path / "cache"
+    cache = open_cache(directory, origin, budget=1 << 20)
+
+    async def scenario() -> Path:
+        held = await cache.fetch(parse_source(origin.url("a")))
+        origin.etags["a"], origin.files["a"] = "2", lora(2)
+        await fetched(cache, origin.url("a"))
+        await settled(cache)
+        return held
+
+    try:
+        held = asyncio.run(scenario())
+    finally:
+        cache.close()
+    assert not held.exists()
+    again = DiskCache(directory, budget=1 << 20, min_free=0, revalidate_s=300,
+                      remotes=Remotes({}, timeout_s=10))
+    try:
+        (only,) = again.files.values()
+        assert only.path.read_bytes() == lora(2) and len(list(directory.glob("*.json"))) == 1
+    finally:
+        again.close()
 
 
 def test_the_order_of_use_survives_a_restart(origin, tmp_path):

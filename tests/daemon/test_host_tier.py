@@ -269,9 +269,70 @@ async def wait_for_host(node: Node, names: set[str]) -> None:
     assert await node.names("host") == names
 
 
-@in_loop
-async def test_the_host_tier_takes_at_most_half_of_its_tmpfs(make_node):
+def test_the_host_tier_takes_at_most_half_of_its_tmpfs(make_node, monkeypatch):
     """Host copies share the tmpfs with the CPU's entries and torch's CUDA IPC files."""
+    real = shutil.disk_usage
+    small = 64 << 20  # a tmpfs far smaller than this host's memory
+
+    def disk_usage(path: Any) -> Any:
+        usage = real(path)
+        return usage._replace(total=small) if "shm" in str(path) else usage
+
+    monkeypatch.setattr(shutil, "disk_usage", disk_usage)
     node = make_node(host_max_bytes="100%")
-    tmpfs = shutil.disk_usage(node.transport.directory).total
-    assert host_stats(node).budget == min(tmpfs // 2, node.transport.total_memory())
+    assert host_stats(node).budget == small // 2 < node.transport.total_memory()
+
+
+def test_a_gpu_copy_already_in_host_memory_moves_to_the_recent_end(tmp_path):
+    """Evicting a GPU entry whose host copy is there already copies nothing, and marks the
+    copy used now: the next copy that needs room drops another."""
+    node = gpu_node(tmp_path, max_bytes=str(LookalikeGpu.SEGMENT),
+                    host_max_bytes=str(2 * ENTRY))
+
+    async def scenario() -> None:
+        session = await node.hello()
+
+        async def on_gpu(name: str) -> None:
+            await node.release(await node.ask(Acquire(path=node.lora(name), device=GPU),
+                                              session), session)
+            await asyncio.gather(*node.service.devices[GPU]._demotions)
+
+        def copies() -> list[str]:  # least recently used first
+            return [Path(copy.path).stem for copy in node.service.host.copies.values()]
+
+        for name in "aba":  # a; b (a copied out); a again, from its copy (b copied out)
+            await on_gpu(name)
+        assert copies() == ["a", "b"]
+        await on_gpu("c")  # a leaves the GPU: its copy is there, now used most recently
+        assert copies() == ["b", "a"]
+        await on_gpu("d")  # c is copied out: room for two drops the least recent, b
+        assert copies() == ["a", "c"]
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        node.service.close()
+
+
+def test_a_gpu_out_of_memory_copies_its_victim_to_host_memory_and_retries(tmp_path):
+    """The budget has room but the device does not (other processes hold memory): the idle
+    victim goes to host memory rather than being dropped, and the load goes through."""
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    config = load_config({"lora_dirs": [str(loras)],
+                          "max_bytes": str(2 * LookalikeGpu.SEGMENT)}, environ={})
+    service = CacheService(config, [Shm(tmp_path / "cpu"), TightGpu(tmp_path / "gpu", 1)])
+    node = Node(service, loras)
+
+    async def scenario() -> None:
+        session = await node.hello()
+        for name in "ab":
+            await node.release(await node.ask(Acquire(path=node.lora(name), device=GPU),
+                                              session), session)
+        await asyncio.gather(*service.devices[GPU]._demotions)
+        assert await node.names() == {"b"} and await node.names("host") == {"a"}
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        service.close()

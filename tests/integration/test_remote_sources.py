@@ -32,6 +32,8 @@ class LoraServer(http.server.ThreadingHTTPServer):
         self.files: dict[str, bytes] = {}
         self.gets: collections.Counter[str] = collections.Counter()
         self.heads: collections.Counter[str] = collections.Counter()
+        self.headers: list[tuple[str, dict[str, str]]] = []  # (path, headers) of each request
+        self.elsewhere = ""  # /away/ redirects to this base URL's /files/
         self.stopping = threading.Event()
 
     @property
@@ -51,6 +53,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.answer(body=True)
 
     def answer(self, body: bool) -> None:
+        self.server.headers.append((self.path, {k.lower(): v for k, v in self.headers.items()}))
         kind, _, name = self.path.lstrip("/").partition("/")
         data = self.server.files.get(name)
         if kind == "hang":
@@ -68,9 +71,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self.wfile.write(b"0\r\n\r\n")
             self.close_connection = True
             return
-        if kind == "moved":
+        if kind in ("moved", "away"):
             self.send_response(302)
-            self.send_header("Location", f"/files/{name}")
+            self.send_header("Location", f"{self.server.elsewhere if kind == 'away' else ''}"
+                                         f"/files/{name}")
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
@@ -455,3 +459,27 @@ def test_a_worker_fuses_a_lora_by_url(remote_daemon, server, tmp_path):
         assert all(torch.equal(fused[name], want[name]) for name in want)
         assert any(not torch.equal(fused[name], b) for name, b in before.items())  # it fused
     assert server.gets["/files/style.safetensors"] == 1
+
+
+def test_credential_headers_reach_their_host_only(start_daemon, server, cache_dir, tmp_path):
+    """headers_from_env: sent to the host they are configured for, dropped when a redirect
+    leaves it (as a CDN link does)."""
+    cdn = LoraServer()
+    with serving(cdn, unblock=cdn.stopping.set):
+        server.elsewhere = cdn.base
+        cdn.files["a.safetensors"] = server.files["a.safetensors"] = lora_bytes(60)
+        config = tmp_path / "config.toml"
+        config.write_text(f'[source."{server.base}"]\nheaders_from_env = '
+                          '{ Authorization = "LC_TEST_TOKEN", Cookie = "LC_TEST_COOKIE" }\n')
+        daemon = start_daemon("--config", str(config), "--allow-source", f"{server.base}/away/",
+                              "--allow-source", f"{server.base}/files/", "--cache-dir",
+                              str(cache_dir), env={"LC_TEST_TOKEN": "Bearer s3cret",
+                                                   "LC_TEST_COOKIE": "session=s3cret"})
+        with daemon.client() as client:
+            client.acquire(f"{server.base}/files/a.safetensors").release()
+            client.acquire(f"{server.base}/away/a.safetensors").release()
+        sent = [headers for path, headers in server.headers]
+        assert sent and all(h.get("authorization") == "Bearer s3cret"
+                            and h.get("cookie") == "session=s3cret" for h in sent)
+        assert cdn.gets["/files/a.safetensors"] == 1
+        assert all("authorization" not in h and "cookie" not in h for _, h in cdn.headers)
