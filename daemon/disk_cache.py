@@ -105,6 +105,7 @@ class DiskCache:
                 self.hits += 1
             else:
                 self.misses += 1
+        downloaded = False  # by this call: the copy is as fresh as it gets
         while True:
             with self._lock:
                 known = self.files.get(source.url)
@@ -114,12 +115,13 @@ class DiskCache:
                     del self.files[source.url]
                     known = None
                 if known is not None:
-                    if time.monotonic() - known.checked >= self.revalidate_s:
+                    if not downloaded and time.monotonic() - known.checked >= self.revalidate_s:
                         self._start(source, known)  # not awaited: later requests see the answer
                     self.files.move_to_end(source.url)
                     self._in_use[known.path] += 1
                     return known.path
             await asyncio.shield(self._start(source, None))
+            downloaded = True
             # Kept by _settled; a download making room may have evicted it since: ask again.
 
     def done(self, path: Path) -> None:
