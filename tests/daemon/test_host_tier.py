@@ -142,13 +142,15 @@ async def test_a_full_tmpfs_frees_host_copies_before_refusing(make_node):
     assert torch.equal(tensors_of(lease)["w"], torch.zeros(ENTRY, dtype=torch.uint8))
 
 
-def gpu_node(tmp_path: Path, **settings: Any) -> Node:
-    """A service with the CPU and a GPU stand-in (shared memory under a GPU's name)."""
+def gpu_node(tmp_path: Path, segments: int | None = None, **settings: Any) -> Node:
+    """A service with the CPU and a GPU stand-in (shared memory under a GPU's name), whose
+    memory holds ``segments`` segments when given (else as many as the budget)."""
     loras = tmp_path / "loras"
     loras.mkdir()
     config = load_config({"lora_dirs": [str(loras)], "session_ttl": TTL, **settings},
                          environ={})
-    service = CacheService(config, [Shm(tmp_path / "cpu"), LookalikeGpu(tmp_path / "gpu")])
+    gpu = TightGpu(tmp_path / "gpu", segments) if segments else LookalikeGpu(tmp_path / "gpu")
+    service = CacheService(config, [Shm(tmp_path / "cpu"), gpu])
     return Node(service, loras)
 
 
@@ -211,26 +213,10 @@ class TightGpu(LookalikeGpu):
 def test_a_gpu_entry_is_copied_out_and_freed_before_the_load_that_evicted_it(tmp_path):
     """The victim's copy to host memory runs before the new entry is allocated: a device
     with room for exactly its budget never holds both."""
-    loras = tmp_path / "loras"
-    loras.mkdir()
-    config = load_config({"lora_dirs": [str(loras)], "max_bytes": str(LookalikeGpu.SEGMENT)},
-                         environ={})
-    service = CacheService(config, [Shm(tmp_path / "cpu"), TightGpu(tmp_path / "gpu", 1)])
-    node = Node(service, loras)
-
-    async def scenario() -> None:
-        session = await node.hello()
-        for name in "ab":
-            await node.release(await node.ask(Acquire(path=node.lora(name), device=GPU),
-                                              session), session)
-        await wait_for_host(node, {"a"})
-        # the copy holds the packed bytes, not the device's whole segment
-        assert host_stats(node).used == ENTRY
-
-    try:
-        asyncio.run(scenario())
-    finally:
-        service.close()
+    node = gpu_node(tmp_path, segments=1, max_bytes=str(LookalikeGpu.SEGMENT))
+    asyncio_run_on(node, two_gpu_loads_then, ["a"], ["b"])
+    # the copy holds the packed bytes, not the device's whole segment
+    assert host_stats(node).used == ENTRY
 
 
 @pytest.mark.parametrize("dropping, kept", [("clear", False), ("evict a", False),
@@ -317,22 +303,24 @@ def test_a_gpu_copy_already_in_host_memory_moves_to_the_recent_end(tmp_path):
 def test_a_gpu_out_of_memory_copies_its_victim_to_host_memory_and_retries(tmp_path):
     """The budget has room but the device does not (other processes hold memory): the idle
     victim goes to host memory rather than being dropped, and the load goes through."""
-    loras = tmp_path / "loras"
-    loras.mkdir()
-    config = load_config({"lora_dirs": [str(loras)],
-                          "max_bytes": str(2 * LookalikeGpu.SEGMENT)}, environ={})
-    service = CacheService(config, [Shm(tmp_path / "cpu"), TightGpu(tmp_path / "gpu", 1)])
-    node = Node(service, loras)
+    node = gpu_node(tmp_path, segments=1, max_bytes=str(2 * LookalikeGpu.SEGMENT))
+    asyncio_run_on(node, two_gpu_loads_then, ["a"], ["b"])
 
-    async def scenario() -> None:
-        session = await node.hello()
-        for name in "ab":
-            await node.release(await node.ask(Acquire(path=node.lora(name), device=GPU),
-                                              session), session)
-        await asyncio.gather(*service.devices[GPU]._demotions)
-        assert await node.names() == {"b"} and await node.names("host") == {"a"}
 
+async def two_gpu_loads_then(node: Node, host: list[str], device: list[str]) -> None:
+    """Lease and release a, then b, on the GPU; then the host tier holds ``host`` and the
+    devices ``device``."""
+    session = await node.hello()
+    for name in "ab":
+        await node.release(await node.ask(Acquire(path=node.lora(name), device=GPU), session),
+                           session)
+    await asyncio.gather(*node.service.devices[GPU]._demotions)
+    assert await node.names("host") == set(host) and await node.names() == set(device)
+
+
+def asyncio_run_on(node: Node, scenario: Any, *args: Any) -> None:
+    """Run ``scenario(node, *args)`` on an event loop of its own, closing the service after."""
     try:
-        asyncio.run(scenario())
+        asyncio.run(scenario(node, *args))
     finally:
-        service.close()
+        node.service.close()
