@@ -203,10 +203,13 @@ class Device:
                     victim = next(iter(self.cache.idle.values()))
                     log.warning("%s has no room for %s (%s): evicting %s and retrying",
                                 self.name, path, human_bytes(nbytes), victim.path)
-                    # A GPU's victim is copied to host memory and freed on this device's thread
-                    # before the retry; the CPU's must be freed, not moved (same tmpfs).
-                    self.remove([victim], demote=not host_copies and self.transport is not (
-                        self.host.transport if self.host is not None else None))
+                    if self.host is not None and self.transport is not self.host.transport:
+                        # A GPU's victim is copied to host memory; retry once it is freed.
+                        self.remove([victim], demote=True)
+                        await asyncio.gather(*self._demotions)
+                    else:  # the CPU's must be freed, not moved: host copies share its tmpfs
+                        self.cache.remove(victim)
+                        await self.run(free_all, self.transport, [victim.buffer])
                     continue
                 else:
                     raise
