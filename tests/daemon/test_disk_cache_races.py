@@ -8,7 +8,7 @@ import asyncio
 import http.server
 import threading
 from pathlib import Path
-from typing import Iterator
+from typing import Awaitable, Callable, Iterator
 
 import pytest
 import torch
@@ -92,6 +92,14 @@ async def fetched(cache: DiskCache, url: str) -> Path:
     return path
 
 
+def run_closing(cache: DiskCache, scenario: Callable[[], Awaitable[None]]) -> None:
+    """Run ``scenario`` on an event loop of its own, then close the cache whatever happened."""
+    try:
+        asyncio.run(scenario())
+    finally:
+        cache.close()
+
+
 async def settled(cache: DiskCache) -> None:
     """Once nothing is downloaded or asked any more: no room is held for downloads."""
     while cache._inflight:
@@ -117,10 +125,7 @@ def test_a_look_at_the_source_does_not_bring_back_a_file_evicted_meanwhile(origi
         again = await fetched(cache, origin.url("a"))  # downloaded again, whole
         assert again.read_bytes() == origin.files["a"]
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        cache.close()
+    run_closing(cache, scenario)
 
 
 def test_a_version_that_comes_back_is_a_file_of_its_own(origin, tmp_path):
@@ -144,10 +149,7 @@ def test_a_version_that_comes_back_is_a_file_of_its_own(origin, tmp_path):
         assert served.exists() and served.with_suffix(".json").exists()
         assert sorted(p.name for p in (tmp_path / "cache").glob("*.safetensors")) == [served.name]
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        cache.close()
+    run_closing(cache, scenario)
 
 
 @pytest.mark.parametrize("status, refusal", [(404, True), (403, True), (503, False)])
@@ -172,10 +174,7 @@ def test_a_copy_goes_when_its_source_says_twice_it_is_gone_and_stays_when_it_is_
             await settled(cache)
             assert cache.files[origin.url("a")].path == path
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        cache.close()
+    run_closing(cache, scenario)
 
 
 def test_a_refusal_then_an_answer_starts_the_count_again(origin, tmp_path):
@@ -193,10 +192,7 @@ def test_a_refusal_then_an_answer_starts_the_count_again(origin, tmp_path):
             await settled(cache)
         assert cache.files[origin.url("a")].path == path and path.exists()
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        cache.close()
+    run_closing(cache, scenario)
 
 
 def test_a_copy_removed_behind_the_daemon_is_downloaded_again(origin, tmp_path):
@@ -210,10 +206,7 @@ def test_a_copy_removed_behind_the_daemon_is_downloaded_again(origin, tmp_path):
         again = await fetched(cache, origin.url("a"))
         assert again != first and again.read_bytes() == origin.files["a"]
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        cache.close()
+    run_closing(cache, scenario)
 
 
 def test_a_file_replaced_while_in_use_does_not_outlive_a_restart(origin, tmp_path):
@@ -256,10 +249,7 @@ def test_the_order_of_use_survives_a_restart(origin, tmp_path):
             await fetched(cache, origin.url(name))
             await asyncio.sleep(0.01)
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        cache.close()
+    run_closing(cache, scenario)
     again = DiskCache(directory, budget=1 << 20, min_free=0, revalidate_s=300,
                       remotes=Remotes({}, timeout_s=10))
     try:
