@@ -13,17 +13,20 @@ from loracache.shared.errors import ErrorCode, LoraCacheError
 from .client import LoraCacheClient
 
 if TYPE_CHECKING:
-    from .fusing import (clear_lora_cache, delete_adapters, get_active_adapters,
-                         load_and_fuse_lora, set_and_fuse_adapters, unfuse_lora)
+    from .adapters import load_lora_weights
+    from .fusing import (delete_adapters, get_active_adapters, load_and_fuse_lora,
+                         set_and_fuse_adapters, unfuse_lora)
     from .lease import Lease
+    from .sourcing import clear_lora_cache
 
-_LAZY = {"Lease": ".lease", "clear_lora_cache": ".fusing", "delete_adapters": ".fusing",
+_LAZY = {"Lease": ".lease", "clear_lora_cache": ".sourcing", "delete_adapters": ".fusing",
          "get_active_adapters": ".fusing", "load_and_fuse_lora": ".fusing",
+         "load_lora_weights": ".adapters",
          "set_and_fuse_adapters": ".fusing", "unfuse_lora": ".fusing"}
 
 __all__ = ["ErrorCode", "Lease", "LoraCacheClient", "LoraCacheError", "clear_lora_cache",
            "delete_adapters", "get_active_adapters", "load_and_fuse_lora",
-           "set_and_fuse_adapters", "unfuse_lora"]
+           "load_lora_weights", "set_and_fuse_adapters", "unfuse_lora"]
 
 
 def __getattr__(name: str) -> Any:

@@ -86,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     preload.add_argument("path", help="file under one of the daemon's LoRA directories, or a "
                          "URL under its allow_sources")
     preload.add_argument("--device", default="cpu", help="cpu, cuda:<index> or cuda:<GPU-uuid>")
-    preload.add_argument("--layout", default="raw", help="raw, sd, sdxl, sd3 or flux")
+    preload.add_argument("--layout", default="raw",
+                         help="raw, sd, sdxl, sd3 or flux, or a family with the dtype its "
+                              "factors are cast to (sdxl:F16, flux:BF16)")
     preload.add_argument("--pin", action="store_true", help="keep it from eviction")
     evict = commands.add_parser("evict", parents=[where],
                                 help="evict the unleased entries of a file, or all of them")

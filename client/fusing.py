@@ -14,34 +14,23 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
 
-from loracache.shared.canonical import canonical_tensors
-from loracache.shared.device_names import same_device
-from loracache.shared.errors import ErrorCode, LoraCacheError
 from loracache.shared.families import ALPHA, DOWN, UNMATCHED, UP, Family
 
 from . import fuser
-from .client import LoraCacheClient, device_name
+from .client import LoraCacheClient
 from .lease import Lease
-from .pipelines import component, device_of, family_of, fusable_module
+from .pipelines import component, family_of, fusable_module, is_quantized
+from .sourcing import canonical_tensors_for, check_fallback
 
 log = logging.getLogger("loracache.client")
 
 STATE_ATTR = "_loracache"
 RESTORE_MODES = ("subtract", "backup")
-FALLBACKS = ("local", "error")
-DEFAULT_CONNECT_TIMEOUT = 2.0  # a worker must not stall long on a daemon that is down
-# Failures after which fallback="local" loads the file here: no daemon, or one whose memory
-# this process cannot map (another IPC namespace, the GPU not visible, torch handle formats).
-FALLBACK_CODES = (ErrorCode.DAEMON_UNAVAILABLE, ErrorCode.MAPPING_FAILED,
-                  ErrorCode.VERSION_MISMATCH)
 
 
 @dataclasses.dataclass
@@ -93,15 +82,15 @@ def load_and_fuse_lora(pipeline: Any, source: str | os.PathLike[str] | Mapping[s
     """
     if restore not in RESTORE_MODES:
         raise ValueError(f"restore must be one of {RESTORE_MODES}, not {restore!r}")
-    if fallback not in FALLBACKS:
-        raise ValueError(f"fallback must be one of {FALLBACKS}, not {fallback!r}")
+    check_fallback(fallback)
     state = _state(pipeline, restore)
     name = adapter_name or f"default_{len(state.adapters)}"
     if name in state.adapters:
         raise ValueError(f"an adapter named {name!r} is loaded already; delete_adapters() it "
                          "first or choose another adapter_name")
     family = family_of(pipeline)
-    tensors, lease, lender = _canonical_source(pipeline, family, source, client, fallback)
+    sourced = canonical_tensors_for(pipeline, family, source, client, fallback)
+    tensors, lease, lender = sourced.tensors, sourced.lease, sourced.lender
     try:
         adapter = _adapter(pipeline, family, name, tensors, lease, strict)
         adapter.lender = lender
@@ -166,19 +155,6 @@ def get_active_adapters(pipeline: Any) -> list[str]:
     return list(state.active) if state is not None else []
 
 
-def clear_lora_cache() -> None:
-    """Close this process's default client (its tables and mappings go with it).
-
-    The LoRAs themselves live in the daemon, shared by every worker: evicting them is an
-    operator's decision (``loracache evict``/``clear``), not a worker's.
-    """
-    global _default_client
-    with _default_lock:
-        if _default_client is not None:
-            _default_client.close()
-            _default_client = None
-
-
 # ------------------------------------------------------------------------------- internals
 
 
@@ -195,7 +171,10 @@ def _state(pipeline: Any, restore: str) -> PipelineLoras:
 
 
 def _fuse_exactly(state: PipelineLoras, wanted: dict[str, float]) -> None:
-    """Make ``wanted`` (name -> weight) the fused set, rewriting each touched weight once."""
+    """Make ``wanted`` (name -> weight) the fused set, rewriting each touched weight once and
+    only the weights whose sum of terms changes; asking for the fused set again does nothing."""
+    if wanted == state.active:
+        return
     lenders = {id(a.lender): a.lender for a in state.adapters.values()
                if a.lease is not None and a.lender is not None and not a.lender.closed}
     for lender in lenders.values():
@@ -246,6 +225,11 @@ def _adapter(pipeline: Any, family: Family, name: str, tensors: Mapping[str, tor
         if module is None or not factors.fits(module.weight):
             unmatched.append(layer)
             continue
+        if is_quantized(module.weight):
+            raise ValueError(f"{layer} is quantized ({type(module.weight).__name__}, "
+                             f"{module.weight.dtype}): a LoRA cannot be fused into quantized "
+                             "weights. Use it unfused: loracache.client.load_lora_weights("
+                             "pipeline, source, adapter_name), then pipeline.set_adapters()")
         layers[layer], weights[layer] = factors, module.weight
     if unmatched:
         message = (f"{len(unmatched)} LoRA layer(s) of {name!r} match no module of this "
@@ -267,59 +251,7 @@ def _alphas(tensors: Mapping[str, torch.Tensor]) -> dict[str, float]:
     return dict(zip(keys, values))
 
 
-def _canonical_source(pipeline: Any, family: Family, source: Any, client: LoraCacheClient | None,
-                      fallback: str) -> tuple[Mapping[str, torch.Tensor], Lease | None,
-                                              LoraCacheClient | None]:
-    """The canonical tensors of ``source``, and the lease that lends them and its client (if
-    they come from the daemon)."""
-    if isinstance(source, Mapping):  # copied: diffusers' converters may scale tensors in place
-        return (canonical_tensors({k: v.clone() for k, v in source.items()}, family.name), None,
-                None)
-    path = os.fspath(source)
-    device = device_of(pipeline, family)
-    try:
-        lender = client or _shared_client()
-        # Lease on the pipeline's device when the daemon serves it (and this process could map
-        # its memory there); else on the CPU, and the fuser moves each layer's factors over.
-        wanted = device_name(device) if device.type in ("cpu", "cuda") else "cpu"
-        served = next((name for name in lender.devices if same_device(name, wanted)), None)
-        wanted = served if served is not None and served not in lender.unmappable else "cpu"
-        if wanted in lender.unmappable:  # nothing of the daemon's maps here: load it here
-            raise LoraCacheError(ErrorCode.MAPPING_FAILED, "this process could not map the "
-                                 f"daemon's memory on {', '.join(sorted(lender.unmappable))}")
-        lease = lender.acquire(path, device=wanted, layout=family.name)
-        return lease.tensors, lease, lender
-    except LoraCacheError as exc:
-        if exc.code not in FALLBACK_CODES or fallback == "error" or "://" in path:
-            raise  # a URL is fetched by the daemon only: there is nothing to load here
-        _warn_fallback(exc)
-    with safe_open(path, framework="pt") as f:
-        metadata = f.metadata()
-    return canonical_tensors(load_file(path), family.name, metadata), None, None
-
-
 def _release(adapter: Adapter) -> None:
     if adapter.lease is not None:
         adapter.lease.release()
         adapter.lease = None
-
-
-_default_client: LoraCacheClient | None = None
-_default_lock = threading.Lock()
-_warned_fallback = False
-
-
-def _shared_client() -> LoraCacheClient:
-    """This process's client on the default socket, made on first use (again after failing)."""
-    global _default_client
-    with _default_lock:
-        if _default_client is None or _default_client.closed:
-            _default_client = LoraCacheClient(connect_timeout=DEFAULT_CONNECT_TIMEOUT)
-        return _default_client
-
-
-def _warn_fallback(exc: LoraCacheError) -> None:
-    global _warned_fallback
-    if not _warned_fallback:
-        _warned_fallback = True
-        log.warning("loading LoRAs in this process, without sharing: %s", exc.message)

@@ -46,6 +46,12 @@ def fusable_module(root: nn.Module, path: str) -> nn.Linear | nn.Conv2d | None:
     return None
 
 
+def is_quantized(weight: torch.Tensor) -> bool:
+    """Whether ``weight`` is stored quantized: an integer tensor (bitsandbytes) or a tensor
+    subclass (torchao, GGUF, bitsandbytes' parameters). A LoRA cannot be fused into it."""
+    return not weight.is_floating_point() or type(weight) not in (torch.Tensor, nn.Parameter)
+
+
 def _submodule(root: nn.Module, path: str) -> nn.Module | None:
     """``root.get_submodule(path)`` or None, through the module dictionaries directly: a LoRA
     names hundreds of layers, and attribute lookups through nn.Module and diffusers' models

@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping
 
 from loracache.shared import device_names
 from loracache.shared.device_names import same_device
-from loracache.shared.families import LAYOUTS, RAW
+from loracache.shared.families import RAW, parse_layout
 from loracache.shared.endpoints import (config_file_path, endpoint, fallback_socket_path,
                                         read_config_file)
 
@@ -311,9 +311,10 @@ def _preloads(value: Any) -> tuple[PreloadSpec, ...]:
         device = table.get("device", "cpu")
         if not isinstance(device, str) or device == "all" or not device_names.is_selector(device):
             raise ConfigError(f"{where}: device {device!r} is not cpu, cuda or cuda:<index|uuid>")
-        if table.get("layout", RAW) not in LAYOUTS:
-            raise ConfigError(f"{where}: layout {table['layout']!r} is not one of "
-                              f"{', '.join(LAYOUTS)}")
+        try:
+            parse_layout(str(table.get("layout", RAW)))
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
         if not isinstance(table.get("pin", False), bool):
             raise ConfigError(f"{where}: pin must be true or false")
         specs.append(PreloadSpec(**table))

@@ -16,9 +16,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
-from loracache.shared.canonical import canonical_tensors
-from loracache.shared.families import LAYOUTS, RAW
-from loracache.shared.dtypes import SAFETENSORS_NAMES
+from loracache.shared.canonical import canonical_tensors, cast_factors
+from loracache.shared.families import RAW, parse_layout
+from loracache.shared.dtypes import SAFETENSORS_NAMES, TORCH_DTYPES
 from loracache.shared.errors import ErrorCode, LoraCacheError
 from loracache.shared.packing import PackedLayout, TensorItem, pack
 from loracache.shared.safetensors_header import read_header
@@ -45,14 +45,15 @@ class LoadPlan:
 
 
 def plan_load(identity: FileIdentity, layout: str) -> LoadPlan:
-    if layout not in LAYOUTS:
-        raise LoraCacheError(ErrorCode.BAD_REQUEST,
-                             f"unknown layout {layout!r}; known: {', '.join(LAYOUTS)}")
+    try:
+        wanted = parse_layout(layout)
+    except ValueError as exc:
+        raise LoraCacheError(ErrorCode.BAD_REQUEST, str(exc)) from None
     started = time.monotonic()
     f = open_identified(identity)
     try:
         header = read_header(f, identity.path)
-        if layout == RAW:  # the bytes as they are, like safetensors.load_file
+        if wanted.name == RAW:  # the bytes as they are, like safetensors.load_file
             packed = pack(header.tensors)
             segments = [Segment(src=record.begin, dst=spec.offset, nbytes=record.nbytes)
                         for record, spec in zip(header.tensors, packed.specs)]
@@ -66,7 +67,9 @@ def plan_load(identity: FileIdentity, layout: str) -> LoadPlan:
                                  f"{identity.path}: safetensors refuses the file: {exc}") from exc
         read = time.monotonic()
         check_finite(identity.path, tensors.items())
-        converted = canonical_tensors(tensors, layout, header.metadata)
+        converted = canonical_tensors(tensors, wanted.name, header.metadata)
+        if wanted.dtype is not None:
+            converted = cast_factors(converted, TORCH_DTYPES[wanted.dtype])
         packed = pack([_item(name, tensor) for name, tensor in converted.items()])
         placed = [(spec.offset, converted[spec.name]) for spec in packed.specs]
         return LoadPlan(identity.path, f, packed, [], placed, read_s=read - started,

@@ -23,7 +23,7 @@ from typing import Any, Awaitable, Callable
 
 from loracache.shared.device_names import same_device, selects
 from loracache.shared.errors import ErrorCode, LoraCacheError
-from loracache.shared.families import LAYOUTS
+from loracache.shared.families import parse_layout
 from loracache.shared.humanize import human_bytes
 from loracache.shared.ipc_compat import check_importer, torch_release
 from loracache.shared.protocol import (
@@ -339,9 +339,10 @@ class CacheService:
     def _prefetch(self, req: Prefetch, _: Session | None) -> Done:
         """Check the request now, warm the tiers in the background (each LoRA as a preload)."""
         device = self._device(req.device)
-        if req.layout not in LAYOUTS:
-            raise LoraCacheError(ErrorCode.BAD_REQUEST, f"unknown layout {req.layout!r}; "
-                                 f"known: {', '.join(LAYOUTS)}")
+        try:
+            parse_layout(req.layout)
+        except ValueError as exc:
+            raise LoraCacheError(ErrorCode.BAD_REQUEST, str(exc)) from None
         for path in req.paths:
             if is_remote(path):
                 self._fetchable(path)

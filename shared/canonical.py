@@ -89,6 +89,13 @@ def canonical_tensors(state_dict: dict[str, torch.Tensor], family_name: str,
     return canonical
 
 
+def cast_factors(canonical: dict[str, torch.Tensor],
+                 dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The factors cast to ``dtype`` (the model's, for unfused use); alphas stay float32."""
+    return {key: value if key.endswith(ALPHA) or not value.is_floating_point()
+            else value.to(dtype) for key, value in canonical.items()}
+
+
 MAX_RANK = 4096  # beyond the width of every layer of the families served
 
 

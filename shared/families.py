@@ -38,4 +38,24 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
 )}
 
 RAW = "raw"  # the file's own tensors, unconverted
-LAYOUTS = (RAW, *FAMILIES)  # what ``acquire(layout=...)`` accepts
+LAYOUTS = (RAW, *FAMILIES)  # layout names without a dtype
+# A family layout may name the dtype its factors are cast to (``"flux:BF16"``): a LoRA used
+# unfused must have its model's dtype, or PEFT makes each worker its own cast copy.
+CAST_DTYPES = ("F16", "BF16", "F32")
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    name: str  # RAW or a family's name
+    dtype: str | None  # the safetensors name of the dtype factors are cast to, or None
+
+
+def parse_layout(layout: str) -> Layout:
+    """``raw``, ``<family>`` or ``<family>:<dtype>``; ValueError saying what is accepted."""
+    name, _, dtype = layout.partition(":")
+    if name not in LAYOUTS or (dtype and (name == RAW or dtype not in CAST_DTYPES)) or (
+            not dtype and layout.endswith(":")):
+        raise ValueError(f"unknown layout {layout!r}; known: {', '.join(LAYOUTS)}, and a "
+                         f"family's with a dtype to cast to, e.g. sdxl:F16 "
+                         f"({', '.join(CAST_DTYPES)})")
+    return Layout(name, dtype or None)

@@ -9,8 +9,15 @@ from loracache.shared.errors import ErrorCode
 def test_client_exports():
     assert sorted(client.__all__) == [
         "ErrorCode", "Lease", "LoraCacheClient", "LoraCacheError", "clear_lora_cache",
-        "delete_adapters", "get_active_adapters", "load_and_fuse_lora", "set_and_fuse_adapters",
-        "unfuse_lora"]
+        "delete_adapters", "get_active_adapters", "load_and_fuse_lora", "load_lora_weights",
+        "set_and_fuse_adapters", "unfuse_lora"]
+
+
+def test_unfused_signature_matches_diffusers():
+    assert str(inspect.signature(client.load_lora_weights)) == (
+        "(pipeline: 'Any', source: 'str | os.PathLike[str] | Mapping[str, torch.Tensor]', "
+        "adapter_name: 'str | None' = None, *, client: 'LoraCacheClient | None' = None, "
+        "hotswap: 'bool' = False, fallback: 'str' = 'local', **kwargs: 'Any') -> 'None'")
 
 
 def test_fusing_signatures_match_onediffx():

@@ -14,7 +14,7 @@ import warnings
 import pytest
 import torch
 
-import loracache.client.fusing as fusing
+import loracache.client.sourcing as sourcing
 from loracache.client import (ErrorCode, LoraCacheError, delete_adapters, get_active_adapters,
                               load_and_fuse_lora, set_and_fuse_adapters, unfuse_lora)
 from tests.support import REPO
@@ -149,10 +149,10 @@ def test_switching_adapters_on_a_compiled_unet_does_not_recompile(daemon, lora_d
 @pytest.fixture
 def no_daemon(tmp_path, monkeypatch):
     monkeypatch.setenv("LORACACHE_SOCKET", str(tmp_path / "nobody.sock"))
-    fusing.clear_lora_cache()
-    monkeypatch.setattr(fusing, "_warned_fallback", False)
+    sourcing.clear_lora_cache()
+    monkeypatch.setattr(sourcing, "_warned_fallback", False)
     yield tmp_path / "nobody.sock"
-    fusing.clear_lora_cache()
+    sourcing.clear_lora_cache()
 
 
 def test_fallback_loads_locally_with_one_warning(no_daemon, lora_dir, caplog):
