@@ -71,8 +71,6 @@ def load_lora_weights(pipeline: Any, source: str | os.PathLike[str] | Mapping[st
 
         adapter_name = get_adapter_name(denoiser)
     holders: dict[str, _LeaseHolder] = pipeline.__dict__.setdefault(HOLDERS_ATTR, {})
-    if hotswap:  # the swap writes into the adapter's weights: they must be this process's
-        _take_own_copies(pipeline, family, adapter_name, holders)
     dtype = next(denoiser.parameters()).dtype
     sourced = canonical_tensors_for(pipeline, family, source, client, fallback,
                                     dtype=dtype if dtype.is_floating_point else None)
@@ -81,6 +79,8 @@ def load_lora_weights(pipeline: Any, source: str | os.PathLike[str] | Mapping[st
         if hotswap and any(name != family.denoiser for name in parts):
             raise ValueError("At the moment, hotswapping is not supported for text encoders, "
                              "please pass `hotswap=False`.")  # diffusers' words, before any swap
+        if hotswap:  # the swap writes into the adapter's weights: they must be this process's
+            _take_own_copies(pipeline, family, adapter_name, holders)
         for name, (state_dict, config) in parts.items():
             _load_component(pipeline, family, name, state_dict, config, adapter_name, hotswap)
     except BaseException:

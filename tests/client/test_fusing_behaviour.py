@@ -63,18 +63,21 @@ def test_the_worker_keeps_no_copy_of_the_lora(daemon, lora_dir):
     path = save(unet_lora(pipe, rank=2048, seed=3), lora_dir / "big.safetensors")
     size = os.path.getsize(path)
     assert size > 40 << 20
-    grown = {}
-    for efficient in ("1", "0"):
-        result = subprocess.run(
-            [sys.executable, str(REPO / "tests" / "fusing_worker.py"), str(daemon.socket),
-             str(path), efficient], capture_output=True, text=True, timeout=300,
-            env={**os.environ, "PYTHONPATH": str(REPO)})
-        assert result.returncode == 0, result.stderr[-2000:]
-        grown[efficient] = json.loads(result.stdout.splitlines()[-1])["grown"]
+    grown = {mode: memory_grown(daemon, path, mode) for mode in ("shared", "copies")}
     print(f"anonymous memory grown by fusing a {size >> 20} MiB LoRA: from the shared copy "
-          f"{grown['1'] >> 20} MiB, with private copies {grown['0'] >> 20} MiB")
-    assert grown["1"] < 0.1 * size  # fused from the daemon's copy
-    assert grown["0"] > 0.9 * size  # memory_efficient=False: the old, copying behaviour
+          f"{grown['shared'] >> 20} MiB, with private copies {grown['copies'] >> 20} MiB")
+    assert grown["shared"] < 0.1 * size  # fused from the daemon's copy
+    assert grown["copies"] > 0.9 * size  # memory_efficient=False: the old, copying behaviour
+
+
+def memory_grown(daemon, path, mode: str) -> int:
+    """How much a worker process's own memory grows by loading ``path`` (tests/memory_worker)."""
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "memory_worker.py"), str(daemon.socket), str(path),
+         mode], capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    return int(json.loads(result.stdout.splitlines()[-1])["grown"])
 
 
 def test_parameters_keep_identity_and_factors_are_views_of_the_lease(daemon, lora_dir):

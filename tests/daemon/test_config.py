@@ -283,6 +283,8 @@ TABLE_ERRORS = {
     "preload layout": ('[[preload]]\npath = "a.safetensors"\n\n'
                        '[[preload]]\npath = "b.safetensors"\nlayout = "sd4"\n',
                        ["[[preload]] #2", "'sd4'", "raw, sd, sdxl"]),
+    "preload cast layout": ('[[preload]]\npath = "a.safetensors"\nlayout = "raw:F16"\n',
+                            ["[[preload]] #1", "'raw:F16'", "sdxl:F16"]),
     "preload device": ('[[preload]]\npath = "a.safetensors"\ndevice = "all"\n',
                        ["[[preload]] #1", "'all'", "cpu, cuda"]),
     "preload pin": ('[[preload]]\npath = "a.safetensors"\npin = "yes"\n',
@@ -362,7 +364,7 @@ cache_size = 0
 [[preload]]
 path = "styles/ink.safetensors"
 device = "cuda:0"
-layout = "sdxl"
+layout = "sdxl:F16"
 pin = true
 
 [[preload]]
@@ -380,7 +382,7 @@ def test_full_config_has_the_values_it_was_given(tmp_path):
     config = full_config(tmp_path)
     assert config.device == {f"cuda:{GPU}": DeviceOverride(SizeSpec(nbytes=40 * GiB), 50),
                              "cpu": DeviceOverride(cache_size=0)}
-    assert config.preload == (PreloadSpec("styles/ink.safetensors", "cuda:0", "sdxl", True),
+    assert config.preload == (PreloadSpec("styles/ink.safetensors", "cuda:0", "sdxl:F16", True),
                               PreloadSpec("plain.safetensors"))
     assert (config.max_bytes, config.cache_size, config.acquire_timeout, config.metrics_addr) == (
         SizeSpec(percent=12.5), 7, 0.0, ("127.0.0.1", 9464))

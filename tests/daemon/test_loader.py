@@ -272,6 +272,30 @@ def test_converted_layout_matches_the_shared_converter(transport, lora_dir):
         assert torch.equal(got[name], tensor), name
 
 
+def test_cast_layout_holds_the_factors_in_that_dtype_and_alphas_in_float32(transport, lora_dir):
+    """"sd:BF16" is the "sd" layout with every factor cast (a bf16 pipeline uses it as is)."""
+    identity = write(lora_dir, kohya_sd_lora())
+    sd_plan, sd = load(transport, identity, "sd", name="sd")
+    plan, cast = load(transport, identity, "sd:BF16", name="cast")
+    plain = {name: tensor_at(sd, spec) for name, spec in by_name(sd_plan).items()}
+    got = {name: tensor_at(cast, spec) for name, spec in by_name(plan).items()}
+    assert got.keys() == plain.keys()
+    for name, tensor in plain.items():
+        if name.endswith(".alpha"):
+            assert got[name].dtype == torch.float32 and torch.equal(got[name], tensor)
+        else:
+            assert got[name].dtype == torch.bfloat16
+            assert torch.equal(got[name], tensor.to(torch.bfloat16)), name
+
+
+@pytest.mark.parametrize("layout", ["raw:F16", "sd:F8_E4M3", "sd:", "sd:f16", "sdxl:F16:F32"])
+def test_unknown_layouts_are_bad_requests_naming_the_accepted_ones(lora_dir, layout):
+    with pytest.raises(LoraCacheError) as error:
+        plan_load(write(lora_dir, kohya_sd_lora()), layout)
+    assert error.value.code is ErrorCode.BAD_REQUEST
+    assert "sdxl:F16" in error.value.message and "BF16" in error.value.message
+
+
 def test_same_file_raw_and_converted_differ_only_in_names(transport, lora_dir):
     """Raw keeps the file's kohya keys; the family layout renames them, same factor bytes."""
     identity = write(lora_dir, kohya_sd_lora())

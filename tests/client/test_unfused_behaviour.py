@@ -1,0 +1,268 @@
+"""Unfused adapters beyond matching the oracle: leases that follow the LoRA weights, hotswap
+under torch.compile, quantized bases, dtypes, how sources are named, no copy in the worker;
+and the fusing API's no-op and minimal switches."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import logging
+import os
+
+import pytest
+import torch
+
+from loracache.client import (ErrorCode, LoraCacheError, load_and_fuse_lora, load_lora_weights,
+                              set_and_fuse_adapters)
+from loracache.client.adapters import FACTOR_NAMES
+from loracache.shared.canonical import canonical_tensors
+from loracache.shared.dtypes import SAFETENSORS_NAMES
+from loracache.shared.families import DOWN, UP
+from examples.tiny_models import image, peft_layers, save, sd_lora_peft, tiny_sd_pipeline
+from tests.client.test_fusing_behaviour import memory_grown, unet_lora
+from tests.tiny import to_kohya
+
+# PEFT warns on every second adapter in a model: that is the point of these tests.
+pytestmark = pytest.mark.filterwarnings("ignore:Already found a `peft_config`:UserWarning")
+
+
+def lora_weights(pipe, adapter: str) -> list[torch.nn.Parameter]:
+    return [getattr(module, factor)[adapter].weight for root in (pipe.unet, pipe.text_encoder)
+            for module in root.modules() for factor in FACTOR_NAMES
+            if isinstance(getattr(module, factor, None), torch.nn.ModuleDict)
+            and adapter in getattr(module, factor)]
+
+
+def unet_output(pipe) -> torch.Tensor:
+    """The UNet's output on fixed inputs (the layers hotswap touches)."""
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn(1, 4, 16, 16, generator=generator)
+    text = torch.randn(1, 8, 32, generator=generator)
+    with torch.no_grad():
+        return pipe.unet(sample, 10, text).sample
+
+
+def unet_only(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in tensors.items() if k.startswith(("unet.", "lora_unet_"))}
+
+
+# ------------------------------------------------------------------------------- leases
+
+
+def test_leases_follow_the_lora_weights(daemon, lora_dir):
+    pipe = tiny_sd_pipeline()
+    a = save(sd_lora_peft(pipe, seed=1), lora_dir / "a.safetensors")
+    b = save(sd_lora_peft(pipe, seed=2), lora_dir / "b.safetensors")
+    with daemon.client() as client:
+        load_lora_weights(pipe, a, "a", client=client)
+        load_lora_weights(pipe, b, "b", client=client)
+        assert daemon.stats().leases == 2
+        with pytest.raises(ValueError, match="already in use"):  # diffusers' own refusal
+            load_lora_weights(pipe, b, "a", client=client)
+        assert daemon.stats().leases == 2  # the failed load gave its lease back
+        pipe.delete_adapters("a")
+        assert daemon.stats().leases == 1
+        pipe.fuse_lora()  # merging reads the factors: the lease stays
+        assert daemon.stats().leases == 1
+        pipe.unload_lora_weights()
+        assert daemon.stats().leases == 0
+        load_lora_weights(pipe, a, "a", client=client)
+        assert daemon.stats().leases == 1
+        del pipe
+        gc.collect()
+        assert daemon.stats().leases == 0  # the pipeline went, and its LoRA weights with it
+
+
+def test_the_worker_keeps_no_copy_of_an_unfused_lora(daemon, lora_dir):
+    """A float16 file (as LoRAs are mostly shipped) for a float32 pipeline: PEFT casts it, so
+    each worker of diffusers' own holds a cast copy, where the daemon casts it once. (A file
+    already in the model's dtype diffusers maps from the page cache on the CPU, shared; on a
+    GPU each of its workers uploads a copy of its own either way.)"""
+    pipe = tiny_sd_pipeline()
+    path = save({k: v.half() for k, v in unet_lora(pipe, rank=2048, seed=3).items()},
+                lora_dir / "big.safetensors")
+    size = os.path.getsize(path)
+    grown = {mode: memory_grown(daemon, path, mode) for mode in ("unfused", "diffusers")}
+    print(f"anonymous memory grown by a {size >> 20} MiB unfused LoRA: loracache "
+          f"{grown['unfused'] >> 20} MiB, diffusers' own {grown['diffusers'] >> 20} MiB")
+    assert grown["unfused"] < 0.1 * size  # PEFT's layers use the daemon's copy
+    assert grown["diffusers"] > 1.8 * size  # each worker's own float32 copy
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_daemon_casts_to_the_pipeline_dtype_so_nothing_is_copied(daemon, lora_dir, dtype):
+    pipe = tiny_sd_pipeline(dtype=dtype)
+    path = save(sd_lora_peft(tiny_sd_pipeline()), lora_dir / "f32.safetensors")  # float32
+    with daemon.client() as client:
+        load_lora_weights(pipe, path, "a", client=client)
+        weights = lora_weights(pipe, "a")
+        lease = client.acquire(path, layout=f"sd:{SAFETENSORS_NAMES[dtype]}")
+        shared = lease.tensors[next(iter(lease.tensors))].untyped_storage().data_ptr()
+        assert weights and all(w.dtype == dtype for w in weights)
+        assert all(w.untyped_storage().data_ptr() == shared for w in weights)
+        (entry,) = client.list()
+        assert entry.layout == lease.entry.layout and entry.leases == 2
+        lease.release()
+
+
+# ------------------------------------------------------------------------------- hotswap
+
+
+def test_hotswap_under_torch_compile_never_recompiles(daemon, lora_dir):
+    """enable_lora_hotswap, then swaps between ranks 4 and 8 (kohya alphas) on a compiled UNet
+    with recompilation an error; diffusers' own hotswap on an eager copy is the oracle. The
+    backend is aot_eager: recompiles are dynamo's (the same for every backend), and inductor
+    takes 40 s to compile even this UNet on 2 CPU cores (bench/unfused.py runs it)."""
+    pipe = tiny_sd_pipeline(smallest=True)
+    a = save(unet_only(sd_lora_peft(pipe, seed=1)), lora_dir / "a.safetensors")
+    b = save(unet_only(to_kohya(sd_lora_peft(pipe, seed=5, rank=8), alpha=2.0)),
+             lora_dir / "b.safetensors")
+    reference = copy.deepcopy(pipe)
+    for target in (pipe, reference):
+        target.enable_lora_hotswap(target_rank=16)
+    torch._dynamo.reset()
+    with daemon.client() as client:
+        load_lora_weights(pipe, a, "x", client=client)
+        reference.load_lora_weights(str(a), adapter_name="x")
+        pipe.unet = torch.compile(pipe.unet, backend="aot_eager")
+        first = unet_output(pipe)
+        assert torch.equal(first, unet_output(reference))
+        assert daemon.stats().leases == 0  # padded to rank 16: the layers hold their own slot
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            load_lora_weights(pipe, b, "x", client=client, hotswap=True)
+            reference.load_lora_weights(str(b), adapter_name="x", hotswap=True)
+            assert torch.equal(unet_output(pipe), unet_output(reference))
+            assert not torch.equal(unet_output(pipe), first)
+            load_lora_weights(pipe, a, "x", client=client, hotswap=True)
+            assert torch.equal(unet_output(pipe), first)
+        assert daemon.stats().leases == 0
+    torch._dynamo.reset()
+
+
+def test_hotswap_of_a_shared_adapter_never_writes_into_the_shared_copy(daemon, lora_dir):
+    """Without enable_lora_hotswap the first adapter's layers are views of the daemon's copy
+    (read-only on the CPU: a write would fault). The swap must copy into the worker's own."""
+    pipe = tiny_sd_pipeline()
+    a = save(unet_only(sd_lora_peft(pipe, seed=1)), lora_dir / "a.safetensors")
+    b = save(unet_only(sd_lora_peft(pipe, seed=2)), lora_dir / "b.safetensors")
+    reference = copy.deepcopy(pipe)
+    with daemon.client() as client:
+        load_lora_weights(pipe, a, "x", client=client)
+        assert daemon.stats().leases == 1
+        load_lora_weights(pipe, b, "x", client=client, hotswap=True)
+        reference.load_lora_weights(str(b), adapter_name="x")
+        assert torch.equal(unet_output(pipe), unet_output(reference))
+        assert daemon.stats().leases == 0  # the slot is the worker's own now
+        with client.acquire(a, layout="sd:F32") as lease:  # the node's copy of a is intact
+            expected = canonical_tensors(sd_lora_peft(tiny_sd_pipeline(), seed=1), "sd")
+            assert all(torch.equal(lease.tensors[k], v) for k, v in expected.items()
+                       if k.startswith("unet.") and k.endswith((DOWN, UP)))
+
+
+def test_text_encoders_cannot_be_hotswapped_and_nothing_is_swapped(daemon, lora_dir):
+    pipe = tiny_sd_pipeline()
+    a = save(sd_lora_peft(pipe, seed=1), lora_dir / "a.safetensors")
+    with daemon.client() as client:
+        load_lora_weights(pipe, a, "x", client=client)
+        before = unet_output(pipe)
+        with pytest.raises(ValueError, match="not supported for text encoders"):
+            load_lora_weights(pipe, save(sd_lora_peft(pipe, seed=4), lora_dir / "b.safetensors"),
+                              "x", client=client, hotswap=True)
+        assert torch.equal(unet_output(pipe), before)
+
+
+# ----------------------------------------------------------------------- quantized bases
+
+
+@pytest.mark.filterwarnings("ignore:TorchaoLoraLinear was instantiated:UserWarning")
+def test_quantized_base_takes_unfused_adapters_and_refuses_fusing(daemon, lora_dir):
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    pipe = tiny_sd_pipeline()
+    path = save(sd_lora_peft(pipe), lora_dir / "a.safetensors")
+    quantize_(pipe.unet, Int8WeightOnlyConfig())
+    reference, bare = copy.deepcopy(pipe), copy.deepcopy(pipe)
+    with daemon.client() as client:
+        load_lora_weights(pipe, path, "a", client=client)
+        reference.load_lora_weights(str(path), adapter_name="a")
+        assert torch.equal(image(pipe), image(reference))
+        assert not torch.equal(image(pipe), image(bare))
+        pipe.set_adapters("a", 0.4)
+        reference.set_adapters("a", 0.4)
+        assert torch.equal(image(pipe), image(reference))
+        with pytest.raises(ValueError, match=r"quantized .*load_lora_weights"):
+            load_and_fuse_lora(bare, path, "a", client=client)
+        assert daemon.stats().leases == 1  # pipe's; the refused fuse gave its lease back
+
+
+# ------------------------------------------------------------------------ naming sources
+
+
+def test_sources_are_named_as_diffusers_names_them(daemon, lora_dir):
+    pipe = tiny_sd_pipeline()
+    save(sd_lora_peft(pipe), lora_dir / "sub" / "a.safetensors")
+    with daemon.client() as client:
+        load_lora_weights(pipe, lora_dir, "a", client=client, subfolder="sub",
+                          weight_name="a.safetensors")
+        assert pipe.get_list_adapters() == {"unet": ["a"], "text_encoder": ["a"]}
+        with pytest.raises(LoraCacheError) as error:  # a Hub repository: the daemon fetches
+            load_lora_weights(pipe, "org/styles", "b", client=client, revision="v2",
+                              subfolder="sub", weight_name="b.safetensors")
+        assert error.value.code is ErrorCode.FORBIDDEN_SOURCE
+        assert "hf://org/styles@v2/sub/b.safetensors" in error.value.message
+        with pytest.raises(ValueError, match="weight_name"):
+            load_lora_weights(pipe, "org/styles", "b", client=client, revision="v2")
+        with pytest.raises(TypeError, match="cache_dir"):
+            load_lora_weights(pipe, lora_dir, "b", client=client, cache_dir="/tmp")
+        with pytest.raises(ValueError, match="low_cpu_mem_usage"):
+            load_lora_weights(pipe, lora_dir, "b", client=client, low_cpu_mem_usage=False)
+        assert daemon.stats().leases == 1
+
+
+def test_without_a_daemon_it_loads_locally(tmp_path, lora_dir, monkeypatch, caplog):
+    from loracache.client import sourcing
+
+    monkeypatch.setenv("LORACACHE_SOCKET", str(tmp_path / "nobody.sock"))
+    sourcing.clear_lora_cache()
+    monkeypatch.setattr(sourcing, "_warned_fallback", False)
+    pipe = tiny_sd_pipeline()
+    reference = copy.deepcopy(pipe)
+    path = save(sd_lora_peft(pipe), lora_dir / "a.safetensors")
+    with caplog.at_level(logging.WARNING, logger="loracache.client"):
+        load_lora_weights(pipe, path, "a")
+    assert any("without sharing" in r.message for r in caplog.records)
+    reference.load_lora_weights(str(path), adapter_name="a")
+    assert torch.equal(image(pipe), image(reference))
+    with pytest.raises(LoraCacheError):
+        load_lora_weights(pipe, path, "b", fallback="error")
+    sourcing.clear_lora_cache()
+
+
+# ----------------------------------------------------------- the fusing API: no waste
+
+
+def test_fusing_only_rewrites_the_weights_that_change(daemon, lora_dir):
+    """Weights are rewritten in place, so their version counters tell which were touched."""
+    pipe = tiny_sd_pipeline()
+    paths = {name: save({f"unet.{k}": v for k, v in
+                         peft_layers(pipe.unet, [target], rank=4, seed=seed).items()},
+                        lora_dir / f"{name}.safetensors")
+             for seed, (name, target) in enumerate(
+                 [("out", "to_out.0"), ("q", "to_q"), ("k", "to_k")])}
+    versions = {}
+
+    def rewritten(suffix: str) -> bool:
+        changed = [name for name, p in pipe.unet.named_parameters()
+                   if name.endswith(suffix) and p._version != versions[name]]
+        return bool(changed)
+
+    with daemon.client() as client:
+        for name, path in paths.items():
+            load_and_fuse_lora(pipe, path, name, client=client)
+        set_and_fuse_adapters(pipe, ["out", "q"])
+        versions.update({name: p._version for name, p in pipe.unet.named_parameters()})
+        set_and_fuse_adapters(pipe, ["out", "q"], [1.0, 1.0])  # already fused: nothing
+        assert not any(rewritten(s) for s in ("to_out.0.weight", "to_q.weight", "to_k.weight"))
+        set_and_fuse_adapters(pipe, ["out", "k"])
+        assert not rewritten("to_out.0.weight")  # the same term before and after
+        assert rewritten("to_q.weight") and rewritten("to_k.weight")
