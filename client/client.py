@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import weakref
 from collections.abc import Sequence
 from pathlib import Path
@@ -164,14 +163,6 @@ class LoraCacheClient:
             self._book.release_all()
         self._finalizer.detach()
         self._connection.close()
-
-    def release_soon(self, lease: Lease) -> None:
-        """Release ``lease`` now; from a helper thread when this thread is inside a request,
-        as it is when a garbage collector's callback runs mid-request."""
-        if self._connection.busy_here():
-            threading.Thread(target=lease.release, name="loracache-release", daemon=True).start()
-        else:
-            lease.release()
 
     @property
     def closed(self) -> bool:

@@ -147,18 +147,6 @@ class Connection:
 
     def round_trip(self, request: Request, session: str, timeout: float | None) -> Any:
         """One request and its reply on this thread's socket, with no recovery."""
-        self._local.busy = True
-        try:
-            return self._round_trip(request, session, timeout)
-        finally:
-            self._local.busy = False
-
-    def busy_here(self) -> bool:
-        """Whether this thread is inside a round trip: a garbage collector's callback that runs
-        there must not send a request of its own on the same socket."""
-        return getattr(self._local, "busy", False)
-
-    def _round_trip(self, request: Request, session: str, timeout: float | None) -> Any:
         timeout = self.request_timeout if timeout is None else timeout
         request_id = next(self._ids)
         try:

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from loracache.shared.canonical import alpha_values
 from loracache.shared.families import ALPHA, DOWN, UNMATCHED, UP, Family
 
 from . import fuser
@@ -209,7 +210,7 @@ def _adapter(pipeline: Any, family: Family, name: str, tensors: Mapping[str, tor
              lease: Lease | None, strict: bool) -> Adapter:
     layers, weights, unmatched = {}, {}, []
     roots: dict[str, torch.nn.Module | None] = {}
-    alphas = _alphas(tensors)
+    alphas = alpha_values(tensors)
     for key in tensors:
         if key.startswith(UNMATCHED):
             unmatched.append(key.removeprefix(UNMATCHED))
@@ -222,14 +223,14 @@ def _adapter(pipeline: Any, family: Family, name: str, tensors: Mapping[str, tor
         root = roots[component_name]
         module = fusable_module(root, path) if root is not None else None
         factors = fuser.Factors(tensors[key], tensors[layer + UP], alphas.get(layer + ALPHA))
-        if module is None or not factors.fits(module.weight):
-            unmatched.append(layer)
-            continue
-        if is_quantized(module.weight):
+        if module is not None and is_quantized(module.weight):  # packed shapes fit nothing
             raise ValueError(f"{layer} is quantized ({type(module.weight).__name__}, "
                              f"{module.weight.dtype}): a LoRA cannot be fused into quantized "
                              "weights. Use it unfused: loracache.client.load_lora_weights("
                              "pipeline, source, adapter_name), then pipeline.set_adapters()")
+        if module is None or not factors.fits(module.weight):
+            unmatched.append(layer)
+            continue
         layers[layer], weights[layer] = factors, module.weight
     if unmatched:
         message = (f"{len(unmatched)} LoRA layer(s) of {name!r} match no module of this "
@@ -239,16 +240,6 @@ def _adapter(pipeline: Any, family: Family, name: str, tensors: Mapping[str, tor
         log.warning(message)
     return Adapter(name=name, layers=layers, weights=weights, lease=lease,
                    generation=lease.generation if lease is not None else 0)
-
-
-def _alphas(tensors: Mapping[str, torch.Tensor]) -> dict[str, float]:
-    """Every ``.alpha`` as a number, read in one transfer: on a GPU each ``float()`` of a
-    device scalar waits for the device, and a LoRA has hundreds of them."""
-    keys = [key for key in tensors if key.endswith(ALPHA)]
-    if not keys:
-        return {}
-    values = torch.stack([tensors[key].reshape(()).float() for key in keys]).tolist()
-    return dict(zip(keys, values))
 
 
 def _release(adapter: Adapter) -> None:

@@ -65,6 +65,7 @@ class MappingRegistry:
             mapping = self._mappings.get(key)
             if mapping is None:
                 buffer = open_handle(result.handle)
+                SHARED_STORAGES.add(buffer)
                 mapping = _Mapping(buffer, TensorViews(buffer, table))
                 self._mappings[key] = mapping
             else:
@@ -84,7 +85,28 @@ class MappingRegistry:
             del self._mappings[key]
 
 
+class SharedStorages:
+    """The storages of the daemon's memory mapped in this process, for as long as any tensor
+    views them (mappings outlive their leases while views remain): memory never to write into.
+    On the CPU a write faults; on a GPU it would change the LoRA under every worker."""
+
+    def __init__(self) -> None:
+        self._pointers: set[int] = set()
+
+    def add(self, buffer: torch.Tensor) -> None:
+        storage = buffer.untyped_storage()
+        pointer = storage.data_ptr()
+        self._pointers.add(pointer)
+        forget = weakref.finalize(storage, self._pointers.discard, pointer)
+        forget.atexit = False
+
+    def holds(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor`` is a view of the daemon's memory."""
+        return tensor.untyped_storage().data_ptr() in self._pointers
+
+
 MAPPINGS = MappingRegistry()
+SHARED_STORAGES = SharedStorages()
 
 
 class TensorViews(Mapping[str, torch.Tensor]):

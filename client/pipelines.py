@@ -47,9 +47,11 @@ def fusable_module(root: nn.Module, path: str) -> nn.Linear | nn.Conv2d | None:
 
 
 def is_quantized(weight: torch.Tensor) -> bool:
-    """Whether ``weight`` is stored quantized: an integer tensor (bitsandbytes) or a tensor
-    subclass (torchao, GGUF, bitsandbytes' parameters). A LoRA cannot be fused into it."""
-    return not weight.is_floating_point() or type(weight) not in (torch.Tensor, nn.Parameter)
+    """Whether ``weight`` is stored quantized: an integer tensor (bitsandbytes), a tensor
+    subclass (torchao, GGUF, bitsandbytes' parameters) or float8 (diffusers' layerwise
+    casting). A LoRA cannot be fused into it without losing most of it."""
+    return (not weight.is_floating_point() or weight.element_size() == 1
+            or type(weight) not in (torch.Tensor, nn.Parameter))
 
 
 def _submodule(root: nn.Module, path: str) -> nn.Module | None:

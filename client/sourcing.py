@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import threading
 from collections.abc import Mapping
 from typing import Any
@@ -39,7 +40,7 @@ FALLBACK_CODES = (ErrorCode.DAEMON_UNAVAILABLE, ErrorCode.MAPPING_FAILED,
 
 
 @dataclasses.dataclass
-class Sourced:
+class LoraTensors:
     """A LoRA's canonical tensors, and the lease and client that lend them (None when the
     tensors are this process's own)."""
 
@@ -48,14 +49,19 @@ class Sourced:
     lender: LoraCacheClient | None
 
 
+HUB_KWARGS = ("weight_name", "subfolder", "revision")  # diffusers' ways to name a file
+REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
 def check_fallback(fallback: str) -> None:
+    """ValueError unless ``fallback`` is one this module knows."""
     if fallback not in FALLBACKS:
         raise ValueError(f"fallback must be one of {FALLBACKS}, not {fallback!r}")
 
 
 def canonical_tensors_for(pipeline: Any, family: Family, source: Any,
                           client: LoraCacheClient | None, fallback: str,
-                          dtype: torch.dtype | None = None) -> Sourced:
+                          dtype: torch.dtype | None = None) -> LoraTensors:
     """The canonical tensors of ``source`` (a path, a URL or a state dict) for ``pipeline``.
 
     ``dtype``: the factors cast to it (by the daemon, once per node), for layers that use
@@ -63,7 +69,7 @@ def canonical_tensors_for(pipeline: Any, family: Family, source: Any,
     """
     if isinstance(source, Mapping):  # copied: diffusers' converters may scale tensors in place
         tensors = canonical_tensors({k: v.clone() for k, v in source.items()}, family.name)
-        return Sourced(_cast(tensors, dtype), None, None)
+        return LoraTensors(_cast(tensors, dtype), None, None)
     path = os.fspath(source)
     device = device_of(pipeline, family)
     layout = family.name if dtype is None else f"{family.name}:{SAFETENSORS_NAMES[dtype]}"
@@ -77,19 +83,52 @@ def canonical_tensors_for(pipeline: Any, family: Family, source: Any,
         if wanted in lender.unmappable:  # nothing of the daemon's maps here: load it here
             raise LoraCacheError(ErrorCode.MAPPING_FAILED, "this process could not map the "
                                  f"daemon's memory on {', '.join(sorted(lender.unmappable))}")
-        lease = lender.acquire(path, device=wanted, layout=layout)
-        return Sourced(lease.tensors, lease, lender)
+        try:
+            lease = lender.acquire(path, device=wanted, layout=layout)
+        except LoraCacheError as exc:
+            if exc.code is not ErrorCode.BAD_REQUEST or layout == family.name:
+                raise
+            # A daemon older than cast layouts (a rolling upgrade): uncast, PEFT casts here.
+            lease = lender.acquire(path, device=wanted, layout=family.name)
+        return LoraTensors(lease.tensors, lease, lender)
     except LoraCacheError as exc:
         if exc.code not in FALLBACK_CODES or fallback == "error" or "://" in path:
             raise  # a URL is fetched by the daemon only: there is nothing to load here
         _warn_fallback(exc)
     with safe_open(path, framework="pt") as f:
         metadata = f.metadata()
-    return Sourced(_cast(canonical_tensors(load_file(path), family.name, metadata), dtype),
+    return LoraTensors(_cast(canonical_tensors(load_file(path), family.name, metadata), dtype),
                    None, None)
 
 
+def named_source(source: Any, kwargs: dict[str, Any]) -> Any:
+    """The file ``source`` names with diffusers' keyword arguments: a folder or a Hub
+    repository and ``weight_name``/``subfolder``/``revision``. Other arguments are refused."""
+    unknown = sorted(set(kwargs) - set(HUB_KWARGS) - {"low_cpu_mem_usage"})
+    if unknown:
+        raise TypeError(f"load_lora_weights() got unexpected keyword arguments {unknown}; it "
+                        f"takes {', '.join(HUB_KWARGS)} to name a file, like diffusers'")
+    if kwargs.get("low_cpu_mem_usage") is False:
+        raise ValueError("low_cpu_mem_usage=False would copy the shared LoRA into this process; "
+                         "loracache always assigns the shared tensors")
+    weight_name, subfolder, revision = (kwargs.get(k) for k in HUB_KWARGS)
+    if isinstance(source, Mapping) or not (weight_name or subfolder or revision):
+        return source
+    name = os.fspath(source)
+    if os.path.isdir(name) or "://" in name or not REPO_ID.match(name):
+        if revision:
+            raise ValueError("revision= names a Hub revision; give a Hub repository id "
+                             "(org/name) as the source, or an hf:// URL")
+        return os.path.join(name, subfolder or "", weight_name or "")
+    if not weight_name:
+        raise ValueError(f"name the file in {name!r} with weight_name=, as the daemon fetches "
+                         "one file (e.g. weight_name='pytorch_lora_weights.safetensors')")
+    at = f"@{revision}" if revision else ""
+    return f"hf://{name}{at}/" + "/".join(p for p in (subfolder, weight_name) if p)
+
+
 def _cast(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """``tensors`` with their factors in ``dtype`` (None: as they are)."""
     return tensors if dtype is None else cast_factors(tensors, dtype)
 
 

@@ -46,14 +46,14 @@ class LoadPlan:
 
 def plan_load(identity: FileIdentity, layout: str) -> LoadPlan:
     try:
-        wanted = parse_layout(layout)
+        parsed = parse_layout(layout)
     except ValueError as exc:
         raise LoraCacheError(ErrorCode.BAD_REQUEST, str(exc)) from None
     started = time.monotonic()
     f = open_identified(identity)
     try:
         header = read_header(f, identity.path)
-        if wanted.name == RAW:  # the bytes as they are, like safetensors.load_file
+        if parsed.name == RAW:  # the bytes as they are, like safetensors.load_file
             packed = pack(header.tensors)
             segments = [Segment(src=record.begin, dst=spec.offset, nbytes=record.nbytes)
                         for record, spec in zip(header.tensors, packed.specs)]
@@ -67,9 +67,9 @@ def plan_load(identity: FileIdentity, layout: str) -> LoadPlan:
                                  f"{identity.path}: safetensors refuses the file: {exc}") from exc
         read = time.monotonic()
         check_finite(identity.path, tensors.items())
-        converted = canonical_tensors(tensors, wanted.name, header.metadata)
-        if wanted.dtype is not None:
-            converted = cast_factors(converted, TORCH_DTYPES[wanted.dtype])
+        converted = canonical_tensors(tensors, parsed.name, header.metadata)
+        if parsed.dtype is not None:
+            converted = cast_factors(converted, TORCH_DTYPES[parsed.dtype])
         packed = pack([_item(name, tensor) for name, tensor in converted.items()])
         placed = [(spec.offset, converted[spec.name]) for spec in packed.specs]
         return LoadPlan(identity.path, f, packed, [], placed, read_s=read - started,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 import types
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import torch
@@ -87,6 +88,16 @@ def canonical_tensors(state_dict: dict[str, torch.Tensor], family_name: str,
                              f"no LoRA layers for the {family.name} family found in the file "
                              f"(first keys: {', '.join(list(state_dict)[:3])})")
     return canonical
+
+
+def alpha_values(tensors: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """Every ``.alpha`` of a canonical layout as a number, read in one transfer: on a GPU each
+    ``float()`` of a device scalar waits for the device, and a LoRA has hundreds of them."""
+    keys = [key for key in tensors if key.endswith(ALPHA)]
+    if not keys:
+        return {}
+    values = torch.stack([tensors[key].reshape(()).float() for key in keys]).tolist()
+    return dict(zip(keys, values))
 
 
 def cast_factors(canonical: dict[str, torch.Tensor],

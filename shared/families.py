@@ -46,15 +46,16 @@ CAST_DTYPES = ("F16", "BF16", "F32")
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
+    """A layout as ``acquire`` names it, parsed."""
+
     name: str  # RAW or a family's name
     dtype: str | None  # the safetensors name of the dtype factors are cast to, or None
 
 
 def parse_layout(layout: str) -> Layout:
     """``raw``, ``<family>`` or ``<family>:<dtype>``; ValueError saying what is accepted."""
-    name, _, dtype = layout.partition(":")
-    if name not in LAYOUTS or (dtype and (name == RAW or dtype not in CAST_DTYPES)) or (
-            not dtype and layout.endswith(":")):
+    name, colon, dtype = layout.partition(":")
+    if name not in LAYOUTS or (colon and (name == RAW or dtype not in CAST_DTYPES)):
         raise ValueError(f"unknown layout {layout!r}; known: {', '.join(LAYOUTS)}, and a "
                          f"family's with a dtype to cast to, e.g. sdxl:F16 "
                          f"({', '.join(CAST_DTYPES)})")

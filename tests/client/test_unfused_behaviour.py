@@ -8,6 +8,9 @@ import copy
 import gc
 import logging
 import os
+import signal
+import threading
+import time
 
 import pytest
 import torch
@@ -15,11 +18,13 @@ import torch
 from loracache.client import (ErrorCode, LoraCacheError, load_and_fuse_lora, load_lora_weights,
                               set_and_fuse_adapters)
 from loracache.client.adapters import FACTOR_NAMES
+from loracache.client.weight_leases import RELEASER
 from loracache.shared.canonical import canonical_tensors
 from loracache.shared.dtypes import SAFETENSORS_NAMES
 from loracache.shared.families import DOWN, UP
 from examples.tiny_models import image, peft_layers, save, sd_lora_peft, tiny_sd_pipeline
 from tests.client.test_fusing_behaviour import memory_grown, unet_lora
+from tests.support import Daemon, wait_until
 from tests.tiny import to_kohya
 
 # PEFT warns on every second adapter in a model: that is the point of these tests.
@@ -49,6 +54,11 @@ def unet_only(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 # ------------------------------------------------------------------------------- leases
 
 
+def leases_become(daemon, count: int) -> None:
+    """Wait for the daemon's lease count: weights that go wake the releaser thread."""
+    wait_until(lambda: daemon.stats().leases == count, timeout=10)
+
+
 def test_leases_follow_the_lora_weights(daemon, lora_dir):
     pipe = tiny_sd_pipeline()
     a = save(sd_lora_peft(pipe, seed=1), lora_dir / "a.safetensors")
@@ -59,18 +69,44 @@ def test_leases_follow_the_lora_weights(daemon, lora_dir):
         assert daemon.stats().leases == 2
         with pytest.raises(ValueError, match="already in use"):  # diffusers' own refusal
             load_lora_weights(pipe, b, "a", client=client)
-        assert daemon.stats().leases == 2  # the failed load gave its lease back
+        assert daemon.stats().leases == 2  # the failed load gave its lease back at once
         pipe.delete_adapters("a")
-        assert daemon.stats().leases == 1
+        leases_become(daemon, 1)
         pipe.fuse_lora()  # merging reads the factors: the lease stays
+        time.sleep(0.2)
         assert daemon.stats().leases == 1
         pipe.unload_lora_weights()
-        assert daemon.stats().leases == 0
+        leases_become(daemon, 0)
         load_lora_weights(pipe, a, "a", client=client)
         assert daemon.stats().leases == 1
+        copy.deepcopy(pipe)  # nothing of loracache's on the pipeline stands in the way
         del pipe
         gc.collect()
-        assert daemon.stats().leases == 0  # the pipeline went, and its LoRA weights with it
+        leases_become(daemon, 0)  # the pipeline went, and its LoRA weights with it
+        assert RELEASER.held() == 0
+
+
+def test_a_lease_goes_when_its_weights_are_copied_away(daemon, lora_dir):
+    """pipe.to(dtype) gives the LoRA weights new storage but keeps them: the releaser's
+    periodic look finds the lease unused."""
+    pipe = tiny_sd_pipeline()
+    path = save(sd_lora_peft(pipe), lora_dir / "a.safetensors")
+    with daemon.client() as client:
+        load_lora_weights(pipe, path, "a", client=client)
+        pipe.to(dtype=torch.float64)
+        leases_become(daemon, 0)
+
+
+def test_cycling_adapters_keeps_one_releaser_and_nothing_behind(daemon, lora_dir):
+    pipe = tiny_sd_pipeline(smallest=True)
+    path = save(unet_only(sd_lora_peft(pipe)), lora_dir / "a.safetensors")
+    with daemon.client() as client:
+        for cycle in range(20):
+            load_lora_weights(pipe, path, f"a{cycle}", client=client)
+            pipe.delete_adapters(f"a{cycle}")
+        leases_become(daemon, 0)
+    assert [t.name for t in threading.enumerate()].count("loracache-releaser") == 1
+    assert RELEASER.held() == 0
 
 
 def test_the_worker_keeps_no_copy_of_an_unfused_lora(daemon, lora_dir):
@@ -152,11 +188,93 @@ def test_hotswap_of_a_shared_adapter_never_writes_into_the_shared_copy(daemon, l
         load_lora_weights(pipe, b, "x", client=client, hotswap=True)
         reference.load_lora_weights(str(b), adapter_name="x")
         assert torch.equal(unet_output(pipe), unet_output(reference))
-        assert daemon.stats().leases == 0  # the slot is the worker's own now
+        leases_become(daemon, 0)  # the slot is the worker's own now
         with client.acquire(a, layout="sd:F32") as lease:  # the node's copy of a is intact
             expected = canonical_tensors(sd_lora_peft(tiny_sd_pipeline(), seed=1), "sd")
             assert all(torch.equal(lease.tensors[k], v) for k, v in expected.items()
                        if k.startswith("unet.") and k.endswith((DOWN, UP)))
+
+
+def shared_copy_intact(client, path, tensors: dict[str, torch.Tensor]) -> bool:
+    """Whether the node's copy of ``path`` still holds the factors of ``tensors``."""
+    expected = canonical_tensors(tensors, "sd")
+    with client.acquire(path, layout="sd:F32") as lease:
+        return all(torch.equal(lease.tensors[k], v) for k, v in expected.items()
+                   if k.endswith((DOWN, UP)))
+
+
+def test_hotswap_to_a_larger_rank_leaves_other_leases_views_alone(daemon, lora_dir):
+    """Without enable_lora_hotswap PEFT swaps a weight's contents with the tensor it is given
+    for a larger rank: that must not be a view another lease of this process hands out."""
+    pipe = tiny_sd_pipeline()
+    b_tensors = unet_only(sd_lora_peft(pipe, seed=2, rank=8))
+    a = save(unet_only(sd_lora_peft(pipe, seed=1, rank=4)), lora_dir / "a.safetensors")
+    b = save(b_tensors, lora_dir / "b.safetensors")
+    reference = copy.deepcopy(pipe)
+    with daemon.client() as client:
+        other = client.acquire(b, layout="sd:F32")  # another pipeline of this worker uses b
+        load_lora_weights(pipe, a, "x", client=client)
+        load_lora_weights(pipe, b, "x", client=client, hotswap=True)
+        expected = canonical_tensors(b_tensors, "sd")
+        assert all(torch.equal(other.tensors[k], v) for k, v in expected.items()
+                   if k.endswith((DOWN, UP)))
+        other.release()
+        load_lora_weights(pipe, a, "x", client=client, hotswap=True)  # no write into b's copy
+        reference.load_lora_weights(str(a), adapter_name="x")
+        assert torch.equal(unet_output(pipe), unet_output(reference))
+        assert shared_copy_intact(client, b, b_tensors)
+
+
+def test_hotswap_is_safe_through_another_pipeline_and_after_a_failed_load(daemon, lora_dir):
+    """The views are found from the weights themselves, whichever pipeline loaded them and
+    however that load ended."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    txt2img = tiny_sd_pipeline()
+    img2img = StableDiffusionImg2ImgPipeline(**txt2img.components)  # what from_pipe does
+    full = sd_lora_peft(txt2img, seed=1)
+    text_only = save({k: v for k, v in full.items() if k.startswith("text_encoder.")},
+                     lora_dir / "te.safetensors")
+    both = save(full, lora_dir / "both.safetensors")
+    b_tensors = unet_only(sd_lora_peft(txt2img, seed=2))
+    b = save(b_tensors, lora_dir / "b.safetensors")
+    with daemon.client() as client:
+        load_lora_weights(txt2img, text_only, "x", client=client)
+        with pytest.raises(ValueError, match="already exists"):  # the UNet took it first
+            load_lora_weights(txt2img, both, "x", client=client)
+        assert daemon.stats().leases == 2  # the UNet's views of "both" hold its lease
+        load_lora_weights(img2img, b, "x", client=client, hotswap=True)
+        leases_become(daemon, 1)  # the UNet's weights are its own now: only te's is held
+        assert shared_copy_intact(client, both, full)
+
+
+def test_hotswap_after_a_daemon_restart_and_after_the_client_closed(start_daemon, lora_dir):
+    first = start_daemon("--max-bytes", "1GiB", "--session-ttl", "30")
+    pipe = tiny_sd_pipeline()
+    a_tensors = unet_only(sd_lora_peft(pipe, seed=1))
+    a = save(a_tensors, lora_dir / "a.safetensors")
+    b = save(unet_only(sd_lora_peft(pipe, seed=2)), lora_dir / "b.safetensors")
+    client = first.client()
+    load_lora_weights(pipe, a, "x", client=client)
+    first.stop(signal.SIGKILL)
+    second = Daemon(lora_dir, "--max-bytes", "1GiB", reuse=first)
+    try:
+        client.verify_session()  # leases a again from the new daemon
+        RELEASER.look()  # what the releaser does within seconds: the weights follow
+        (entry,) = client.list()
+        assert entry.leases == 1  # one copy on the node, the weights' own
+        (lease,) = [held.lease for held in RELEASER._held if held.lease.entry.id == entry.id]
+        storage = lease.tensors[next(iter(lease.tensors))].untyped_storage().data_ptr()
+        assert all(w.untyped_storage().data_ptr() == storage for w in lora_weights(pipe, "x"))
+        load_lora_weights(pipe, b, "x", client=client, hotswap=True)
+        assert shared_copy_intact(client, a, a_tensors)
+        load_lora_weights(pipe, a, "y", client=client)
+        client.close()  # the views stay mapped; a hotswap still copies them first
+        with second.client() as other:
+            load_lora_weights(pipe, b, "y", client=other, hotswap=True)
+            assert shared_copy_intact(other, a, a_tensors)
+    finally:
+        second.cleanup()
 
 
 def test_text_encoders_cannot_be_hotswapped_and_nothing_is_swapped(daemon, lora_dir):
