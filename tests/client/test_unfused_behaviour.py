@@ -41,8 +41,8 @@ def lora_weights(pipe, adapter: str) -> list[torch.nn.Parameter]:
 def unet_output(pipe) -> torch.Tensor:
     """The UNet's output on fixed inputs (the layers hotswap touches)."""
     generator = torch.Generator().manual_seed(0)
-    sample = torch.randn(1, 4, 16, 16, generator=generator)
-    text = torch.randn(1, 8, 32, generator=generator)
+    sample = torch.randn(1, 4, 16, 16, generator=generator).to(pipe.unet.dtype)
+    text = torch.randn(1, 8, 32, generator=generator).to(pipe.unet.dtype)
     with torch.no_grad():
         return pipe.unet(sample, 10, text).sample
 
@@ -311,6 +311,49 @@ def test_quantized_base_takes_unfused_adapters_and_refuses_fusing(daemon, lora_d
         with pytest.raises(ValueError, match=r"quantized .*load_lora_weights"):
             load_and_fuse_lora(bare, path, "a", client=client)
         assert daemon.stats().leases == 1  # pipe's; the refused fuse gave its lease back
+
+
+def test_float8_and_packed_weights_are_refused_by_fusing(daemon, lora_dir):
+    """diffusers' layerwise casting stores float8; bitsandbytes 4-bit and GGUF store packed
+    bytes of another shape, which would otherwise read as "no module of that shape"."""
+    pipe = tiny_sd_pipeline()
+    path = save(unet_only(sd_lora_peft(pipe)), lora_dir / "a.safetensors")
+    layer = pipe.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q
+    original = layer.weight
+    for stored in (original.detach().to(torch.float8_e4m3fn),
+                   torch.zeros(original.numel() // 2, 1, dtype=torch.uint8)):  # 4-bit, packed
+        layer.weight = torch.nn.Parameter(stored, requires_grad=False)
+        with daemon.client() as client:
+            with pytest.raises(ValueError, match="quantized"):
+                load_and_fuse_lora(pipe, path, "a", client=client, strict=False)
+            assert daemon.stats().leases == 0
+
+
+@pytest.mark.parametrize("case", ["text encoder in float32", "float8 storage"])
+def test_mixed_dtypes_load_like_diffusers(daemon, lora_dir, case):
+    """Components in different dtypes get the factors uncast (PEFT casts per layer, as for
+    diffusers); diffusers' layerwise casting (float8 storage) is not a dtype to cast to."""
+    pipe = tiny_sd_pipeline()
+    path = save(sd_lora_peft(tiny_sd_pipeline()), lora_dir / "a.safetensors")
+    if case == "text encoder in float32":
+        pipe.unet.to(torch.bfloat16)
+    reference = copy.deepcopy(pipe)
+    if case == "float8 storage":
+        for target in (pipe, reference):
+            target.unet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn,
+                                                 compute_dtype=torch.float32)
+    with daemon.client() as client:
+        load_lora_weights(pipe, path, "a", client=client)
+        reference.load_lora_weights(str(path), adapter_name="a")
+        ids = torch.arange(8).unsqueeze(0)
+        with torch.no_grad():
+            assert torch.equal(pipe.text_encoder(ids)[0], reference.text_encoder(ids)[0])
+        if case == "float8 storage":  # PEFT stores the UNet's factors as float8 too, and its
+            # layers then cannot run on the CPU (diffusers' own the same): compare the factors
+            assert all(ours.dtype == theirs.dtype and torch.equal(ours, theirs) for ours, theirs
+                       in zip(lora_weights(pipe, "a"), lora_weights(reference, "a")))
+        else:
+            assert torch.equal(unet_output(pipe), unet_output(reference))
 
 
 # ------------------------------------------------------------------------ naming sources
