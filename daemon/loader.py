@@ -68,8 +68,9 @@ def plan_load(identity: FileIdentity, layout: str) -> LoadPlan:
         read = time.monotonic()
         check_finite(identity.path, tensors.items())
         converted = canonical_tensors(tensors, parsed.name, header.metadata)
-        if parsed.dtype is not None:
+        if parsed.dtype is not None:  # a value beyond the dtype's range becomes Inf
             converted = cast_factors(converted, TORCH_DTYPES[parsed.dtype])
+            check_finite(f"{identity.path} cast to {parsed.dtype}", converted.items())
         packed = pack([_item(name, tensor) for name, tensor in converted.items()])
         placed = [(spec.offset, converted[spec.name]) for spec in packed.specs]
         return LoadPlan(identity.path, f, packed, [], placed, read_s=read - started,

@@ -288,6 +288,17 @@ def test_cast_layout_holds_the_factors_in_that_dtype_and_alphas_in_float32(trans
             assert torch.equal(got[name], tensor.to(torch.bfloat16)), name
 
 
+def test_a_cast_that_overflows_is_an_invalid_lora(lora_dir):
+    tensors = kohya_sd_lora()
+    tensors[f"{UNET}.lora_up.weight"][0, 0] = 1e6  # fine in float32, Inf in float16
+    identity = write(lora_dir, tensors)
+    planned(identity, "sd")  # uncast, it loads
+    with pytest.raises(LoraCacheError) as error:
+        plan_load(identity, "sd:F16")
+    assert error.value.code is ErrorCode.INVALID_LORA
+    assert "cast to F16" in error.value.message and "Inf" in error.value.message
+
+
 @pytest.mark.parametrize("layout", ["raw:F16", "sd:F8_E4M3", "sd:", "sd:f16", "sdxl:F16:F32"])
 def test_unknown_layouts_are_bad_requests_naming_the_accepted_ones(lora_dir, layout):
     with pytest.raises(LoraCacheError) as error:
