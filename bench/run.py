@@ -23,6 +23,8 @@ BENCHMARKS = {
     "fuse": "fuse and switch LoRAs on an SD 1.5 UNet vs diffusers and vs the bare GEMMs",
     "tiers": "re-acquire from the host tier vs the disk tier vs the source; a download through "
              "the daemon vs obstore's; N workers asking for one URL at once",
+    "unfused": "set_adapters over shared LoRAs vs a fused switch; unfused vs fused steps; "
+               "hotswap under torch.compile; memory of N workers holding the same adapters",
 }
 
 
