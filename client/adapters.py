@@ -35,8 +35,8 @@ from loracache.shared.families import ALPHA, DOWN, UNMATCHED, UP, Family
 from .client import LoraCacheClient
 from .lease import SHARED_STORAGES, Lease
 from .pipelines import component, family_of
-from .sourcing import canonical_tensors_for, check_fallback, named_source
-from .weight_leases import RELEASER, WeightLease, storage_of
+from .sourcing import LoraTensors, canonical_tensors_for, check_fallback, named_source
+from .weight_leases import RELEASER, WeightLease, storage_of, weight_of
 
 log = logging.getLogger("loracache.client")
 
@@ -69,9 +69,11 @@ def load_lora_weights(pipeline: Any, source: str | os.PathLike[str] | Mapping[st
         from diffusers.utils.peft_utils import get_adapter_name
 
         adapter_name = get_adapter_name(denoiser)
-    RELEASER.look()  # weights gone or copied since (pipe.to): their leases go first
+    RELEASER.look(follow_renewals=True)  # weights gone, copied or on a renewed lease
     sourced = canonical_tensors_for(pipeline, family, source, client, fallback,
                                     dtype=_cast_dtype(pipeline, family))
+    before = {(id(layer), weight_of(layer).data_ptr())
+              for layer in _lora_layers(pipeline, family, adapter_name)}
     try:
         parts = _peft_parts(pipeline, family, sourced.tensors)
         if hotswap and any(name != family.denoiser for name in parts):
@@ -83,7 +85,9 @@ def load_lora_weights(pipeline: Any, source: str | os.PathLike[str] | Mapping[st
             _load_component(pipeline, family, name, state_dict, config, adapter_name, hotswap)
     finally:  # also after a failure part-way: the components loaded keep their views
         if sourced.lease is not None:
-            _hold(sourced.lease, _lora_weights(pipeline, family, adapter_name))
+            loaded = [layer for layer in _lora_layers(pipeline, family, adapter_name)
+                      if (id(layer), weight_of(layer).data_ptr()) not in before]
+            _hold(sourced, loaded)
 
 
 # ------------------------------------------------------------------------------- internals
@@ -166,31 +170,36 @@ def _load_component(pipeline: Any, family: Family, name: str, state_dict: dict[s
             metadata=config, low_cpu_mem_usage=True, hotswap=hotswap)
 
 
-def _lora_weights(pipeline: Any, family: Family, adapter_name: str,
-                  components: tuple[str, ...] | None = None) -> list[nn.Parameter]:
-    """The LoRA factors' parameters of ``adapter_name`` in ``components`` (default: all)."""
-    weights = []
+def _lora_layers(pipeline: Any, family: Family, adapter_name: str,
+                 components: tuple[str, ...] | None = None) -> list[nn.Module]:
+    """The LoRA factors' layers (``lora_A[name]``, ``lora_B[name]``) of ``adapter_name`` in
+    ``components`` (default: all)."""
+    found = []
     for name in components or family.components:
         root = component(pipeline, name)
         for module in root.modules() if root is not None else ():
             for factor in FACTOR_NAMES:
                 layers = getattr(module, factor, None)
                 if isinstance(layers, nn.ModuleDict) and adapter_name in layers:
-                    weights.append(cast(nn.Parameter, layers[adapter_name].weight))
-    return weights
+                    found.append(layers[adapter_name])
+    return found
 
 
-def _hold(lease: Lease, weights: list[nn.Parameter]) -> None:
-    """Have the weights that are views of ``lease`` hold it; release it if none is (copied:
-    a hotswap, padded for one, or cast by PEFT)."""
-    tensors = lease.tensors
+def _hold(sourced: LoraTensors, layers: list[nn.Module]) -> None:
+    """Have the layers whose weights are views of the lease hold it; release it if none has
+    (copied: a hotswap, padded for one, or cast by PEFT). The views are found against the
+    tensors handed to PEFT, even if the lease was renewed since."""
+    lease, tensors = cast(Lease, sourced.lease), sourced.tensors
+    if lease.released or not tensors:  # the client closed meanwhile
+        return
     by_address = {tensors[name].data_ptr(): name for name in tensors
                   if name.endswith((DOWN, UP))}
     storage = storage_of(tensors[next(iter(tensors))])
-    views = {by_address[w.data_ptr()]: w for w in weights
-             if storage_of(w) == storage and w.data_ptr() in by_address}
+    views = {by_address[weight_of(layer).data_ptr()]: layer for layer in layers
+             if storage_of(weight_of(layer)) == storage
+             and weight_of(layer).data_ptr() in by_address}
     if views:
-        RELEASER.hold(WeightLease(lease, views))
+        RELEASER.hold(WeightLease(lease, sourced.generation, tensors, views))
     else:
         lease.release()
 
@@ -199,7 +208,8 @@ def _take_own_copies(pipeline: Any, family: Family, adapter_name: str) -> None:
     """Give every weight of the adapter in the denoiser (what a hotswap writes) that views the
     daemon's memory storage of its own, and release the leases no weight views any more."""
     with torch.no_grad():
-        for weight in _lora_weights(pipeline, family, adapter_name, (family.denoiser,)):
+        for layer in _lora_layers(pipeline, family, adapter_name, (family.denoiser,)):
+            weight = weight_of(layer)
             if SHARED_STORAGES.holds(weight):
                 weight.data = weight.data.clone()
     RELEASER.look()

@@ -47,6 +47,7 @@ class LoraTensors:
     tensors: Mapping[str, torch.Tensor]
     lease: Lease | None
     lender: LoraCacheClient | None
+    generation: int = 0  # of the lease when ``tensors`` were taken from it
 
 
 HUB_KWARGS = ("weight_name", "subfolder", "revision")  # diffusers' ways to name a file
@@ -86,11 +87,13 @@ def canonical_tensors_for(pipeline: Any, family: Family, source: Any,
         try:
             lease = lender.acquire(path, device=wanted, layout=layout)
         except LoraCacheError as exc:
-            if exc.code is not ErrorCode.BAD_REQUEST or layout == family.name:
+            if (exc.code is not ErrorCode.BAD_REQUEST or layout == family.name
+                    or "unknown layout" not in exc.message):
                 raise
             # A daemon older than cast layouts (a rolling upgrade): uncast, PEFT casts here.
             lease = lender.acquire(path, device=wanted, layout=family.name)
-        return LoraTensors(lease.tensors, lease, lender)
+        generation, leased = lease.snapshot()  # together: a renewal may change both
+        return LoraTensors(leased, lease, lender, generation)
     except LoraCacheError as exc:
         if exc.code not in FALLBACK_CODES or fallback == "error" or "://" in path:
             raise  # a URL is fetched by the daemon only: there is nothing to load here

@@ -70,7 +70,9 @@ def plan_load(identity: FileIdentity, layout: str) -> LoadPlan:
         converted = canonical_tensors(tensors, parsed.name, header.metadata)
         if parsed.dtype is not None:  # a value beyond the dtype's range becomes Inf
             converted = cast_factors(converted, TORCH_DTYPES[parsed.dtype])
-            check_finite(f"{identity.path} cast to {parsed.dtype}", converted.items())
+            check_finite(identity.path, converted.items(),
+                         fix=f"a value is beyond {parsed.dtype}'s range; lease it uncast "
+                             f"(layout {parsed.name!r})")
         packed = pack([_item(name, tensor) for name, tensor in converted.items()])
         placed = [(spec.offset, converted[spec.name]) for spec in packed.specs]
         return LoadPlan(identity.path, f, packed, [], placed, read_s=read - started,
@@ -83,7 +85,8 @@ def plan_load(identity: FileIdentity, layout: str) -> LoadPlan:
 FINITE_CHUNK = 1 << 24  # elements checked at once: bounds the boolean temporary to 16 MiB
 
 
-def check_finite(path: str, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+def check_finite(path: str, tensors: Iterable[tuple[str, torch.Tensor]],
+                 fix: str = "fix or re-export the LoRA") -> None:
     """Refuse a file with NaN or Inf in a floating tensor: fused, it would poison every weight
     it touches, and nothing downstream would say why. (Family layouts only: the raw layout
     never brings the data into Python, and checking it would double the cost of a miss.)"""
@@ -93,8 +96,7 @@ def check_finite(path: str, tensors: Iterable[tuple[str, torch.Tensor]]) -> None
         for chunk in tensor.reshape(-1).split(FINITE_CHUNK):
             if not bool(torch.isfinite(chunk).all()):
                 raise LoraCacheError(ErrorCode.INVALID_LORA,
-                                     f"{path}: tensor {name!r} holds NaN or Inf values; fix or "
-                                     "re-export the LoRA")
+                                     f"{path}: tensor {name!r} holds NaN or Inf values; {fix}")
 
 
 def _item(name: str, tensor: torch.Tensor) -> TensorItem:
