@@ -41,3 +41,17 @@ def start_daemon(lora_dir: Path) -> Iterator[Callable[..., Daemon]]:
 @pytest.fixture
 def daemon(start_daemon: Callable[..., Daemon]) -> Daemon:
     return start_daemon("--max-bytes", "1GiB")
+
+
+@pytest.fixture(scope="module")
+def module_lora_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LoRA directory shared by a module's tests."""
+    return tmp_path_factory.mktemp("loras")
+
+
+@pytest.fixture(scope="module")
+def module_daemon(module_lora_dir: Path) -> Iterator[Daemon]:
+    """One real daemon for a module's tests (each releases every lease it takes)."""
+    daemon = Daemon(module_lora_dir, "--max-bytes", "1GiB")
+    yield daemon
+    daemon.cleanup()

@@ -8,8 +8,7 @@ import dataclasses
 import functools
 import json
 import shutil
-from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import pytest
 import torch
@@ -21,7 +20,7 @@ from loracache.shared.canonical import canonical_tensors
 from loracache.shared.errors import ErrorCode, LoraCacheError
 from loracache.shared.families import ALPHA, DOWN, UNMATCHED, UP
 from tests.client.test_fusing_oracle import assert_same_weights
-from tests.support import REPO, Daemon
+from tests.support import REPO
 from examples.tiny_models import save, sd_lora_peft, tiny_sd_pipeline
 from tests.tiny_families import (flux_image, flux_lora_kohya, flux_lora_peft, kohya_with_alphas,
                                  sd3_image, sd3_lora_peft, sdxl_image, sdxl_lora_peft,
@@ -33,19 +32,6 @@ KEYSETS = FIXTURES / "keysets"
 
 
 # ----------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def family_lora_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("loras")
-
-
-@pytest.fixture(scope="module")
-def family_daemon(family_lora_dir: Path) -> Iterator[Daemon]:
-    """One real daemon for the module (tests release every lease they take)."""
-    daemon = Daemon(family_lora_dir, "--max-bytes", "1GiB")
-    yield daemon
-    daemon.cleanup()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,11 +111,11 @@ FORMATS = {
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_fused_weights_and_image_equal_diffusers(pipelines, family_daemon, family_lora_dir, fmt):
+def test_fused_weights_and_image_equal_diffusers(pipelines, module_daemon, module_lora_dir, fmt):
     family, make, must_touch = FORMATS[fmt]
     case = CASES[family]
     pipe = copy.deepcopy(pipelines[family])
-    path = save(make(pipe), family_lora_dir / f"{fmt}.safetensors")
+    path = save(make(pipe), module_lora_dir / f"{fmt}.safetensors")
     reference = diffusers_fused(pipe, path, 0.7, case.lora_components)
     original = weights(pipe)
     expected = weights(reference)
@@ -137,7 +123,7 @@ def test_fused_weights_and_image_equal_diffusers(pipelines, family_daemon, famil
     # The oracle itself must have fused into every component the file has layers for.
     assert {k.split(".")[0] for k in touched} == set(case.lora_components)
     assert set(must_touch) <= touched, set(must_touch) - touched
-    with family_daemon.client() as client:
+    with module_daemon.client() as client:
         load_and_fuse_lora(pipe, path, adapter_name="x", lora_scale=0.7, client=client)
         ours = weights(pipe)
         assert_same_weights(ours, expected)
@@ -146,7 +132,7 @@ def test_fused_weights_and_image_equal_diffusers(pipelines, family_daemon, famil
         assert get_active_adapters(pipe) == ["x"]
         delete_adapters(pipe)
         assert_same_weights(weights(pipe), original)
-        assert family_daemon.stats().leases == 0
+        assert module_daemon.stats().leases == 0
 
 
 def test_state_dict_source_is_left_unchanged(pipelines):
@@ -194,7 +180,7 @@ PER_LAYER_ALPHAS = {
 
 
 @pytest.mark.parametrize("fmt", PER_LAYER_ALPHAS)
-def test_kohya_per_layer_alphas_follow_the_file(pipelines, family_daemon, family_lora_dir, fmt):
+def test_kohya_per_layer_alphas_follow_the_file(pipelines, module_daemon, module_lora_dir, fmt):
     """kohya files whose layers have different alphas (resized or dynamic-rank LoRAs).
 
     The oracle is the definition, not diffusers: diffusers 0.42 names these UNet alphas after
@@ -206,13 +192,13 @@ def test_kohya_per_layer_alphas_follow_the_file(pipelines, family_daemon, family
     pipe = tiny_sd_pipeline() if family == "sd" else copy.deepcopy(pipelines[family])
     peft_sd = make(pipe)
     kohya, module_alphas = kohya_with_alphas(peft_sd, ALPHAS)
-    path = save(rename(kohya) if rename else kohya, family_lora_dir / f"alphas-{fmt}.safetensors")
+    path = save(rename(kohya) if rename else kohya, module_lora_dir / f"alphas-{fmt}.safetensors")
     expected = directly_fused(pipe, peft_sd, module_alphas, 0.7)
-    with family_daemon.client() as client:
+    with module_daemon.client() as client:
         load_and_fuse_lora(pipe, path, adapter_name="x", lora_scale=0.7, client=client)
         assert_same_weights(weights(pipe), expected)
         delete_adapters(pipe)
-        assert family_daemon.stats().leases == 0
+        assert module_daemon.stats().leases == 0
 
 
 # ------------------------------------------------- 2. real key sets against real models
@@ -497,16 +483,16 @@ def test_unsupported_formats_are_refused_by_name(case):
 # --------------------------------------------------- 3. a real unsupported file, via the daemon
 
 
-def test_cloneofsimo_safeloras_file_is_refused_by_the_daemon(family_daemon, family_lora_dir):
-    path = family_lora_dir / "analog_svd_rank4.safetensors"
+def test_cloneofsimo_safeloras_file_is_refused_by_the_daemon(module_daemon, module_lora_dir):
+    path = module_lora_dir / "analog_svd_rank4.safetensors"
     shutil.copyfile(FIXTURES / "cloneofsimo_analog_svd_rank4.safetensors", path)
     pipe = tiny_sd_pipeline()
     original = weights(pipe)
-    with family_daemon.client() as client:
+    with module_daemon.client() as client:
         with pytest.raises(LoraCacheError) as caught:
             load_and_fuse_lora(pipe, path, adapter_name="x", client=client)
         assert caught.value.code is ErrorCode.UNSUPPORTED_FORMAT
         assert "safeloras" in caught.value.message
         assert get_active_adapters(pipe) == []
     assert not changed(weights(pipe), original)
-    assert family_daemon.stats().leases == 0
+    assert module_daemon.stats().leases == 0

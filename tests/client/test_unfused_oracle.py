@@ -77,19 +77,6 @@ def one_thread() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def oracle_lora_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("loras")
-
-
-@pytest.fixture(scope="module")
-def oracle_daemon(oracle_lora_dir: Path) -> Iterator[Daemon]:
-    """One real daemon for the module (a test's client releases its leases as it closes)."""
-    daemon = Daemon(oracle_lora_dir, "--max-bytes", "1GiB")
-    yield daemon
-    daemon.cleanup()
-
-
-@pytest.fixture(scope="module")
 def pipelines() -> dict:
     """One tiny pipeline per family, built once; tests work on deep copies."""
     return {name: case.build() for name, case in FAMILIES.items()}
@@ -277,15 +264,15 @@ FORMATS = {
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_single_adapter_equals_diffusers_and_is_a_view_of_the_lease(
-        pipelines, base_images, oracle_daemon, oracle_lora_dir, fmt):
+        pipelines, base_images, module_daemon, module_lora_dir, fmt):
     family, files = FORMATS[fmt]
     case = FAMILIES[family]
     ours, reference = copy.deepcopy(pipelines[family]), copy.deepcopy(pipelines[family])
-    path, oracle_path = files(ours, oracle_lora_dir, fmt)
+    path, oracle_path = files(ours, module_lora_dir, fmt)
     reference.load_lora_weights(str(oracle_path), adapter_name="x")
     expected = traced(reference, case)
     assert not torch.equal(expected["image"][0], base_images[family])  # the LoRA does something
-    with oracle_daemon.client() as client:
+    with module_daemon.client() as client:
         load_lora_weights(ours, path, "x", client=client)
         assert_same_outputs(traced(ours, case), expected)
         assert scalings(ours, case, "x") == scalings(reference, case, "x")
@@ -297,20 +284,20 @@ def test_single_adapter_equals_diffusers_and_is_a_view_of_the_lease(
             assert entry.layout == LAYOUT.format(family) and entry.leases == 2
             assert_views_of(lease, lora_weights(ours, case, "x"))
         ours.unload_lora_weights()
-        assert_leases(oracle_daemon, 0)
+        assert_leases(module_daemon, 0)
         assert not list(lora_modules(ours, case))
 
 
 @pytest.mark.parametrize("family", DENOISERS)
 def test_one_entry_per_file_lent_to_every_adapter_and_pipeline(
-        pipelines, two_loras, oracle_daemon, oracle_lora_dir, family):
+        pipelines, two_loras, module_daemon, module_lora_dir, family):
     """One file as two adapters of a pipeline and one of another: one entry (in the family's
     layout), every adapter's weights views of it, and one lease per adapter, going with it."""
     case = FAMILIES[family]
-    path = save(two_loras(family)[0], oracle_lora_dir / f"shared-{family}.safetensors")
+    path = save(two_loras(family)[0], module_lora_dir / f"shared-{family}.safetensors")
     first, second = copy.deepcopy(pipelines[family]), copy.deepcopy(pipelines[family])
     adapters = ((first, "x"), (first, "y"), (second, "x"))
-    with oracle_daemon.client() as client:
+    with module_daemon.client() as client:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             for pipe, adapter in adapters:
@@ -321,33 +308,33 @@ def test_one_entry_per_file_lent_to_every_adapter_and_pipeline(
             for pipe, adapter in adapters:
                 assert_views_of(lease, lora_weights(pipe, case, adapter))
         del adapters, pipe  # no reference to the pipelines but first and second
-        assert_leases(oracle_daemon, 3)
+        assert_leases(module_daemon, 3)
         first.delete_adapters("x")
-        assert_leases(oracle_daemon, 2)
+        assert_leases(module_daemon, 2)
         assert lora_weights(first, case, "y") and lora_weights(second, case, "x")
         del second  # collected (gc: a Flux pipeline that has run is in a reference cycle)
         gc.collect()
-        assert_leases(oracle_daemon, 1)
+        assert_leases(module_daemon, 1)
         first.unload_lora_weights()
-        assert_leases(oracle_daemon, 0)
+        assert_leases(module_daemon, 0)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_weighted_mix_disable_enable_and_delete_equal_diffusers(
-        pipelines, base_images, two_loras, oracle_daemon, oracle_lora_dir, family):
+        pipelines, base_images, two_loras, module_daemon, module_lora_dir, family):
     case = FAMILIES[family]
     first, second = two_loras(family)
-    a = save(first, oracle_lora_dir / f"mix-{family}-a.safetensors")
-    b = save(second, oracle_lora_dir / f"mix-{family}-b.safetensors")
+    a = save(first, module_lora_dir / f"mix-{family}-a.safetensors")
+    b = save(second, module_lora_dir / f"mix-{family}-b.safetensors")
     ours, reference = copy.deepcopy(pipelines[family]), copy.deepcopy(pipelines[family])
     loaded(reference, a, "a")
     loaded(reference, b, "b")
-    with oracle_daemon.client() as client:
+    with module_daemon.client() as client:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             load_lora_weights(ours, a, "a", client=client)
             load_lora_weights(ours, b, "b", client=client)
-        assert_leases(oracle_daemon, 2)
+        assert_leases(module_daemon, 2)
         for pipe in (ours, reference):
             pipe.set_adapters(["a", "b"], [0.5, 1.3])
         mix = traced(reference, case)
@@ -366,7 +353,7 @@ def test_weighted_mix_disable_enable_and_delete_equal_diffusers(
 
         for pipe in (ours, reference):
             pipe.delete_adapters("a")
-        assert_leases(oracle_daemon, 1)  # b's, still lent
+        assert_leases(module_daemon, 1)  # b's, still lent
         assert not lora_weights(ours, case, "a")
         assert ours.get_active_adapters() == reference.get_active_adapters() == ["b"]
         only_b = traced(reference, case)
@@ -374,7 +361,7 @@ def test_weighted_mix_disable_enable_and_delete_equal_diffusers(
         assert not torch.equal(only_b["image"][0], mix["image"][0])
 
         ours.unload_lora_weights()
-        assert_leases(oracle_daemon, 0)
+        assert_leases(module_daemon, 0)
         assert not list(lora_modules(ours, case))
 
 
@@ -385,15 +372,15 @@ def denoiser_only(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_hotswap_equals_diffusers(pipelines, two_loras, oracle_daemon, oracle_lora_dir, family):
+def test_hotswap_equals_diffusers(pipelines, two_loras, module_daemon, module_lora_dir, family):
     """A rank-4 adapter, then one of another rank (and alpha) swapped in, then back."""
     case = FAMILIES[family]
-    first, second = (save(denoiser_only(lora), oracle_lora_dir / f"swap-{family}-{i}.safetensors")
+    first, second = (save(denoiser_only(lora), module_lora_dir / f"swap-{family}-{i}.safetensors")
                      for i, lora in enumerate(two_loras(family)))
     ours, reference = copy.deepcopy(pipelines[family]), copy.deepcopy(pipelines[family])
     for pipe in (ours, reference):
         pipe.enable_lora_hotswap(target_rank=16)
-    with oracle_daemon.client() as client:
+    with module_daemon.client() as client:
         outputs = []
         for hotswap, path in ((False, first), (True, second)):
             loaded(reference, path, "x", hotswap=hotswap)
@@ -403,37 +390,37 @@ def test_hotswap_equals_diffusers(pipelines, two_loras, oracle_daemon, oracle_lo
             assert scalings(ours, case, "x") == scalings(reference, case, "x")
             # Padded to the target rank, the weights are this process's (the lease is gone).
             assert {m.lora_A["x"].weight.shape[0] for _, m in lora_modules(ours, case)} == {16}
-            assert_leases(oracle_daemon, 0)
+            assert_leases(module_daemon, 0)
         assert layers_of(outputs[0], case.denoiser) > 1
         assert layers_of(outputs[0], "text_encoder") == 0
         assert not torch.equal(outputs[0]["image"][0], outputs[1]["image"][0])
         load_lora_weights(ours, first, "x", client=client, hotswap=True)
         assert_same_outputs(traced(ours, case), outputs[0])  # swapped back: the first exactly
-        assert_leases(oracle_daemon, 0)
+        assert_leases(module_daemon, 0)
         ours.unload_lora_weights()
 
 
 @pytest.mark.parametrize("family", DENOISERS)
 def test_hotswap_into_leased_weights_equals_diffusers(
-        pipelines, two_loras, oracle_daemon, oracle_lora_dir, family):
+        pipelines, two_loras, module_daemon, module_lora_dir, family):
     """Without ``enable_lora_hotswap``, an adapter of the same rank swapped into one whose
     weights are views of the lease: the swap writes into this process's copies, never into
     the shared LoRA, and lets the lease go."""
     case = FAMILIES[family]
     ours, reference = copy.deepcopy(pipelines[family]), copy.deepcopy(pipelines[family])
     first = save(denoiser_only(two_loras(family)[0]),
-                 oracle_lora_dir / f"inplace-{family}-0.safetensors")
+                 module_lora_dir / f"inplace-{family}-0.safetensors")
     second = save(denoiser_only(case.peft(ours, rank=4, seed=9)),
-                  oracle_lora_dir / f"inplace-{family}-1.safetensors")
+                  module_lora_dir / f"inplace-{family}-1.safetensors")
     loaded(reference, first, "x")
-    with oracle_daemon.client() as client:
+    with module_daemon.client() as client:
         load_lora_weights(ours, first, "x", client=client)
         with client.acquire(first, device="cpu", layout=LAYOUT.format(family)) as lease:
             shared = {key: tensor.clone() for key, tensor in lease.tensors.items()}
             assert_views_of(lease, lora_weights(ours, case, "x"))
             loaded(reference, second, "x", hotswap=True)
             load_lora_weights(ours, second, "x", client=client, hotswap=True)
-            assert_leases(oracle_daemon, 1)  # the test's own
+            assert_leases(module_daemon, 1)  # the test's own
             assert all(torch.equal(lease.tensors[key], value) for key, value in shared.items())
         swapped = traced(reference, case)
         assert_same_outputs(traced(ours, case), swapped)
