@@ -1,0 +1,33 @@
+# The loracache daemon's image. Two variants, from this one file:
+#
+#   CUDA (default), on the official PyTorch runtime image, whose torch it keeps:
+#     docker build -t loracache:cuda .
+#   CPU, on a slim Python image, with torch's CPU build:
+#     docker build -t loracache:cpu --build-arg BASE=python:3.11-slim --build-arg TORCH=cpu .
+#
+# It runs as user and group loracache (10001; workers join group 10001 to reach the socket),
+# `loracache serve --config /etc/loracache/config.toml` by default, and is healthy while
+# `loracache ping` answers. deploy/README.md shows how to run it on Kubernetes.
+ARG BASE=pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
+FROM ${BASE}
+ARG TORCH=keep
+
+RUN if [ "$TORCH" = cpu ]; then \
+      pip install --no-cache-dir torch --index-url https://download.pytorch.org/whl/cpu; \
+    fi \
+ && groupadd --system --gid 10001 loracache \
+ && useradd --system --uid 10001 --gid loracache --no-create-home --home-dir /tmp loracache
+
+WORKDIR /opt/loracache
+COPY pyproject.toml README.md ./
+COPY daemon daemon
+COPY client client
+COPY shared shared
+RUN pip install --no-cache-dir . && rm -rf /opt/loracache/build
+COPY systemd/config.toml /etc/loracache/config.toml
+
+USER loracache:loracache
+ENV HOME=/tmp LORACACHE_SOCKET=/run/loracache/daemon.sock
+HEALTHCHECK --interval=20s --timeout=5s --start-period=60s CMD ["loracache", "ping"]
+ENTRYPOINT ["loracache"]
+CMD ["serve", "--config", "/etc/loracache/config.toml"]
