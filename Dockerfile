@@ -16,7 +16,9 @@ RUN if [ "$TORCH" = cpu ]; then \
       pip install --no-cache-dir torch --index-url https://download.pytorch.org/whl/cpu; \
     fi \
  && groupadd --system --gid 10001 loracache \
- && useradd --system --uid 10001 --gid loracache --no-create-home --home-dir /tmp loracache
+ && useradd --system --uid 10001 --gid loracache --no-create-home --home-dir /tmp loracache \
+ && install -d -o loracache -g loracache -m 0750 /run/loracache /var/cache/loracache \
+ && install -d /srv/loras
 
 WORKDIR /opt/loracache
 COPY pyproject.toml README.md ./
@@ -27,7 +29,9 @@ RUN pip install --no-cache-dir . && rm -rf /opt/loracache/build
 COPY systemd/config.toml /etc/loracache/config.toml
 
 USER loracache:loracache
-ENV HOME=/tmp LORACACHE_SOCKET=/run/loracache/daemon.sock
+# No LORACACHE_SOCKET: the environment would win over the config file's socket. The commands
+# find it through /etc/loracache/config.toml.
+ENV HOME=/tmp
 HEALTHCHECK --interval=20s --timeout=5s --start-period=60s CMD ["loracache", "ping"]
 ENTRYPOINT ["loracache"]
 CMD ["serve", "--config", "/etc/loracache/config.toml"]

@@ -26,6 +26,7 @@ import yaml
 from tests.support import REPO
 
 KUBERNETES = REPO / "deploy" / "kubernetes"
+EXAMPLES = KUBERNETES / "examples"
 DOCKERFILE = REPO / "Dockerfile"
 K8S_VERSION = "1.30"  # the oldest release the manifests are written for
 GROUP = 10001  # the image's loracache group: the socket is 0660 in it
@@ -33,13 +34,18 @@ PING = ["loracache", "ping", "--socket", "/run/loracache/daemon.sock"]
 
 
 def manifests() -> dict[str, dict[str, Any]]:
-    """Each resource of the kustomization, by kind/name."""
-    kustomization = yaml.safe_load((KUBERNETES / "kustomization.yaml").read_text())
+    """Each resource of the two kustomizations (the daemon's, the example's), by kind/name."""
     found = {}
-    for name in kustomization["resources"]:
-        for document in yaml.safe_load_all((KUBERNETES / name).read_text()):
-            found[f"{document['kind']}/{document['metadata']['name']}"] = document
+    for directory in (KUBERNETES, EXAMPLES):
+        kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
+        for name in kustomization["resources"]:
+            for document in yaml.safe_load_all((directory / name).read_text()):
+                found[f"{document['kind']}/{document['metadata']['name']}"] = document
     return found
+
+
+def config(resources: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return tomllib.loads(resources["ConfigMap/loracache-config"]["data"]["config.toml"])
 
 
 def pod(resources: dict[str, dict[str, Any]], key: str) -> dict[str, Any]:
@@ -57,11 +63,35 @@ def host_paths(spec: dict[str, Any]) -> dict[str, str]:
 # ------------------------------------------------------------------------------ manifests
 
 
-def test_every_file_of_the_directory_is_in_the_kustomization():
-    kustomization = yaml.safe_load((KUBERNETES / "kustomization.yaml").read_text())
-    files = {p.name for p in KUBERNETES.glob("*.yaml")} - {"kustomization.yaml"}
+@pytest.mark.parametrize("directory", [KUBERNETES, EXAMPLES], ids=["daemon", "examples"])
+def test_every_file_of_a_directory_is_in_its_kustomization(directory):
+    kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    files = {p.name for p in directory.glob("*.yaml")} - {"kustomization.yaml"}
     assert sorted(kustomization["resources"]) == sorted(files)
     assert kustomization["namespace"] == "loracache"
+
+
+def test_the_namespace_allows_what_sharing_needs_and_the_priority_class():
+    resources = manifests()
+    labels = resources["Namespace/loracache"]["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/enforce"] == "privileged"
+    quota = resources["ResourceQuota/loracache-node-critical"]["spec"]["scopeSelector"]
+    (expression,) = quota["matchExpressions"]
+    spec = pod(resources, "DaemonSet/loracache")
+    assert expression["scopeName"] == "PriorityClass"
+    assert spec["priorityClassName"] in expression["values"]
+
+
+def test_the_daemons_memory_stays_under_its_limit():
+    """Host copies live in /dev/shm, which counts against the pod's memory: the host tier
+    (the only CPU memory the GPU-only daemon fills) and headroom fit the limit."""
+    resources = manifests()
+    settings = config(resources)
+    assert settings["devices"] == ["cuda"]
+    (daemon,) = pod(resources, "DaemonSet/loracache")["containers"]
+    limit = daemon["resources"]["limits"]["memory"]
+    assert limit.endswith("Gi") and settings["host_max_bytes"].endswith("GiB")
+    assert int(settings["host_max_bytes"][:-3]) + 8 <= int(limit[:-2])
 
 
 @pytest.mark.parametrize("key", sorted(manifests()))
@@ -121,8 +151,7 @@ def test_the_daemon_is_probed_with_ping_stops_gracefully_and_is_scraped():
         assert daemon[probe]["exec"]["command"] == PING
     assert spec["terminationGracePeriodSeconds"] >= 30
     annotations = resources["DaemonSet/loracache"]["spec"]["template"]["metadata"]["annotations"]
-    config = tomllib.loads(resources["ConfigMap/loracache-config"]["data"]["config.toml"])
-    port = int(config["metrics_addr"].rpartition(":")[2])
+    port = int(config(resources)["metrics_addr"].rpartition(":")[2])
     assert annotations == {"prometheus.io/scrape": "true", "prometheus.io/port": str(port),
                            "prometheus.io/path": "/metrics"}
     assert {"name": "metrics", "containerPort": port} in daemon["ports"]
@@ -137,9 +166,9 @@ def test_the_example_worker_reaches_the_daemon():
     assert GROUP in spec["securityContext"]["supplementalGroups"]
     assert spec["nodeSelector"] == daemon_spec["nodeSelector"]
     env = {e["name"]: e["value"] for e in worker["env"]}
-    config = tomllib.loads(resources["ConfigMap/loracache-config"]["data"]["config.toml"])
-    assert env["LORACACHE_SOCKET"] == config["socket"]
-    socket_dir = str(Path(config["socket"]).parent)
+    socket = config(resources)["socket"]
+    assert env["LORACACHE_SOCKET"] == socket
+    socket_dir = str(Path(socket).parent)
     assert host_paths(spec)[mounts(worker)[socket_dir]] == \
         host_paths(daemon_spec)[mounts(daemon_spec["containers"][0])[socket_dir]]
     assert host_paths(spec)[mounts(worker)["/dev/shm"]] == "/dev/shm"
@@ -175,9 +204,10 @@ def test_the_build_context_holds_exactly_what_the_image_copies():
 def test_the_image_entrypoint_serves_and_its_health_check_pings(tmp_path):
     """ENTRYPOINT + CMD with the ConfigMap's config (its paths moved under tmp_path), then
     HEALTHCHECK: healthy while serving, unhealthy once SIGTERM stopped the daemon."""
-    config_text = manifests()["ConfigMap/loracache-config"]["data"]["config.toml"]
-    config = tomllib.loads(config_text)
-    moved = {key: str(tmp_path / Path(config[key]).relative_to("/"))
+    resources = manifests()
+    config_text = resources["ConfigMap/loracache-config"]["data"]["config.toml"]
+    settings = config(resources)
+    moved = {key: str(tmp_path / Path(settings[key]).relative_to("/"))
              for key in ("socket", "cache_dir")}
     moved["shm_dir"] = str(Path(tempfile_dir()) / f"lc-deploy-{os.getpid()}")
     for path in (Path(moved["socket"]).parent, Path(moved["cache_dir"]), Path(moved["shm_dir"])):
@@ -185,9 +215,10 @@ def test_the_image_entrypoint_serves_and_its_health_check_pings(tmp_path):
     lora_dir = tmp_path / "srv" / "loras"
     lora_dir.mkdir(parents=True)
     for key, value in moved.items():
-        config_text = config_text.replace(f'"{config[key]}"', f'"{value}"')
+        config_text = config_text.replace(f'"{settings[key]}"', f'"{value}"')
     config_text = config_text.replace('"/srv/loras"', f'"{lora_dir}"').replace(
-        config["metrics_addr"], "127.0.0.1:0").replace('["all"]', '["cpu"]')
+        settings["metrics_addr"], "127.0.0.1:0").replace('["cuda"]', '["cpu"]').replace(
+        f'"{settings["host_max_bytes"]}"', '"64MiB"')  # no GPU, and a small /dev/shm here
     config_file = tmp_path / "config.toml"
     config_file.write_text(config_text)
     command = [*dockerfile_command("ENTRYPOINT"), *dockerfile_command("CMD")]
@@ -229,5 +260,5 @@ def test_the_readme_links_the_guide_and_the_guide_applies_this_directory():
     assert "[deploy/README.md](deploy/README.md)" in (REPO / "README.md").read_text()
     guide = (REPO / "deploy" / "README.md").read_text()
     assert "kubectl apply -k deploy/kubernetes" in guide
-    for name in re.findall(r"`([\w-]+\.yaml)`", guide):
+    for name in re.findall(r"`([\w/-]+\.yaml)`", guide):
         assert (KUBERNETES / name).is_file(), name
