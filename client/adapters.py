@@ -30,7 +30,9 @@ import torch
 from torch import nn
 
 from loracache.shared.canonical import alpha_values
+from loracache.shared.dtypes import TORCH_DTYPES
 from loracache.shared.families import ALPHA, DOWN, UNMATCHED, UP, Family
+from loracache.shared.families import CAST_DTYPES as CAST_DTYPE_NAMES
 
 from .client import LoraCacheClient
 from .lease import SHARED_STORAGES, Lease
@@ -41,7 +43,7 @@ from .weight_leases import RELEASER, WeightLease, storage_of, weight_of
 log = logging.getLogger("loracache.client")
 
 FACTOR_NAMES = ("lora_A", "lora_B")
-CAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+CAST_DTYPES = {TORCH_DTYPES[name] for name in CAST_DTYPE_NAMES}  # what the daemon casts to
 
 
 def load_lora_weights(pipeline: Any, source: str | os.PathLike[str] | Mapping[str, torch.Tensor],
