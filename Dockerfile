@@ -8,12 +8,17 @@
 # It runs as user and group loracache (10001; workers join group 10001 to reach the socket),
 # `loracache serve --config /etc/loracache/config.toml` by default, and is healthy while
 # `loracache ping` answers. deploy/README.md shows how to run it on Kubernetes.
+#
+# Both variants run the same torch release: the CUDA base's tag names it, TORCH_VERSION pins the
+# CPU build to it (change both together). Workers on torch 2.5 or newer open its CUDA handles.
 ARG BASE=pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
 FROM ${BASE}
 ARG TORCH=keep
+ARG TORCH_VERSION=2.5.1
 
 RUN if [ "$TORCH" = cpu ]; then \
-      pip install --no-cache-dir torch --index-url https://download.pytorch.org/whl/cpu; \
+      pip install --no-cache-dir "torch==${TORCH_VERSION}" \
+        --index-url https://download.pytorch.org/whl/cpu; \
     fi \
  && groupadd --system --gid 10001 loracache \
  && useradd --system --uid 10001 --gid loracache --no-create-home --home-dir /tmp loracache \

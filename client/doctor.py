@@ -6,7 +6,8 @@ The checks, in order (a failed one stops those that need it):
 1. the daemon's socket exists and this user may open it;
 2. the daemon answers (and which torch it runs);
 3. this process's torch can open the daemon's CUDA IPC handles (when it serves GPUs);
-4. per device the daemon serves: a GPU is visible here by its UUID, and a real test lease
+4. per device the daemon serves: a GPU is visible here by its UUID (a worker that sees some of
+   the daemon's GPUs skips the others: it claimed its own), and a real test lease
    (``probe``) maps, holds the bytes the daemon wrote, and goes back. Mapping needs the
    daemon's shared-memory files (CPU entries; CUDA reference counters) to be visible and
    writable here: the same /dev/shm (IPC namespace) and membership of the daemon's group.
@@ -19,6 +20,7 @@ import grp
 import os
 import pwd
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from loracache.shared.errors import ErrorCode, LoraCacheError
@@ -35,9 +37,11 @@ class Check:
     ok: bool
     detail: str
     fix: str = ""
+    skipped: bool = False  # nothing to check from here; neither passed nor failed
 
     def print(self) -> None:
-        print(f"{'ok  ' if self.ok else 'FAIL'}  {self.name}: {self.detail}")
+        mark = "skip" if self.skipped else "ok  " if self.ok else "FAIL"
+        print(f"{mark}  {self.name}: {self.detail}")
         if not self.ok and self.fix:
             print(f"      fix: {self.fix}")
 
@@ -48,7 +52,9 @@ def run(socket_path: Path) -> int:
         check.print()
         checks.append(check)
     failed = [c for c in checks if not c.ok]
-    print(f"{len(checks) - len(failed)} of {len(checks)} checks passed"
+    skipped = sum(c.skipped for c in checks)
+    print(f"{len(checks) - len(failed) - skipped} of {len(checks) - skipped} checks passed"
+          + (f" ({skipped} skipped)" if skipped else "")
           + ("" if not failed else "; sharing will not work from here until the fixes above "
              "are made (workers fall back to loading LoRAs themselves)"))
     return 1 if failed else 0
@@ -71,12 +77,12 @@ def _checks(socket_path: Path):
         gpus = [d for d in client.devices if d != "cpu"]
         if gpus:
             yield _torch_check(client.daemon_torch)
+        visibility = _gpu_visibility(gpus, _local_index)
+        yield from visibility
+        usable = {check.name for check in visibility if check.ok and not check.skipped}
         for device in client.devices:
-            if device != "cpu":
-                yield (visible := _gpu_visible(device))
-                if not visible.ok:
-                    continue
-            yield _probe(client, device)
+            if device == "cpu" or device in usable:
+                yield _probe(client, device)
 
 
 def _socket(path: Path) -> Check:
@@ -106,17 +112,30 @@ def _torch_check(daemon_torch: str) -> Check:
                  f"daemon's {daemon_torch or 'unknown'}")
 
 
-def _gpu_visible(device: str) -> Check:
+def _gpu_visibility(gpus: list[str], local_index: Callable[[str], int | None]) -> list[Check]:
+    """One check per GPU the daemon serves. A worker that sees some of them (it claimed one
+    GPU of several, as a pod or CUDA_VISIBLE_DEVICES does) is not failed for the others: it
+    never asks for them, and workers that see them check them. Seeing none fails."""
+    indices = {device: local_index(device.removeprefix("cuda:")) for device in gpus}
+    if indices and all(index is None for index in indices.values()):
+        return [Check(device, False, "this process does not see that GPU",
+                      "make it visible to the worker: CUDA_VISIBLE_DEVICES (by index or UUID), "
+                      "or the container's GPUs (--gpus, NVIDIA_VISIBLE_DEVICES)")
+                for device in gpus]
+    return [Check(device, True, f"visible here as cuda:{index}") if index is not None
+            else Check(device, True, "not visible here, so not used by this worker (workers "
+                       "that see it check it)", skipped=True)
+            for device, index in indices.items()]
+
+
+def _local_index(uuid: str) -> int | None:
+    """This process's ordinal for the GPU ``uuid``, or None where it does not see it."""
     from loracache.shared.transport.cuda_ipc import local_index
 
-    uuid = device.removeprefix("cuda:")
     try:
-        index = local_index(uuid)
+        return local_index(uuid)
     except LoraCacheError:
-        return Check(f"{device}", False, "this process does not see that GPU",
-                     "make it visible to the worker: CUDA_VISIBLE_DEVICES (by index or UUID), "
-                     "or the container's GPUs (--gpus, NVIDIA_VISIBLE_DEVICES)")
-    return Check(f"{device}", True, f"visible here as cuda:{index}")
+        return None
 
 
 def _probe(client: LoraCacheClient, device: str) -> Check:

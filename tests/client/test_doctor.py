@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 
+from loracache.client.doctor import Check, _gpu_visibility
 from tests.support import REPO
 
 NOBODY = 65534
@@ -82,3 +83,30 @@ def test_a_worker_without_the_daemons_dev_shm_cannot_map(daemon):
     assert [line.split(":")[0] for line in lines(output, "FAIL")] == ["FAIL  cpu test lease"]
     assert "shared-memory file" in output
     assert daemon.stats().leases == 0  # the lease it could not map went back
+
+
+GPUS = ["cuda:GPU-aaaaaaaa-0000-0000-0000-000000000000",
+        "cuda:GPU-bbbbbbbb-0000-0000-0000-000000000000",
+        "cuda:MIG-cccccccc-0000-0000-0000-000000000000"]
+
+
+def test_a_worker_that_claimed_one_gpu_of_several_is_not_failed_for_the_others():
+    seen = {GPUS[1].removeprefix("cuda:"): 0}  # a pod given one GPU sees it as cuda:0
+    checks = _gpu_visibility(GPUS, seen.get)
+    assert [(c.name, c.ok, c.skipped) for c in checks] == [
+        (GPUS[0], True, True), (GPUS[1], True, False), (GPUS[2], True, True)]
+    assert checks[1].detail == "visible here as cuda:0"
+
+
+def test_a_worker_that_sees_none_of_the_daemons_gpus_fails_with_the_fix():
+    checks = _gpu_visibility(GPUS, {}.get)
+    assert [(c.ok, c.skipped) for c in checks] == [(False, False)] * 3
+    assert all("CUDA_VISIBLE_DEVICES" in c.fix for c in checks)
+    assert _gpu_visibility([], {}.get) == []  # a CPU-only daemon has no GPU to see
+
+
+def test_skipped_checks_are_marked_and_left_out_of_the_count(capsys):
+    Check("cuda:GPU-a", True, "not visible here", skipped=True).print()
+    Check("cuda:GPU-b", True, "visible here as cuda:0").print()
+    assert capsys.readouterr().out.splitlines() == [
+        "skip  cuda:GPU-a: not visible here", "ok    cuda:GPU-b: visible here as cuda:0"]

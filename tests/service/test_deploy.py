@@ -23,6 +23,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from loracache.shared.ipc_compat import check_importer
 from tests.support import REPO
 
 KUBERNETES = REPO / "deploy" / "kubernetes"
@@ -190,6 +191,17 @@ def test_the_image_runs_as_the_loracache_user_and_group():
     assert f"--gid {GROUP} loracache" in text and f"--uid {GROUP} --gid loracache" in text
     assert re.search(r"^USER loracache:loracache$", text, re.M)
     assert re.search(r"^ARG BASE=pytorch/pytorch:[\w.-]+-runtime$", text, re.M)
+
+
+def test_both_variants_pin_the_same_torch_release():
+    """The CPU build is pinned to the CUDA base's release, so the variants behave alike, and
+    workers on any torch the README supports open the CUDA variant's handles."""
+    text = DOCKERFILE.read_text()
+    base = re.search(r"^ARG BASE=pytorch/pytorch:(\d+\.\d+\.\d+)-", text, re.M).group(1)
+    pinned = re.search(r"^ARG TORCH_VERSION=(\S+)$", text, re.M).group(1)
+    assert pinned == base
+    assert '"torch==${TORCH_VERSION}"' in text  # the CPU install uses the pin
+    check_importer(base, "2.5.0")  # the oldest worker torch the README supports
 
 def test_the_build_context_holds_exactly_what_the_image_copies():
     copied = {source for line in DOCKERFILE.read_text().splitlines() if line.startswith("COPY ")
