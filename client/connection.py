@@ -41,6 +41,8 @@ from loracache.shared.protocol import (
     encode_request,
 )
 
+from .socket_access import unreachable
+
 log = logging.getLogger("loracache.client")
 
 DEFAULT_CONNECT_TIMEOUT = 5.0
@@ -109,8 +111,8 @@ class Connection:
         return self._local.instance
 
     def hello(self, timeout: float) -> None:
-        if not self.socket_path.exists():
-            raise self.unavailable(f"the socket {self.socket_path} does not exist")
+        if (problem := unreachable(self.socket_path)) is not None:
+            raise self.unavailable(problem.why)
         hello: HelloResult = self.request(
             Hello(pid=os.getpid(), client="loracache.client", open_session=self.wants_session,
                   torch=torch_release()), timeout=timeout, session="")

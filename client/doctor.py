@@ -16,9 +16,6 @@ The checks, in order (a failed one stops those that need it):
 from __future__ import annotations
 
 import dataclasses
-import grp
-import os
-import pwd
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +24,7 @@ from loracache.shared.errors import ErrorCode, LoraCacheError
 from loracache.shared.ipc_compat import check_importer, torch_release
 
 from .client import LoraCacheClient
+from .socket_access import unreachable, user_name
 
 CONNECT_TIMEOUT = 5.0
 
@@ -87,17 +85,17 @@ def _checks(socket_path: Path):
 
 def _socket(path: Path) -> Check:
     name = "socket"
-    if not path.exists():
-        return Check(name, False, f"{path} does not exist",
+    problem = unreachable(path)
+    if problem is None:
+        return Check(name, True, str(path))
+    if problem.group is None:
+        return Check(name, False, problem.why,
                      "start the daemon, or point LORACACHE_SOCKET (or --socket) at its socket; "
                      "in a container, mount the daemon's socket directory (/run/loracache)")
-    if not os.access(path, os.R_OK | os.W_OK):
-        owner = _group_name(path.stat().st_gid)
-        return Check(name, False, f"{path} is not open to user {_user_name()} (it belongs to "
-                     f"group {owner})",
-                     f"add the user to group {owner} (`usermod -aG {owner} {_user_name()}`, "
-                     "then log in again), or run the worker in that group")
-    return Check(name, True, str(path))
+    return Check(name, False, problem.why,
+                 f"add the user to group {problem.group} (`usermod -aG {problem.group} "
+                 f"{user_name()}`, then log in again), or run the worker in that group (in a "
+                 f"pod: supplementalGroups)")
 
 
 def _torch_check(daemon_torch: str) -> Check:
@@ -157,17 +155,3 @@ def _probe(client: LoraCacheClient, device: str) -> Check:
                      "report this with `loracache stats --json` and the daemon's log")
     return Check(name, True, f"mapped, read and released in "
                  f"{(time.monotonic() - started) * 1000:.1f} ms")
-
-
-def _user_name() -> str:
-    try:
-        return pwd.getpwuid(os.getuid()).pw_name
-    except KeyError:
-        return str(os.getuid())
-
-
-def _group_name(gid: int) -> str:
-    try:
-        return grp.getgrgid(gid).gr_name
-    except KeyError:
-        return str(gid)

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -55,3 +57,15 @@ def module_daemon(module_lora_dir: Path) -> Iterator[Daemon]:
     daemon = Daemon(module_lora_dir, "--max-bytes", "1GiB")
     yield daemon
     daemon.cleanup()
+
+
+@pytest.fixture
+def locked_socket(daemon: Daemon) -> Iterator[Path]:
+    """The daemon's socket reached through a directory of mode 0750 in root's group, as the
+    daemon and systemd make /run/loracache: a user outside the group cannot even stat it."""
+    home = Path(tempfile.mkdtemp(prefix="lc-locked-", dir="/tmp"))  # 0755, unlike tmp_path's
+    home.chmod(0o755)
+    (home / "loracache").mkdir(mode=0o750)
+    (home / "loracache" / "daemon.sock").symlink_to(daemon.socket)
+    yield home / "loracache" / "daemon.sock"
+    shutil.rmtree(home)

@@ -72,6 +72,17 @@ def test_a_user_outside_the_group_is_told_to_join_it(daemon):
     assert "usermod -aG" in output
 
 
+def test_a_user_outside_the_group_of_the_sockets_directory_is_told_to_join_it(locked_socket):
+    code, output = doctor(locked_socket, user=f"{NOBODY}:{NOBODY}")
+    assert code == 1 and "Traceback" not in output, output
+    assert lines(output, "FAIL") == [
+        f"FAIL  socket: {locked_socket.parent} is not open to user nobody (it belongs to group "
+        "root)"]
+    assert "usermod -aG root nobody" in output and "supplementalGroups" in output
+    code, output = doctor(locked_socket, user=f"{NOBODY}:{os.getgid()}")  # the fix works
+    assert code == 0, output
+
+
 def test_a_user_in_the_group_passes(daemon):
     code, output = doctor(daemon.socket, user=f"{NOBODY}:{os.getgid()}")
     assert code == 0, output

@@ -32,6 +32,20 @@ def test_a_worker_of_another_user_in_the_group_leases_and_releases(daemon, lora_
         worker.close()
 
 
+def test_a_worker_outside_the_group_is_told_which_directory_refuses_it(locked_socket):
+    """A user outside the daemon's group cannot enter the socket's directory: the client says
+    which directory and whose group, as DAEMON_UNAVAILABLE (on which workers load locally)."""
+    worker = Worker(user=NOBODY, group=NOBODY)
+    try:
+        with pytest.raises(LoraCacheError) as refused:
+            worker.call("connect", socket=str(locked_socket))
+    finally:
+        worker.close()
+    assert refused.value.code is ErrorCode.DAEMON_UNAVAILABLE
+    assert (f"{locked_socket.parent} is not open to user nobody (it belongs to group root)"
+            in refused.value.message)
+
+
 @pytest.fixture
 def outsider(daemon):
     """A worker of another user *outside* the daemon's group that can still reach the socket
