@@ -7,7 +7,9 @@
 #
 # It runs as user and group loracache (10001; workers join group 10001 to reach the socket),
 # `loracache serve --config /etc/loracache/config.toml` by default, and is healthy while
-# `loracache ping` answers. deploy/README.md shows how to run it on Kubernetes.
+# `loracache ping` answers (podman/buildah: build with --format docker to keep the check).
+# deploy/check-image.sh checks an image as the cluster runs it; deploy/README.md shows how to
+# run it on Kubernetes.
 #
 # Both variants run the same torch release: the CUDA base's tag names it, TORCH_VERSION pins the
 # CPU build to it (change both together). Workers on torch 2.5 or newer open its CUDA handles.

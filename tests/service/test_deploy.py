@@ -263,6 +263,28 @@ def test_the_image_entrypoint_serves_and_its_health_check_pings(tmp_path):
         shutil.rmtree(moved["shm_dir"], ignore_errors=True)
 
 
+def test_the_image_check_runs_the_daemon_and_a_worker_as_the_manifests_do():
+    """deploy/check-image.sh (run where a container engine is) must check what the cluster
+    will run: the same users, group, read-only root, capabilities and shared namespaces."""
+    script = REPO / "deploy" / "check-image.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)  # it parses
+    assert os.access(script, os.X_OK)
+    text = " ".join(script.read_text().replace("\\\n", " ").split())
+    resources = manifests()
+    daemon_spec = pod(resources, "DaemonSet/loracache")
+    worker_spec = pod(resources, "Deployment/loracache-worker-example")
+    daemon_user = (f"{daemon_spec['securityContext']['runAsUser']}:"
+                   f"{daemon_spec['securityContext']['runAsGroup']}")
+    worker_user = (f"{worker_spec['securityContext']['runAsUser']}:"
+                   f"{worker_spec['securityContext']['runAsGroup']}")
+    shared = "--read-only --tmpfs /tmp"
+    assert (f'run -d --name "$name" {shared} --user {daemon_user} --cap-drop ALL '
+            "--security-opt no-new-privileges --ipc host --pid host") in text
+    assert f"run --rm {shared} --ipc host --pid host --user {worker_user}" in text
+    assert f"worker --group-add {GROUP} ||" in text
+    assert worker_spec["securityContext"]["supplementalGroups"] == [GROUP]
+
+
 def tempfile_dir() -> str:
     """A tmpfs for the daemon's CPU entries, as /dev/shm is in the pod."""
     return "/dev/shm" if os.path.isdir("/dev/shm") else str(Path("/tmp"))
