@@ -176,6 +176,37 @@ def test_the_example_worker_reaches_the_daemon():
     assert "load_and_fuse_lora" in " ".join(worker["args"])
 
 
+def test_the_example_workers_code_fuses_through_the_daemon(daemon, lora_dir, tmp_path):
+    """The example worker's script, run as written but on a tiny pipeline on the CPU (and
+    without its wait loop), leases its LoRA from the daemon."""
+    from transformers import CLIPTokenizer
+
+    from examples.tiny_models import save, sd_lora_peft, tiny_sd_pipeline
+
+    pipe = tiny_sd_pipeline(smallest=True)
+    (tmp_path / "vocab.json").write_text('{"<|startoftext|>": 0, "<|endoftext|>": 1}')
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    # a model folder as the script loads it: from_pretrained wants a tokenizer
+    pipe.register_modules(tokenizer=CLIPTokenizer(str(tmp_path / "vocab.json"),
+                                                  str(tmp_path / "merges.txt")))
+    pipe.save_pretrained(tmp_path / "sd15")
+    save(sd_lora_peft(pipe), lora_dir / "styles" / "ink.safetensors")
+    (worker,) = pod(manifests(), "Deployment/loracache-worker-example")["containers"]
+    (script,) = worker["args"]
+    replaced = {'"/models/sd15"': f'"{tmp_path / "sd15"}"', '.to("cuda")': '.to("cpu")',
+                "while True:": "while False:"}
+    for old, new in replaced.items():
+        assert old in script
+        script = script.replace(old, new)
+    env = {e["name"]: e["value"] for e in worker["env"]}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(REPO),
+                                            **env, "LORACACHE_SOCKET": str(daemon.socket)})
+    assert done.returncode == 0, done.stderr
+    assert "without sharing" not in done.stderr  # no fallback to a local load
+    assert daemon.cpu_stats().loads == 1  # the LoRA was leased from the daemon
+
+
 # ---------------------------------------------------------------------------------- image
 
 
