@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from loracache.shared.errors import ErrorCode, LoraCacheError
 from loracache.shared.ipc_compat import check_importer, torch_release
 
 from .client import LoraCacheClient
-from .socket_access import unreachable, user_name
+from .socket_access import unreachable
 
 CONNECT_TIMEOUT = 5.0
 
@@ -72,30 +72,19 @@ def _checks(socket_path: Path):
     with client:
         yield Check("daemon", True, f"instance {client.instance} serves "
                     f"{', '.join(client.devices)} (torch {client.daemon_torch or 'unknown'})")
-        gpus = [d for d in client.devices if d != "cpu"]
-        if gpus:
+        if any(device != "cpu" for device in client.devices):
             yield _torch_check(client.daemon_torch)
-        visibility = _gpu_visibility(gpus, _local_index)
+        visibility, usable = _visibility(client.devices, _local_index)
         yield from visibility
-        usable = {check.name for check in visibility if check.ok and not check.skipped}
-        for device in client.devices:
-            if device == "cpu" or device in usable:
-                yield _probe(client, device)
+        for device in usable:
+            yield _probe(client, device)
 
 
 def _socket(path: Path) -> Check:
-    name = "socket"
     problem = unreachable(path)
     if problem is None:
-        return Check(name, True, str(path))
-    if problem.group is None:
-        return Check(name, False, problem.why,
-                     "start the daemon, or point LORACACHE_SOCKET (or --socket) at its socket; "
-                     "in a container, mount the daemon's socket directory (/run/loracache)")
-    return Check(name, False, problem.why,
-                 f"add the user to group {problem.group} (`usermod -aG {problem.group} "
-                 f"{user_name()}`, then log in again), or run the worker in that group (in a "
-                 f"pod: supplementalGroups)")
+        return Check("socket", True, str(path))
+    return Check("socket", False, problem.why, problem.fix)
 
 
 def _torch_check(daemon_torch: str) -> Check:
@@ -110,20 +99,24 @@ def _torch_check(daemon_torch: str) -> Check:
                  f"daemon's {daemon_torch or 'unknown'}")
 
 
-def _gpu_visibility(gpus: list[str], local_index: Callable[[str], int | None]) -> list[Check]:
-    """One check per GPU the daemon serves. A worker that sees some of them (it claimed one
-    GPU of several, as a pod or CUDA_VISIBLE_DEVICES does) is not failed for the others: it
-    never asks for them, and workers that see them check them. Seeing none fails."""
-    indices = {device: local_index(device.removeprefix("cuda:")) for device in gpus}
-    if indices and all(index is None for index in indices.values()):
+def _visibility(devices: Sequence[str], local_index: Callable[[str], int | None]
+                ) -> tuple[list[Check], list[str]]:
+    """A check per GPU the daemon serves, and the devices to test a lease on: the CPU and the
+    GPUs seen here. A worker that sees some GPUs (it claimed one of several, as a pod or
+    CUDA_VISIBLE_DEVICES does) is not failed for the others: it never asks for them, and the
+    workers that see them check them. Seeing none fails."""
+    gpus = {device: local_index(device.removeprefix("cuda:")) for device in devices
+            if device != "cpu"}
+    seen = [device for device in devices if device == "cpu" or gpus.get(device) is not None]
+    if gpus and len(seen) == len(devices) - len(gpus):  # none of the GPUs
         return [Check(device, False, "this process does not see that GPU",
                       "make it visible to the worker: CUDA_VISIBLE_DEVICES (by index or UUID), "
                       "or the container's GPUs (--gpus, NVIDIA_VISIBLE_DEVICES)")
-                for device in gpus]
+                for device in gpus], seen
     return [Check(device, True, f"visible here as cuda:{index}") if index is not None
             else Check(device, True, "not visible here, so not used by this worker (workers "
                        "that see it check it)", skipped=True)
-            for device, index in indices.items()]
+            for device, index in gpus.items()], seen
 
 
 def _local_index(uuid: str) -> int | None:

@@ -1,6 +1,7 @@
-"""Whether this user may open the daemon's socket, and if not, what stops it. The daemon (and
-systemd) make the socket 0660 in a 0750 directory, both in group loracache, so a user outside
-the group cannot even tell whether the socket exists: the directory is what refuses it."""
+"""Whether this user may open the daemon's socket, and if not, what stops it and how to fix it.
+The daemon (and systemd) make the socket 0660 in a 0750 directory, both in group loracache, so
+a user outside the group cannot even tell whether the socket exists: the directory refuses it.
+"""
 
 from __future__ import annotations
 
@@ -8,37 +9,61 @@ import dataclasses
 import grp
 import os
 import pwd
+import stat
 from pathlib import Path
+
+START_FIX = ("start the daemon, or point LORACACHE_SOCKET (or --socket) at its socket; in a "
+             "container, mount the daemon's socket directory (/run/loracache)")
+# Who asks: a process that switched users (seteuid) is refused by its effective ids.
+_EFFECTIVE = os.access in os.supports_effective_ids
 
 
 @dataclasses.dataclass(frozen=True)
 class Unreachable:
     why: str
-    group: str | None = None  # the group whose members would get through, where that is the fix
+    fix: str
 
 
 def unreachable(socket: Path) -> Unreachable | None:
-    """What keeps this user from the socket at ``socket``: a directory on the way it may not
-    enter, no socket, or a socket it may not read and write. None when nothing does."""
-    socket = socket.absolute()
-    for path in (*reversed(socket.parents), socket):  # from / down, as the kernel walks it
+    """What keeps this user from connecting to ``socket``: a directory on the way it may not
+    enter, no socket, or a socket it may not write. None when nothing does. Symbolic links are
+    followed, so what is named is the directory that refuses, wherever the link points."""
+    real = Path(os.path.realpath(socket))
+    for path in (*reversed(real.parents), real):  # from / down, as the kernel walks it
+        is_socket = path == real
         try:
-            gid = path.stat().st_gid
+            info = path.stat()
         except FileNotFoundError:
-            return Unreachable(f"the socket {socket} does not exist")
-        needed = os.R_OK | os.W_OK if path == socket else os.X_OK
-        if not os.access(path, needed):
-            group = group_name(gid)
-            return Unreachable(f"{path} is not open to user {user_name()} (it belongs to group "
-                               f"{group})", group)
+            return Unreachable(f"the socket {socket} does not exist", START_FIX)
+        except OSError as exc:  # a loop of links, or a directory that changed under us
+            return Unreachable(f"cannot reach the socket {socket}: {exc.strerror}", START_FIX)
+        if not is_socket and not stat.S_ISDIR(info.st_mode):
+            return Unreachable(f"the socket {socket} does not exist ({path} is not a directory)",
+                               START_FIX)
+        needed = os.W_OK if is_socket else os.X_OK  # connecting writes; entering searches
+        if not os.access(path, needed, effective_ids=_EFFECTIVE):
+            return _refused(path, info, is_socket)
     return None
+
+
+def _refused(path: Path, info: os.stat_result, is_socket: bool) -> Unreachable:
+    group = group_name(info.st_gid)
+    why = (f"{path} is not open to user {user_name()} (it belongs to group {group}, mode "
+           f"{stat.S_IMODE(info.st_mode):04o})")
+    group_may = info.st_mode & (stat.S_IWGRP if is_socket else stat.S_IXGRP)
+    if group_may and info.st_gid not in {os.getegid(), *os.getgroups()}:
+        return Unreachable(why, f"add the user to group {group} (`usermod -aG {group} "
+                           f"{user_name()}`, then log in again), or run the worker in that group "
+                           "(in a pod: securityContext.supplementalGroups)")
+    return Unreachable(why, f"its group may not use it either: open {path} to the group of the "
+                       "daemon's workers (the daemon makes it 0750 and its socket 0660)")
 
 
 def user_name() -> str:
     try:
-        return pwd.getpwuid(os.getuid()).pw_name
+        return pwd.getpwuid(os.geteuid()).pw_name
     except KeyError:
-        return str(os.getuid())
+        return str(os.geteuid())
 
 
 def group_name(gid: int) -> str:

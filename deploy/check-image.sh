@@ -10,7 +10,7 @@
 #   SKIP_BUILD=1 deploy/check-image.sh my-registry/loracache:cuda   # check a pushed image
 #   RUN_ARGS="--gpus all" deploy/check-image.sh    # on a GPU host: the daemon serves the GPUs
 #
-# Exit 0 when every check passes; each line says what was checked.
+# Exit 0 when every check passes; each line says what was checked. Needs bash 3.2 or newer.
 set -euo pipefail
 
 read -r -a engine <<< "${ENGINE:-docker}"
@@ -28,30 +28,40 @@ cleanup() {
 trap cleanup EXIT
 fail() { echo "FAIL  $*"; "${engine[@]}" logs "$name" 2>&1 | tail -20 || true; exit 1; }
 
-if [[ -z "${SKIP_BUILD:-}" ]]; then
-  format=()  # podman and buildah keep HEALTHCHECK only in the docker format
-  "${engine[@]}" --version | grep -qi podman && format=(--format docker)
-  "${engine[@]}" build "${format[@]}" "${build_args[@]}" -t "$image" "$repo"
+# Podman keeps HEALTHCHECK only in the docker format, and its --read-only leaves /run and
+# /var/tmp writable unless told not to (Kubernetes' read-only root does not).
+build_flags=() read_only=(--read-only --tmpfs /tmp)
+if "${engine[@]}" --version | grep -qi podman; then
+  build_flags=(--format docker) read_only+=(--read-only-tmpfs=false)
+fi
+if [[ "${SKIP_BUILD:-0}" == 0 ]]; then
+  "${engine[@]}" build ${build_flags[@]+"${build_flags[@]}"} \
+    ${build_args[@]+"${build_args[@]}"} -t "$image" "$repo"
   echo "ok    built $image"
 fi
+health=$("${engine[@]}" image inspect --format '{{json .Config.Healthcheck}}' "$image")
+[[ "$health" == *'"Test":["CMD",'* ]] || fail "the image has no HEALTHCHECK in exec form: $health"
+read -r -a health_command <<< "$(sed -E 's/.*"Test":\["CMD",([^]]*)\].*/\1/' <<< "$health" \
+  | tr -d '"' | tr ',' ' ')"
 
 # A new named volume takes the image's /run/loracache, owned by 10001 (the DaemonSet's init
 # container does this for its hostPath).
 "${engine[@]}" volume create "$volume" > /dev/null
-"${engine[@]}" run -d --name "$name" --read-only --tmpfs /tmp --user 10001:10001 \
+"${engine[@]}" run -d --name "$name" "${read_only[@]}" --user 10001:10001 \
   --cap-drop ALL --security-opt no-new-privileges --ipc host --pid host \
-  -v "$volume:/run/loracache" "${run_args[@]}" "$image" > /dev/null
+  -v "$volume:/run/loracache" ${run_args[@]+"${run_args[@]}"} "$image" > /dev/null
 for _ in $(seq 60); do
-  if "${engine[@]}" exec "$name" loracache ping > /dev/null 2>&1; then break; fi
+  if "${engine[@]}" exec "$name" "${health_command[@]}" > /dev/null 2>&1; then break; fi
   sleep 1
 done
-"${engine[@]}" exec "$name" loracache ping || fail "the health check (loracache ping) never answered"
-echo "ok    the daemon serves as 10001 with a read-only root, and its health check answers"
+"${engine[@]}" exec "$name" "${health_command[@]}" \
+  || fail "the image's health check (${health_command[*]}) never passed"
+echo "ok    the daemon serves as 10001 with a read-only root; its health check (${health_command[*]}) passes"
 
 worker() {  # a worker pod's container: another user, sharing the socket and the host's IPC
-  "${engine[@]}" run --rm --read-only --tmpfs /tmp --ipc host --pid host --user 10002:10002 \
+  "${engine[@]}" run --rm "${read_only[@]}" --ipc host --pid host --user 10002:10002 \
     --cap-drop ALL --security-opt no-new-privileges -v "$volume:/run/loracache" \
-    "${run_args[@]}" "$@" --entrypoint loracache "$image" doctor
+    ${run_args[@]+"${run_args[@]}"} "$@" --entrypoint loracache "$image" doctor
 }
 worker --group-add 10001 || fail "doctor in a worker of group 10001"
 echo "ok    a worker in group 10001 passes loracache doctor"

@@ -74,8 +74,11 @@ def _configured_socket(key: str, config_file: str | os.PathLike[str] | None) -> 
 
 def fallback_socket_path() -> Path:
     """The system service's socket when it exists, else a per-user one."""
-    if SYSTEM_SOCKET.exists():
-        return SYSTEM_SOCKET
+    try:
+        if SYSTEM_SOCKET.exists():
+            return SYSTEM_SOCKET
+    except PermissionError:  # its directory is closed to users outside the service's group:
+        return SYSTEM_SOCKET  # the client then says so, and names the group
     return user_runtime_dir() / SOCKET_NAME
 
 

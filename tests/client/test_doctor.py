@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 
-from loracache.client.doctor import Check, _gpu_visibility
+from loracache.client.doctor import Check, _visibility
 from tests.support import REPO
 
 NOBODY = 65534
@@ -77,7 +77,7 @@ def test_a_user_outside_the_group_of_the_sockets_directory_is_told_to_join_it(lo
     assert code == 1 and "Traceback" not in output, output
     assert lines(output, "FAIL") == [
         f"FAIL  socket: {locked_socket.parent} is not open to user nobody (it belongs to group "
-        "root)"]
+        "root, mode 0750)"]
     assert "usermod -aG root nobody" in output and "supplementalGroups" in output
     code, output = doctor(locked_socket, user=f"{NOBODY}:{os.getgid()}")  # the fix works
     assert code == 0, output
@@ -103,17 +103,19 @@ GPUS = ["cuda:GPU-aaaaaaaa-0000-0000-0000-000000000000",
 
 def test_a_worker_that_claimed_one_gpu_of_several_is_not_failed_for_the_others():
     seen = {GPUS[1].removeprefix("cuda:"): 0}  # a pod given one GPU sees it as cuda:0
-    checks = _gpu_visibility(GPUS, seen.get)
+    checks, probed = _visibility(["cpu", *GPUS], seen.get)
     assert [(c.name, c.ok, c.skipped) for c in checks] == [
         (GPUS[0], True, True), (GPUS[1], True, False), (GPUS[2], True, True)]
     assert checks[1].detail == "visible here as cuda:0"
+    assert probed == ["cpu", GPUS[1]]  # test leases only where this worker would lease
 
 
 def test_a_worker_that_sees_none_of_the_daemons_gpus_fails_with_the_fix():
-    checks = _gpu_visibility(GPUS, {}.get)
+    checks, probed = _visibility(GPUS, {}.get)
     assert [(c.ok, c.skipped) for c in checks] == [(False, False)] * 3
     assert all("CUDA_VISIBLE_DEVICES" in c.fix for c in checks)
-    assert _gpu_visibility([], {}.get) == []  # a CPU-only daemon has no GPU to see
+    assert probed == []
+    assert _visibility(["cpu"], {}.get) == ([], ["cpu"])  # a CPU-only daemon: nothing to see
 
 
 def test_skipped_checks_are_marked_and_left_out_of_the_count(capsys):

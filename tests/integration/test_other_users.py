@@ -42,8 +42,8 @@ def test_a_worker_outside_the_group_is_told_which_directory_refuses_it(locked_so
     finally:
         worker.close()
     assert refused.value.code is ErrorCode.DAEMON_UNAVAILABLE
-    assert (f"{locked_socket.parent} is not open to user nobody (it belongs to group root)"
-            in refused.value.message)
+    assert (f"{locked_socket.parent} is not open to user nobody (it belongs to group root, mode "
+            "0750)" in refused.value.message)
 
 
 @pytest.fixture

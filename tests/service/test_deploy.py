@@ -308,10 +308,10 @@ def test_the_image_check_runs_the_daemon_and_a_worker_as_the_manifests_do():
                    f"{daemon_spec['securityContext']['runAsGroup']}")
     worker_user = (f"{worker_spec['securityContext']['runAsUser']}:"
                    f"{worker_spec['securityContext']['runAsGroup']}")
-    shared = "--read-only --tmpfs /tmp"
-    assert (f'run -d --name "$name" {shared} --user {daemon_user} --cap-drop ALL '
+    assert "read_only=(--read-only --tmpfs /tmp)" in text
+    assert (f'run -d --name "$name" "${{read_only[@]}}" --user {daemon_user} --cap-drop ALL '
             "--security-opt no-new-privileges --ipc host --pid host") in text
-    assert f"run --rm {shared} --ipc host --pid host --user {worker_user}" in text
+    assert f'run --rm "${{read_only[@]}}" --ipc host --pid host --user {worker_user}' in text
     assert f"worker --group-add {GROUP} ||" in text
     assert worker_spec["securityContext"]["supplementalGroups"] == [GROUP]
 
