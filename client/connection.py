@@ -112,7 +112,7 @@ class Connection:
 
     def hello(self, timeout: float) -> None:
         if (problem := unreachable(self.socket_path)) is not None:
-            raise self.unavailable(problem.why)
+            raise self.unavailable(problem.why, problem.fix)
         hello: HelloResult = self.request(
             Hello(pid=os.getpid(), client="loracache.client", open_session=self.wants_session,
                   torch=torch_release()), timeout=timeout, session="")
@@ -231,12 +231,14 @@ class Connection:
         self._abandoned, self._bye_when_abandoned = True, bye
         self._closed.set()  # wakes the heartbeat thread, which finishes the job
 
-    def unavailable(self, why: str) -> LoraCacheError:
+    def unavailable(self, why: str, fix: str | None = None) -> LoraCacheError:
         return LoraCacheError(
             ErrorCode.DAEMON_UNAVAILABLE,
-            f"no loracache daemon at {self.socket_path}: {why}. Is it running (`loracache serve`, "
-            "or `systemctl status loracache`), and may this user open the socket (group "
-            "loracache)? Point LORACACHE_SOCKET or socket_path at the right socket.")
+            f"no loracache daemon at {self.socket_path}: {why}. " + (
+                f"To use it: {fix}." if fix else
+                "Is it running (`loracache serve`, or `systemctl status loracache`), and may "
+                "this user open the socket (group loracache)? Point LORACACHE_SOCKET or "
+                "socket_path at the right socket."))
 
     # ------------------------------------------------------------------------------ internals
 

@@ -84,7 +84,9 @@ def _socket(path: Path) -> Check:
     problem = unreachable(path)
     if problem is None:
         return Check("socket", True, str(path))
-    return Check("socket", False, problem.why, problem.fix)
+    return Check("socket", False, problem.why, problem.fix or (
+        "start the daemon, or point LORACACHE_SOCKET (or --socket) at its socket; in a "
+        "container, mount the daemon's socket directory (/run/loracache)"))
 
 
 def _torch_check(daemon_torch: str) -> Check:

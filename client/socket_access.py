@@ -12,16 +12,12 @@ import pwd
 import stat
 from pathlib import Path
 
-START_FIX = ("start the daemon, or point LORACACHE_SOCKET (or --socket) at its socket; in a "
-             "container, mount the daemon's socket directory (/run/loracache)")
-# Who asks: a process that switched users (seteuid) is refused by its effective ids.
-_EFFECTIVE = os.access in os.supports_effective_ids
 
 
 @dataclasses.dataclass(frozen=True)
 class Unreachable:
     why: str
-    fix: str
+    fix: str | None = None  # for permissions; None where no daemon's socket is there
 
 
 def unreachable(socket: Path) -> Unreachable | None:
@@ -34,16 +30,25 @@ def unreachable(socket: Path) -> Unreachable | None:
         try:
             info = path.stat()
         except FileNotFoundError:
-            return Unreachable(f"the socket {socket} does not exist", START_FIX)
+            return Unreachable(f"the socket {socket} does not exist")
         except OSError as exc:  # a loop of links, or a directory that changed under us
-            return Unreachable(f"cannot reach the socket {socket}: {exc.strerror}", START_FIX)
+            return Unreachable(f"cannot reach the socket {socket}: {exc.strerror}")
         if not is_socket and not stat.S_ISDIR(info.st_mode):
-            return Unreachable(f"the socket {socket} does not exist ({path} is not a directory)",
-                               START_FIX)
+            return Unreachable(f"the socket {socket} does not exist ({path} is not a directory)")
+        if is_socket and not stat.S_ISSOCK(info.st_mode):
+            return Unreachable(f"{socket} is not a socket")
         needed = os.W_OK if is_socket else os.X_OK  # connecting writes; entering searches
-        if not os.access(path, needed, effective_ids=_EFFECTIVE):
+        if not os.access(path, needed, effective_ids=_switched_ids()):
             return _refused(path, info, is_socket)
     return None
+
+
+def _switched_ids() -> bool:
+    """Whether to ask by effective ids: only where they differ from the real ones (seteuid).
+    Asking by them always takes faccessat2, which some container runtimes' seccomp profiles
+    refuse with EPERM: every path would then look closed."""
+    return ((os.geteuid(), os.getegid()) != (os.getuid(), os.getgid())
+            and os.access in os.supports_effective_ids)
 
 
 def _refused(path: Path, info: os.stat_result, is_socket: bool) -> Unreachable:

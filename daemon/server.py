@@ -93,9 +93,14 @@ def instance_shm_dir(root: Path) -> Path:
 
 def _claim_socket_path(path: Path) -> None:
     """Create the socket's directory; remove a stale socket, refuse a live one."""
-    path.parent.mkdir(mode=SOCKET_DIR_MODE, parents=True, exist_ok=True)
-    if not path.exists():
-        return
+    try:
+        path.parent.mkdir(mode=SOCKET_DIR_MODE, parents=True, exist_ok=True)
+        if not path.exists():
+            return
+    except PermissionError:
+        raise ConfigError(f"the socket {path}: this user may not create or enter "
+                          f"{path.parent} (the system service's socket is its own); choose "
+                          "another --socket, or run as the service's user") from None
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(str(path))

@@ -26,7 +26,13 @@ cleanup() {
   "${engine[@]}" volume rm -f "$volume" > /dev/null 2>&1 || true
 }
 trap cleanup EXIT
-fail() { echo "FAIL  $*"; "${engine[@]}" logs "$name" 2>&1 | tail -20 || true; exit 1; }
+fail() {
+  echo "FAIL  $*"
+  if "${engine[@]}" container inspect "$name" > /dev/null 2>&1; then
+    "${engine[@]}" logs "$name" 2>&1 | tail -20
+  fi
+  exit 1
+}
 
 # Podman keeps HEALTHCHECK only in the docker format, and its --read-only leaves /run and
 # /var/tmp writable unless told not to (Kubernetes' read-only root does not).
@@ -39,6 +45,7 @@ if [[ "${SKIP_BUILD:-0}" == 0 ]]; then
     ${build_args[@]+"${build_args[@]}"} -t "$image" "$repo"
   echo "ok    built $image"
 fi
+"${engine[@]}" image inspect "$image" > /dev/null 2>&1 || "${engine[@]}" pull "$image"
 health=$("${engine[@]}" image inspect --format '{{json .Config.Healthcheck}}' "$image")
 [[ "$health" == *'"Test":["CMD",'* ]] || fail "the image has no HEALTHCHECK in exec form: $health"
 read -r -a health_command <<< "$(sed -E 's/.*"Test":\["CMD",([^]]*)\].*/\1/' <<< "$health" \

@@ -23,6 +23,16 @@ from examples.daemon_process import PrivateDaemon
 
 REPO = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "client_worker.py"
+# ``python -c CLI_AS_USER UID:GID ARGS...``: the ``loracache`` command as another user; what it
+# imports is imported first, as root (see become()).
+CLI_AS_USER = """
+import sys
+import loracache.client.cli, loracache.client.doctor, loracache.client.lease, loracache.daemon.cli
+import loracache.daemon.server
+from tests.support import become
+become(sys.argv[1])
+sys.exit(loracache.client.cli.main(sys.argv[2:]))
+"""
 
 
 def write_lora(path: Path, tensors: dict[str, torch.Tensor]) -> Path:

@@ -9,22 +9,12 @@ import subprocess
 import sys
 
 from loracache.client.doctor import Check, _visibility
-from tests.support import REPO
+from tests.support import CLI_AS_USER, REPO
 
 NOBODY = 65534
-# The doctor as another user: what it imports is imported first, as root (see become()).
-AS_USER = """
-import sys
-import loracache.client.cli, loracache.client.doctor, loracache.client.lease, loracache.daemon.cli
-from tests.support import become
-become(sys.argv[1])
-sys.exit(loracache.client.cli.main(sys.argv[2:]))
-"""
-
-
 def doctor(socket, *, user: str | None = None, private_shm: bool = False):
     if user is not None:
-        command = [sys.executable, "-c", AS_USER, user, "doctor", "--socket", str(socket)]
+        command = [sys.executable, "-c", CLI_AS_USER, user, "doctor", "--socket", str(socket)]
     else:
         command = [sys.executable, "-m", "loracache.client.cli", "doctor", "--socket",
                    str(socket)]

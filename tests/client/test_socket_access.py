@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import REPO
+from tests.support import CLI_AS_USER, REPO
 
 NOBODY = 65534
 OTHER_GROUP = 12345  # a group with no name, that nobody is not in
@@ -96,7 +96,7 @@ def test_what_a_group_member_meets(tree):
     """nobody in group root: the socket is reachable with search (not read) on the directory
     and write (not read) on the socket; everything else is told, never raised."""
     names = ("open/s.sock", "open/none.sock", "private/s.sock", "file/s.sock", "loop",
-             "link.sock")
+             "link.sock", "open")
     result = look(tree, 0, *names)
     seen = {name: result["seen"][str(tree / name)] for name in names}
     assert seen["open/s.sock"] is None
@@ -111,6 +111,7 @@ def test_what_a_group_member_meets(tree):
     assert seen["link.sock"]["why"].startswith(f"{tree}/closed is not open to user nobody (it "
                                                f"belongs to group {OTHER_GROUP}, mode 0750)")
     assert f"usermod -aG {OTHER_GROUP} nobody" in seen["link.sock"]["fix"]
+    assert seen["open"]["why"] == f"{tree}/open is not a socket"  # a directory named instead
 
 
 def test_a_process_that_switched_its_effective_user_is_told_too(tree):
@@ -124,4 +125,19 @@ def test_the_default_socket_of_a_service_whose_directory_refuses_the_user(tree):
     result = look(tree, NOBODY)
     assert result["fallback"] == str(tree / "closed" / "daemon.sock")
     assert result["default"]["code"] == "DAEMON_UNAVAILABLE"
-    assert f"{tree}/closed is not open to user nobody" in result["default"]["message"]
+    message = result["default"]["message"]
+    assert f"{tree}/closed is not open to user nobody" in message
+    assert f"To use it: add the user to group {OTHER_GROUP}" in message  # not a generic hint
+
+
+def test_a_daemon_started_where_its_user_may_not_make_the_socket_says_so(tree):
+    """``loracache serve`` by a user outside the service's group, on the service's socket."""
+    socket = tree / "closed" / "mine" / "daemon.sock"
+    done = subprocess.run(
+        [sys.executable, "-c", CLI_AS_USER, f"{NOBODY}:{NOBODY}", "serve", "--socket",
+         str(socket), "--devices", "cpu", "--lora-dir", str(tree / "open")],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO), "HOME": "/tmp"})
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert (f"the socket {socket}: this user may not create or enter {socket.parent}"
+            in done.stderr)
