@@ -110,7 +110,7 @@ def _visibility(devices: Sequence[str], local_index: Callable[[str], int | None]
     gpus = {device: local_index(device.removeprefix("cuda:")) for device in devices
             if device != "cpu"}
     seen = [device for device in devices if device == "cpu" or gpus.get(device) is not None]
-    if gpus and len(seen) == len(devices) - len(gpus):  # none of the GPUs
+    if gpus and all(index is None for index in gpus.values()):
         return [Check(device, False, "this process does not see that GPU",
                       "make it visible to the worker: CUDA_VISIBLE_DEVICES (by index or UUID), "
                       "or the container's GPUs (--gpus, NVIDIA_VISIBLE_DEVICES)")

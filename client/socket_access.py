@@ -13,7 +13,6 @@ import stat
 from pathlib import Path
 
 
-
 @dataclasses.dataclass(frozen=True)
 class Unreachable:
     why: str
@@ -52,26 +51,26 @@ def _switched_ids() -> bool:
 
 
 def _refused(path: Path, info: os.stat_result, is_socket: bool) -> Unreachable:
-    group = group_name(info.st_gid)
-    why = (f"{path} is not open to user {user_name()} (it belongs to group {group}, mode "
+    group = _group_name(info.st_gid)
+    why = (f"{path} is not open to user {_user_name()} (it belongs to group {group}, mode "
            f"{stat.S_IMODE(info.st_mode):04o})")
     group_may = info.st_mode & (stat.S_IWGRP if is_socket else stat.S_IXGRP)
     if group_may and info.st_gid not in {os.getegid(), *os.getgroups()}:
         return Unreachable(why, f"add the user to group {group} (`usermod -aG {group} "
-                           f"{user_name()}`, then log in again), or run the worker in that group "
+                           f"{_user_name()}`, then log in again), or run the worker in that group "
                            "(in a pod: securityContext.supplementalGroups)")
     return Unreachable(why, f"its group may not use it either: open {path} to the group of the "
                        "daemon's workers (the daemon makes it 0750 and its socket 0660)")
 
 
-def user_name() -> str:
+def _user_name() -> str:
     try:
         return pwd.getpwuid(os.geteuid()).pw_name
     except KeyError:
         return str(os.geteuid())
 
 
-def group_name(gid: int) -> str:
+def _group_name(gid: int) -> str:
     try:
         return grp.getgrgid(gid).gr_name
     except KeyError:
