@@ -57,12 +57,12 @@ read -r -a health_command <<< "$(sed -E 's/.*"Test":\["CMD",([^]]*)\].*/\1/' <<<
 "${engine[@]}" run -d --name "$name" "${read_only[@]}" --user 10001:10001 \
   --cap-drop ALL --security-opt no-new-privileges --ipc host --pid host \
   -v "$volume:/run/loracache" ${run_args[@]+"${run_args[@]}"} "$image" > /dev/null
+healthy=false
 for _ in $(seq 60); do
-  if "${engine[@]}" exec "$name" "${health_command[@]}" > /dev/null 2>&1; then break; fi
+  if "${engine[@]}" exec "$name" "${health_command[@]}"; then healthy=true; break; fi
   sleep 1
-done
-"${engine[@]}" exec "$name" "${health_command[@]}" \
-  || fail "the image's health check (${health_command[*]}) never passed"
+done > /dev/null 2>&1
+$healthy || fail "the image's health check (${health_command[*]}) never passed in 60 s"
 echo "ok    the daemon serves as 10001 with a read-only root; its health check (${health_command[*]}) passes"
 
 worker() {  # a worker pod's container: another user, sharing the socket and the host's IPC
